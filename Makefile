@@ -1,0 +1,49 @@
+# lowbit: `make test` and `make demo` do all set-up on a fresh machine.
+#
+# They create .venv when missing, install the pinned dependencies, build the extension
+# (incrementally: the CMake build tree under build/ persists) and run.
+
+PYTHON ?= python3
+TORCH_VERSION ?= 2.14.1
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEPS := numpy pytest hypothesis pytest-benchmark safetensors tqdm \
+        scikit-build-core pybind11 ninja
+# Rebuild the extension when any of these change.
+BUILD_INPUTS := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
+
+.PHONY: test demo build sanitize clean
+
+$(VENV)/.deps:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==$(TORCH_VERSION) $(DEPS)
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest tests -q
+
+demo: build
+	$(VENV)/bin/lowbit demo
+
+# The CPU kernel tests under AddressSanitizer and UndefinedBehaviorSanitizer: a separate
+# build tree, loaded by preloading the ASan runtime into the Python process.
+SAN_BUILD := build/sanitize
+sanitize: $(VENV)/.deps
+	cmake -S . -B $(SAN_BUILD) -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) \
+	  -DLOWBIT_CUDA=OFF -DLOWBIT_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	cmake --build $(SAN_BUILD)
+	LOWBIT_EXTENSION=$(abspath $(SAN_BUILD))/$$(cd $(SAN_BUILD) && ls _C*.so) \
+	  LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+	  ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  $(PY) -m pytest tests -q -p no:cacheprovider -m "not gpu"
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,40 @@
+// The lowbit op schemas: declared once, here. Implementations register per dispatch key
+// (csrc/cpu for CPU, csrc/cuda for CUDA); the fake (meta) implementations live beside the
+// typed Python wrappers in python/lowbit/ops.py; the semantics are those of
+// python/lowbit/reference.py.
+//
+// This file also holds the Python module stub: `import lowbit._C` loads this shared
+// library, and with it every TORCH_LIBRARY registration below.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(lowbit, m) {
+  // Per-token symmetric int8 quantization of activations: returns (q int8[..., K],
+  // scale float32[...]).
+  m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
+  // (a int8[M, K] @ b int8[N, K]^T, exact int32) * a_scale[m] * b_scale[n] + bias[n].
+  m.def(
+      "int8_scaled_mm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias, "
+      "ScalarType out_dtype) -> Tensor");
+  // Quantize x per token (or with the static per-tensor x_scale), int8 GEMM, epilogue.
+  m.def(
+      "w8a8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, Tensor? x_scale=None) "
+      "-> Tensor");
+  m.def("w8a16_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor");
+  // Group-wise int4 weights; zeros=None selects the symmetric format (zero point 8).
+  m.def(
+      "w4a16_linear(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int group_size, "
+      "Tensor? bias) -> Tensor");
+  m.def("dequantize_int8(Tensor w, Tensor scale, ScalarType dtype) -> Tensor");
+  m.def(
+      "dequantize_int4(Tensor packed, Tensor scales, Tensor? zeros, int group_size, "
+      "ScalarType dtype) -> Tensor");
+  m.def("pack_int4(Tensor q) -> Tensor");
+  m.def("unpack_int4(Tensor packed) -> Tensor");
+}
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lowbit's compiled ops", -1,
+                               nullptr};
+  return PyModule_Create(&module);
+}

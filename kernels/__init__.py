@@ -1,0 +1,1 @@
+# Triton kernels (lowbit.kernels): filled by the Triton backend issue.

@@ -1,0 +1,19 @@
+"""lowbit: low-bit (INT8 / INT4) inference for PyTorch."""
+
+import os
+
+import torch
+
+# Loading the extension registers the torch.ops.lowbit schemas and kernels.
+# LOWBIT_EXTENSION points at another build of it (the sanitizer build of `make sanitize`).
+if os.environ.get("LOWBIT_EXTENSION"):
+    torch.ops.load_library(os.environ["LOWBIT_EXTENSION"])
+else:
+    from lowbit import _C  # noqa: F401
+
+from lowbit import ops  # noqa: E402  (fake implementations for torch.compile)
+from lowbit.backends import backends, choose_backend  # noqa: E402
+from lowbit.formats import QuantizedWeight, Scheme, quantize_weight  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["QuantizedWeight", "Scheme", "backends", "choose_backend", "ops", "quantize_weight"]

@@ -1,0 +1,32 @@
+"""Backends: who runs a quantized linear layer, chosen once per layer (see base.py).
+
+Priority order: the CUDA kernels, the C++ CPU kernels, then the pure-PyTorch reference.
+"""
+
+from lowbit.backends.base import (
+    DISABLE_ENV,
+    Backend,
+    BackendReport,
+    BackendStatus,
+    backends,
+    choose_backend,
+    get_backend,
+    register,
+)
+from lowbit.backends.native import NativeBackend
+from lowbit.backends.reference import ReferenceBackend
+
+register(NativeBackend("cuda", "cuda", "CUDA"))
+register(NativeBackend("cpu", "cpu", "CPU"))
+register(ReferenceBackend())
+
+__all__ = [
+    "DISABLE_ENV",
+    "Backend",
+    "BackendReport",
+    "BackendStatus",
+    "backends",
+    "choose_backend",
+    "get_backend",
+    "register",
+]

@@ -1,0 +1,126 @@
+"""The backend interface, the registry and the chooser (DESIGN.md section 2).
+
+A backend states what it can run (``can_implement``), turns canonical weights into its
+own layout once (``prepack``), and runs a linear layer on them (``apply``). The chooser
+walks the registry in priority order once, when a layer is quantized or moved; nothing
+falls back silently at run time. ``LOWBIT_DISABLE_BACKENDS=cpu,cuda`` takes backends out
+of the choice (for debugging and A/B benchmarks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from lowbit.formats import QuantizedWeight, Scheme
+
+DISABLE_ENV = "LOWBIT_DISABLE_BACKENDS"
+
+
+class Backend:
+    """One way of running quantized linear layers.
+
+    Subclasses set ``name`` and ``ops``: a namespace with the linear functions of
+    ``lowbit.reference`` (``w8a8_linear``, ``w8a16_linear``, ``w4a16_linear``, same
+    signatures), which the default ``apply`` calls.
+    """
+
+    name: str = ""
+    ops = None
+
+    def available(self) -> tuple[bool, str]:
+        """Whether this backend can run anything here at all, and why (not)."""
+        raise NotImplementedError
+
+    def can_implement(self, scheme: Scheme, device: torch.device) -> tuple[bool, str]:
+        """Whether this backend runs ``scheme`` on ``device``; the reason when it does not."""
+        raise NotImplementedError
+
+    def prepack(self, weight: QuantizedWeight) -> QuantizedWeight:
+        """The weight in this backend's layout (the canonical layout unless overridden)."""
+        return weight
+
+    def apply(
+        self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``y = x @ w'^T + bias`` for a prepacked weight."""
+        kind = weight.scheme.kind
+        if kind == "w4a16":
+            return self.ops.w4a16_linear(x, weight.qweight, weight.scales, weight.zeros, weight.group_size, bias)
+        if kind == "w8a16":
+            return self.ops.w8a16_linear(x, weight.qweight, weight.scales, bias)
+        return self.ops.w8a8_linear(x, weight.qweight, weight.scales, bias, weight.act_scale)
+
+    def __repr__(self) -> str:
+        return f"<lowbit backend {self.name}>"
+
+
+_REGISTRY: list[Backend] = []
+
+
+def register(backend: Backend) -> Backend:
+    """Add a backend; earlier registrations have higher priority."""
+    if any(b.name == backend.name for b in _REGISTRY):
+        raise ValueError(f"a backend named {backend.name!r} is already registered")
+    _REGISTRY.append(backend)
+    return backend
+
+
+def get_backend(name: str) -> Backend:
+    for b in _REGISTRY:
+        if b.name == name:
+            return b
+    raise KeyError(f"no backend named {name!r}; known: {[b.name for b in _REGISTRY]}")
+
+
+def disabled_backends() -> set[str]:
+    return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+
+
+def _status(backend: Backend) -> tuple[bool, str]:
+    if backend.name in disabled_backends():
+        return False, f"disabled by {DISABLE_ENV}"
+    return backend.available()
+
+
+def choose_backend(scheme: Scheme, device: torch.device | str, prefer: str | None = None) -> Backend:
+    """The first backend, in priority order, that runs ``scheme`` on ``device``.
+
+    ``prefer`` names a backend to use instead of the priority order; it must be able to
+    run the scheme. When nothing fits, the error lists every backend's reason.
+    """
+    device = torch.device(device)
+    candidates = _REGISTRY if prefer is None else [get_backend(prefer)]
+    reasons = []
+    for backend in candidates:
+        ok, why = _status(backend)
+        if ok:
+            ok, why = backend.can_implement(scheme, device)
+        if ok:
+            return backend
+        reasons.append(f"  {backend.name}: {why}")
+    raise RuntimeError(f"no lowbit backend runs {scheme} on {device}:\n" + "\n".join(reasons))
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str
+
+
+class BackendReport(list):
+    """``lowbit.backends()``: one row per backend; prints as a table."""
+
+    def __str__(self) -> str:
+        width = max((len(s.name) for s in self), default=7)
+        lines = [f"{'backend':<{width}}  available  reason"]
+        lines += [f"{s.name:<{width}}  {'yes' if s.available else 'no':<9}  {s.reason}" for s in self]
+        return "\n".join(lines)
+
+
+def backends() -> BackendReport:
+    """Every registered backend, whether it is available here, and why (not)."""
+    return BackendReport(BackendStatus(b.name, *_status(b)) for b in _REGISTRY)

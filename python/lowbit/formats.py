@@ -1,0 +1,192 @@
+"""The canonical quantization schemes and weight formats (DESIGN.md section 3).
+
+``quantize_weight(w, scheme)`` turns a float weight ``w[N, K]`` into the canonical
+tensors that checkpoints hold and that every backend prepacks from:
+
+===========  ============================================================================
+scheme       canonical tensors
+===========  ============================================================================
+w8a8         int8[N, K] per-output-channel symmetric, scales float32[N]; activations
+             quantized per token at run time
+w8a8-static  as w8a8, plus a calibrated per-tensor activation scale (static W8A8)
+w8a16        as w8a8; activations stay float
+w4a16        uint8[N, K/2] (even k low nibble), scales float32[N, K/G], zero points
+             uint8[N, K/G] (asymmetric) or none (symmetric, zero point 8)
+===========  ============================================================================
+
+All arithmetic is fp32 whatever the weight's dtype; ``round`` is round-half-to-even; a
+zero scale becomes 1; NaN or Inf in a weight raises an error naming the layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+from lowbit import checks, reference
+
+KINDS = ("w8a8", "w8a8-static", "w8a16", "w4a16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """What a layer is quantized to.
+
+    ``group_size`` applies to w4a16 only: 32, 64, 128, or None for one group per row
+    (G = K). ``symmetric`` selects the zero-point-free int4 variant.
+    """
+
+    kind: str
+    group_size: int | None = None
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown scheme kind {self.kind!r}; expected one of {KINDS}")
+        if self.kind == "w4a16":
+            if self.group_size is not None and self.group_size not in checks.GROUP_SIZES:
+                raise ValueError(
+                    f"w4a16 group_size must be one of {checks.GROUP_SIZES} or None (= K), "
+                    f"got {self.group_size}"
+                )
+        elif self.group_size is not None or self.symmetric:
+            raise ValueError(f"{self.kind} is per-channel symmetric: no group_size or symmetric flag")
+
+    @property
+    def weight_bits(self) -> int:
+        return 4 if self.kind == "w4a16" else 8
+
+    @classmethod
+    def parse(cls, text: str) -> Scheme:
+        """``"w8a8"``, ``"w8a8-static"``, ``"w8a16"``, ``"w4a16"`` (G = 128), ``"w4a16-g32"``,
+        ``"w4a16-gK"`` (one group per row), with ``"-sym"`` for symmetric int4."""
+        m = re.fullmatch(r"(w8a8-static|w8a8|w8a16|w4a16)(?:-g(\d+|k))?(-sym)?", text.strip().lower())
+        if m is None:
+            raise ValueError(
+                f"cannot parse scheme {text!r}; examples: w8a8, w8a8-static, w8a16, w4a16-g128, "
+                "w4a16-g64-sym, w4a16-gK"
+            )
+        kind, group, sym = m.groups()
+        if kind != "w4a16":
+            if group or sym:
+                raise ValueError(f"{kind} takes no group size or -sym suffix: {text!r}")
+            return cls(kind)
+        group_size = 128 if group is None else (None if group == "k" else int(group))
+        return cls(kind, group_size, sym is not None)
+
+    def __str__(self) -> str:
+        if self.kind != "w4a16":
+            return self.kind
+        g = "K" if self.group_size is None else str(self.group_size)
+        return f"w4a16-g{g}" + ("-sym" if self.symmetric else "")
+
+
+@dataclasses.dataclass
+class QuantizedWeight:
+    """A weight in canonical form. ``group_size`` is resolved (K for per-row groups)."""
+
+    scheme: Scheme
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    group_size: int
+    out_features: int
+    in_features: int
+    act_scale: torch.Tensor | None = None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.scheme.kind == "w4a16":
+            return reference.dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, dtype)
+        return reference.dequantize_int8(self.qweight, self.scales, dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The canonical tensors by name (what a checkpoint stores)."""
+        named = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros, "act_scale": self.act_scale}
+        return {k: v for k, v in named.items() if v is not None}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def check_finite(w: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).sum().item()
+        raise ValueError(f"{name}: weight holds {bad} NaN or Inf value(s); cannot quantize it")
+
+
+def _check_weight(w: torch.Tensor, name: str) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"{name}: weight must be 2-D [out_features, in_features], got {tuple(w.shape)}")
+    checks.float_dtype(w.dtype, f"{name}: weight")
+    check_finite(w, name)
+
+
+def quantize_int8_per_channel(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """``s[n] = max|w[n]|/127``, ``q = clamp(round(w/s), -127, 127)`` -> (int8[N, K], float32[N])."""
+    _check_weight(w, name)
+    wf = w.float()
+    scale = _safe_scale(wf.abs().amax(dim=1) / 127)
+    q = torch.clamp(torch.round(wf / scale.unsqueeze(1)), -127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4_groupwise(
+    w: torch.Tensor, group_size: int | None, symmetric: bool, name: str = "weight"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Group-wise int4 -> (packed uint8[N, K/2], scales float32[N, K/G], zeros uint8 or None).
+
+    Asymmetric: the group's range widened to include zero, ``s = (hi-lo)/15``,
+    ``z = clamp(round(-lo/s), 0, 15)``, ``q = clamp(round(w/s)+z, 0, 15)``.
+    Symmetric: ``s = max|w|/7``, ``q = clamp(round(w/s)+8, 0, 15)``.
+    """
+    _check_weight(w, name)
+    n, k = w.shape
+    g = k if group_size is None else group_size
+    if k % 2:
+        raise ValueError(f"{name}: int4 needs an even in_features, got {k}")
+    checks.group_size(g, k)
+    wg = w.float().reshape(n, k // g, g)
+    if symmetric:
+        scale = _safe_scale(wg.abs().amax(dim=-1) / 7)
+        zero = torch.full_like(scale, reference.INT4_SYMMETRIC_ZERO)
+    else:
+        lo = wg.amin(dim=-1).clamp(max=0)
+        hi = wg.amax(dim=-1).clamp(min=0)
+        scale = _safe_scale((hi - lo) / 15)
+        zero = torch.clamp(torch.round(-lo / scale), 0, 15)
+    q = torch.clamp(torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, 15)
+    packed = reference.pack_int4(q.reshape(n, k).to(torch.uint8))
+    zeros = None if symmetric else zero.to(torch.uint8)
+    return packed, scale, zeros
+
+
+def quantize_weight(
+    w: torch.Tensor, scheme: Scheme, name: str = "weight", act_scale: torch.Tensor | None = None
+) -> QuantizedWeight:
+    """Quantize a float ``w[N, K]`` to ``scheme``'s canonical form.
+
+    ``act_scale`` (a calibrated per-tensor activation scale) is required by w8a8-static and
+    refused by the other schemes.
+    """
+    n, k = w.shape if w.dim() == 2 else (0, 0)
+    static = scheme.kind == "w8a8-static"
+    if static and act_scale is None:
+        raise ValueError(f"{name}: w8a8-static needs a calibrated activation scale (act_scale)")
+    if not static and act_scale is not None:
+        raise ValueError(f"{name}: an activation scale is only used by w8a8-static, not {scheme}")
+    if act_scale is not None:
+        checks.per_tensor_scale(act_scale, f"{name}: act_scale")
+        if not (torch.isfinite(act_scale).all() and act_scale.item() > 0):
+            raise ValueError(f"{name}: the activation scale must be finite and positive, got {act_scale.item()}")
+    if scheme.kind == "w4a16":
+        packed, scales, zeros = quantize_int4_groupwise(w, scheme.group_size, scheme.symmetric, name)
+        g = k if scheme.group_size is None else scheme.group_size
+        return QuantizedWeight(scheme, packed, scales, zeros, g, n, k)
+    q, scales = quantize_int8_per_channel(w, name)
+    return QuantizedWeight(scheme, q, scales, None, k, n, k, act_scale)

@@ -1,0 +1,152 @@
+"""Typed Python entry points to the ``torch.ops.lowbit`` ops, each with its fake impl.
+
+The schemas are declared once, in C++ (csrc/ops.cpp). Each op here has:
+  - a typed wrapper that calls ``torch.ops.lowbit.<op>``, which dispatches by device to
+    the native CPU (csrc/cpu) or CUDA (csrc/cuda) kernel;
+  - a fake implementation right beside it, so torch.compile traces the op (shapes and
+    dtypes only, with the same argument checks the kernels and the reference make).
+The semantics of every op are those of the same-named function in ``lowbit.reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit import checks
+
+_ops = torch.ops.lowbit
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 per-token quantization: (q int8[..., K], scale float32[...])."""
+    return _ops.quantize_per_token(x)
+
+
+@torch.library.register_fake("lowbit::quantize_per_token")
+def _(x):
+    checks.activation(x, "x")
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+def int8_scaled_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(a @ b^T, int32) * a_scale[m] * b_scale[n] + bias[n]`` as ``out_dtype``."""
+    return _ops.int8_scaled_mm(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+@torch.library.register_fake("lowbit::int8_scaled_mm")
+def _(a, b, a_scale, b_scale, bias, out_dtype):
+    checks.int8_scaled_mm(a, b, a_scale, b_scale, bias, out_dtype)
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+def w8a8_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """int8 x int8 linear; activations quantized per token, or with a static ``x_scale``."""
+    return _ops.w8a8_linear(x, w, w_scale, bias, x_scale)
+
+
+def _linear_out(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("lowbit::w8a8_linear")
+def _(x, w, w_scale, bias, x_scale=None):
+    checks.weight_linear(x, w, w_scale, bias, torch.int8)
+    if x_scale is not None:
+        checks.per_tensor_scale(x_scale, "x_scale")
+    return _linear_out(x, w.shape[0])
+
+
+def w8a16_linear(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ (q * s_w)^T + b`` with int8 per-channel weights."""
+    return _ops.w8a16_linear(x, w, w_scale, bias)
+
+
+@torch.library.register_fake("lowbit::w8a16_linear")
+def _(x, w, w_scale, bias):
+    checks.weight_linear(x, w, w_scale, bias, torch.int8)
+    return _linear_out(x, w.shape[0])
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ w'^T + b`` with group-wise int4 weights (``zeros=None``: symmetric)."""
+    return _ops.w4a16_linear(x, packed, scales, zeros, group_size, bias)
+
+
+@torch.library.register_fake("lowbit::w4a16_linear")
+def _(x, packed, scales, zeros, group_size, bias):
+    checks.w4a16_linear(x, packed, scales, zeros, group_size, bias)
+    return _linear_out(x, packed.shape[0])
+
+
+def dequantize_int8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q * s[n]`` as ``dtype``."""
+    return _ops.dequantize_int8(w, scale, dtype)
+
+
+@torch.library.register_fake("lowbit::dequantize_int8")
+def _(w, scale, dtype):
+    checks.int8_weight(w, scale)
+    checks.float_dtype(dtype, "dtype")
+    return w.new_empty(w.shape, dtype=dtype)
+
+
+def dequantize_int4(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(q - z) * s`` per group, as ``dtype``."""
+    return _ops.dequantize_int4(packed, scales, zeros, group_size, dtype)
+
+
+@torch.library.register_fake("lowbit::dequantize_int4")
+def _(packed, scales, zeros, group_size, dtype):
+    checks.int4_weight(packed, scales, zeros, group_size)
+    checks.float_dtype(dtype, "dtype")
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8[N, K] values 0..15 -> uint8[N, K/2] (even k in the low nibble)."""
+    return _ops.pack_int4(q)
+
+
+@torch.library.register_fake("lowbit::pack_int4")
+def _(q):
+    checks.int4_values(q)
+    return q.new_empty((q.shape[0], q.shape[1] // 2))
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8[N, K/2] -> uint8[N, K] values 0..15."""
+    return _ops.unpack_int4(packed)
+
+
+@torch.library.register_fake("lowbit::unpack_int4")
+def _(packed):
+    checks.packed_int4(packed)
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 2))
