@@ -1,0 +1,76 @@
+"""The backend registry: availability report, choice, the disable switch, and apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import activation, weight
+
+import lowbit
+from lowbit import reference
+from lowbit.backends import DISABLE_ENV, choose_backend, get_backend
+from lowbit.formats import Scheme, quantize_weight
+
+SCHEMES = ["w8a8", "w8a8-static", "w8a16", "w4a16-g32", "w4a16-g128-sym", "w4a16-gK"]
+
+
+def test_report_lists_every_backend_with_a_reason():
+    report = lowbit.backends()
+    names = [s.name for s in report]
+    assert names == ["cuda", "cpu", "reference"]
+    assert all(s.reason for s in report)
+    assert {s.name: s.available for s in report}["reference"] is True
+    assert {s.name: s.available for s in report}["cpu"] is True
+    assert {s.name: s.available for s in report}["cuda"] == torch.cuda.is_available()
+    text = str(report)
+    assert "backend" in text.splitlines()[0] and all(n in text for n in names)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_cpu_tensors_get_the_native_cpu_backend(scheme):
+    assert choose_backend(Scheme.parse(scheme), "cpu").name == "cpu"
+
+
+def test_disable_variable_moves_the_choice_down_the_list(monkeypatch):
+    monkeypatch.setenv(DISABLE_ENV, "cpu")
+    assert choose_backend(Scheme.parse("w8a8"), "cpu").name == "reference"
+    assert "disabled" in {s.name: s.reason for s in lowbit.backends()}["cpu"]
+
+
+def test_no_fitting_backend_lists_every_reason(monkeypatch):
+    monkeypatch.setenv(DISABLE_ENV, "cpu,reference")
+    with pytest.raises(RuntimeError) as info:
+        choose_backend(Scheme.parse("w4a16"), "cpu")
+    message = str(info.value)
+    assert "w4a16-g128" in message
+    for name in ("cuda", "cpu", "reference"):
+        assert f"  {name}:" in message
+
+
+def test_prefer_names_one_backend_and_is_checked():
+    assert choose_backend(Scheme.parse("w8a16"), "cpu", prefer="reference").name == "reference"
+    with pytest.raises(RuntimeError, match="cuda"):
+        choose_backend(Scheme.parse("w8a16"), "cpu", prefer="cuda")
+    with pytest.raises(KeyError, match="known"):
+        get_backend("tpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_apply_matches_the_reference_linear(backend, scheme):
+    s = Scheme.parse(scheme)
+    w = weight(24, 256, seed=5)
+    x, bias = activation((3, 256), seed=6), torch.randn(24)
+    act = (x.abs().amax() / 127).reshape(1) if s.kind == "w8a8-static" else None
+    qw = get_backend(backend).prepack(quantize_weight(w, s, act_scale=act))
+    y = get_backend(backend).apply(x, qw, bias)
+    if s.kind == "w4a16":
+        ref = reference.w4a16_linear(x, qw.qweight, qw.scales, qw.zeros, qw.group_size, bias)
+    elif s.kind == "w8a16":
+        ref = reference.w8a16_linear(x, qw.qweight, qw.scales, bias)
+    else:
+        ref = reference.w8a8_linear(x, qw.qweight, qw.scales, bias, act)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # and the quantized layer approximates the float one
+    exact = x @ w.t() + bias
+    assert (y - exact).norm() / exact.norm() < (0.2 if s.kind == "w4a16" else 0.05)
