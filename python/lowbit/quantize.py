@@ -1,0 +1,206 @@
+"""The replacement pass: ``lowbit.quantize(model, "w4a16-g128")`` and ``lowbit.dequantize``.
+
+The pass walks any ``nn.Module`` tree by fully-qualified name and replaces each selected
+``nn.Linear`` with the quantized layer of its scheme (``lowbit.nn``). Selection, in
+order: ``overrides`` (first matching glob pattern gives the scheme, or ``None`` to keep
+the layer float), ``include`` / ``exclude`` glob patterns, ``filter_fn(module, name)``,
+then what the format can take (group size divides in_features, at least ``min_numel``
+weights, not inside ``nn.MultiheadAttention``, which reads its projection weights
+directly). A module reachable under several names is quantized once; Linear layers that
+share one weight Parameter share one quantized weight. The returned report lists every
+Linear layer with its scheme and backend, or why it was skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from lowbit.formats import QuantizedWeight, Scheme, quantize_weight
+from lowbit.nn import QuantLinear, module_for
+
+
+@dataclasses.dataclass
+class QuantConfig:
+    """What ``lowbit.quantize`` does; every field can also be passed as a keyword."""
+
+    scheme: Scheme | str = "w8a8"
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] = ()
+    filter_fn: Callable[[nn.Module, str], bool] | None = None
+    overrides: Mapping[str, Scheme | str | None] = dataclasses.field(default_factory=dict)
+    min_numel: int = 4096
+    backend: str | None = None
+
+    def __post_init__(self):
+        self.scheme = _as_scheme(self.scheme)
+        self.overrides = {p: (None if s is None else _as_scheme(s)) for p, s in self.overrides.items()}
+
+
+def _as_scheme(s: Scheme | str) -> Scheme:
+    return Scheme.parse(s) if isinstance(s, str) else s
+
+
+@dataclasses.dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    scheme: str
+    backend: str
+    reason: str
+    bytes_before: int
+    bytes_after: int
+
+
+class QuantizeReport(list):
+    """One ``LayerReport`` per Linear layer; prints as a table with totals."""
+
+    @property
+    def quantized(self) -> list[LayerReport]:
+        return [r for r in self if r.backend != "-"]
+
+    @property
+    def skipped(self) -> list[LayerReport]:
+        return [r for r in self if r.backend == "-"]
+
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self)
+
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self)
+
+    def __str__(self) -> str:
+        width = max([len(r.name) for r in self] + [5])
+        lines = [f"{'layer':<{width}}  {'shape':>11}  {'scheme':<14} {'backend':<9} {'MB before':>9} {'MB after':>9}  note"]
+        for r in self:
+            shape = f"{r.shape[0]}x{r.shape[1]}"
+            lines.append(f"{r.name:<{width}}  {shape:>11}  {r.scheme:<14} {r.backend:<9} "
+                         f"{r.bytes_before / 2**20:>9.3f} {r.bytes_after / 2**20:>9.3f}  {r.reason}")
+        before, after = self.bytes_before(), self.bytes_after()
+        ratio = before / after if after else float("nan")
+        lines.append(f"{len(self.quantized)} of {len(self)} Linear layers quantized; Linear weights "
+                     f"{before / 2**20:.2f} MB -> {after / 2**20:.2f} MB ({ratio:.2f}x smaller)")
+        return "\n".join(lines)
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _decide(config: QuantConfig, module: nn.Linear, name: str, parent: nn.Module) -> tuple[Scheme | None, str]:
+    """The scheme for one Linear layer, or None and the reason it stays float."""
+    scheme = config.scheme
+    for pattern, override in config.overrides.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            if override is None:
+                return None, f"override {pattern!r} keeps it float"
+            scheme = override
+            break
+    else:
+        if config.include is not None and not _matches(name, config.include):
+            return None, "not matched by include"
+        if _matches(name, config.exclude):
+            return None, "matched by exclude"
+        if config.filter_fn is not None and not config.filter_fn(module, name):
+            return None, "filter_fn returned False"
+    if isinstance(parent, nn.MultiheadAttention):
+        return None, "inside nn.MultiheadAttention, which reads the weight directly"
+    n, k = module.weight.shape
+    if n * k < config.min_numel:
+        return None, f"tiny: {n * k} weights < min_numel={config.min_numel}"
+    if module.weight.device.type == "meta":
+        return None, "weight on the meta device"
+    if scheme.kind == "w4a16":
+        g = k if scheme.group_size is None else scheme.group_size
+        if k % 2 or k % g:
+            return None, f"in_features={k} is not a multiple of the group size {g}"
+    return scheme, ""
+
+
+def _linear_sites(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str, nn.Linear]]]:
+    """Every nn.Linear by identity, with each (name, parent, attribute) it is reachable at."""
+    sites: dict[int, list] = {}
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        # _modules, not named_children(): the latter yields a child only under its first name.
+        for attr, child in parent._modules.items():
+            if isinstance(child, nn.Linear):
+                name = f"{parent_name}.{attr}" if parent_name else attr
+                sites.setdefault(id(child), []).append((name, parent, attr, child))
+    return sites
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig | Scheme | str = "w8a8",
+    *,
+    act_scales: Mapping[str, torch.Tensor] | None = None,
+    **fields,
+) -> QuantizeReport:
+    """Replace the selected ``nn.Linear`` layers of ``model`` in place; return the report.
+
+    ``config`` is a scheme string (``"w8a8"``, ``"w4a16-g128"``, ...), a ``Scheme`` or a
+    ``QuantConfig``; keywords override its fields (``exclude=["lm_head"]``, ...).
+    ``act_scales`` maps layer names to calibrated activation scales for w8a8-static.
+    """
+    if not isinstance(config, QuantConfig):
+        config = QuantConfig(scheme=config)
+    if fields:
+        config = dataclasses.replace(config, **fields)
+    act_scales = act_scales or {}
+    report = QuantizeReport()
+    by_weight: dict[tuple[int, Scheme], QuantizedWeight] = {}
+    for sites in _linear_sites(model).values():
+        name, parent, _, linear = sites[0]
+        aliases = [s[0] for s in sites[1:]]
+        scheme, reason = _decide(config, linear, name, parent)
+        before = linear.weight.numel() * linear.weight.element_size()
+        shape = tuple(linear.weight.shape)
+        if scheme is None:
+            report.append(LayerReport(name, shape, "-", "-", reason, before, before))
+            continue
+        key = (id(linear.weight), scheme)
+        shared = key in by_weight
+        if not shared:
+            act = act_scales.get(name)
+            if scheme.kind == "w8a8-static" and act is None:
+                raise ValueError(f"{name}: w8a8-static needs a calibrated activation scale "
+                                 "(pass act_scales, or calibrate)")
+            by_weight[key] = quantize_weight(linear.weight.detach(), scheme, name, act_scale=act)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        new = module_for(scheme)(by_weight[key], bias, config.backend)
+        for _, site_parent, attr, _ in sites:
+            setattr(site_parent, attr, new)
+        notes = []
+        if aliases:
+            notes.append("also at " + ", ".join(aliases))
+        if shared:
+            notes.append("weight tied to an earlier layer")
+        after = 0 if shared else by_weight[key].nbytes()
+        report.append(LayerReport(name, shape, str(scheme), new.backend.name, "; ".join(notes), before, after))
+    return report
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer by the float ``nn.Linear`` it computes; returns model.
+
+    Layers that shared one quantized weight share one float weight Parameter again.
+    """
+    replaced: dict[int, nn.Linear] = {}
+    weights: dict[int, nn.Parameter] = {}
+    for _, parent in list(model.named_modules(remove_duplicate=False)):
+        for attr, child in list(parent._modules.items()):
+            if not isinstance(child, QuantLinear):
+                continue
+            if id(child) not in replaced:
+                dtype = child.bias.dtype if child.bias is not None else torch.float32
+                linear = child.to_linear(dtype)
+                if id(child.qweight) in weights:
+                    linear.weight = weights[id(child.qweight)]
+                weights.setdefault(id(child.qweight), linear.weight)
+                replaced[id(child)] = linear
+            setattr(parent, attr, replaced[id(child)])
+    return model

@@ -1,0 +1,115 @@
+"""The quantized Linear modules: parity, repr, device/dtype moves, state_dict, to_linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import activation
+from torch import nn
+
+import lowbit
+from lowbit import reference
+from lowbit.nn import W4A16Linear, W8A8Linear, W8A8StaticLinear, W8A16Linear
+
+CASES = [(W8A8Linear, "w8a8"), (W8A16Linear, "w8a16"), (W4A16Linear, "w4a16-g64"),
+         (W4A16Linear, "w4a16-g128-sym"), (W8A8StaticLinear, "w8a8-static")]
+
+
+def make(cls, scheme, seed=0, n=48, k=256, bias=True, dtype=torch.float32):
+    torch.manual_seed(seed)
+    linear = nn.Linear(k, n, bias=bias).to(dtype)
+    act = torch.tensor([0.05]) if scheme == "w8a8-static" else None
+    return linear, cls.from_linear(linear, scheme, act_scale=act)
+
+
+def reference_forward(q, x):
+    if q.scheme.kind == "w4a16":
+        return reference.w4a16_linear(x, q.qweight, q.scales, q.zeros, q.group_size, q.bias)
+    if q.scheme.kind == "w8a16":
+        return reference.w8a16_linear(x, q.qweight, q.scales, q.bias)
+    return reference.w8a8_linear(x, q.qweight, q.scales, q.bias, q.act_scale)
+
+
+@pytest.mark.parametrize("cls, scheme", CASES)
+@pytest.mark.parametrize("seed", range(3))
+def test_forward_matches_the_reference_on_random_layers(cls, scheme, seed):
+    _, q = make(cls, scheme, seed, n=17 + 8 * seed, bias=seed != 1)
+    for shape in [(1, 256), (5, 256), (2, 3, 256)]:
+        x = activation(shape, seed=seed)
+        torch.testing.assert_close(q(x), reference_forward(q, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls, scheme", CASES)
+def test_repr_shows_scheme_and_backend(cls, scheme):
+    _, q = make(cls, scheme)
+    text = repr(q)
+    assert type(q).__name__ in text and f"scheme={lowbit.Scheme.parse(scheme)}" in text
+    assert "backend=cpu" in text and "in_features=256" in text
+
+
+def test_from_linear_on_the_base_class_picks_the_subclass_and_checks_it():
+    linear = nn.Linear(128, 32)
+    assert type(lowbit.QuantLinear.from_linear(linear, "w4a16-g32")) is W4A16Linear
+    with pytest.raises(ValueError, match="W4A16Linear"):
+        W8A8Linear.from_linear(linear, "w4a16")
+
+
+@pytest.mark.parametrize("cls, scheme", CASES)
+def test_state_dict_is_the_canonical_format_and_round_trips(cls, scheme):
+    _, q = make(cls, scheme)
+    sd = q.state_dict()
+    expected = {"qweight", "scales", "bias"} | ({"zeros"} if scheme == "w4a16-g64" else set()) \
+        | ({"act_scale"} if scheme == "w8a8-static" else set())
+    assert set(sd) == expected
+    assert sd["qweight"].dtype == (torch.uint8 if "w4" in scheme else torch.int8)
+    assert sd["scales"].dtype == torch.float32
+    _, other = make(cls, scheme, seed=9)
+    other.load_state_dict(sd)
+    x = activation((3, 256))
+    assert torch.equal(other(x), q(x))
+
+
+@pytest.mark.parametrize("cls, scheme", CASES)
+def test_to_linear_computes_what_the_quantized_layer_computes(cls, scheme):
+    linear, q = make(cls, scheme)
+    back = q.to_linear()
+    assert isinstance(back, nn.Linear) and back.weight.shape == linear.weight.shape
+    x = activation((4, 256))
+    if scheme.startswith("w8a8"):  # activations are quantized too: compare to the float layer
+        assert ((back(x) - linear(x)).norm() / linear(x).norm()).item() < 0.02
+    else:
+        torch.testing.assert_close(back(x), q(x), rtol=1e-4, atol=1e-4)
+
+
+def test_dtype_moves_cast_the_bias_only_and_keep_the_format():
+    _, q = make(W4A16Linear, "w4a16-g64")
+    q = q.to(torch.bfloat16)
+    assert q.qweight.dtype == torch.uint8 and q.scales.dtype == torch.float32 and q.zeros.dtype == torch.uint8
+    assert q.bias.dtype == torch.bfloat16
+    y = q(activation((2, 256), torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+def test_moving_to_another_device_reprepacks_for_that_devices_backend():
+    _, q = make(W8A16Linear, "w8a16")
+    assert q.backend.name == "cpu"
+    q.to("meta")  # a device with no native kernels: the chooser falls to the reference
+    assert q.qweight.device.type == "meta" and q.scales.device.type == "meta"
+    assert q.backend.name == "reference" and q.packed.qweight.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_move_matches_cpu_result():
+    _, q = make(W4A16Linear, "w4a16-g64")
+    x = activation((3, 256))
+    y = q(x)
+    qc = q.to("cuda")
+    torch.testing.assert_close(qc(x.cuda()).cpu(), y, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_forward_matches_eager():
+    _, q = make(W4A16Linear, "w4a16-g64")
+    x = activation((3, 256))
+    torch._dynamo.reset()
+    compiled = torch.compile(q, fullgraph=True)
+    assert torch.equal(compiled(x), q(x))
