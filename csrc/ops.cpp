@@ -3,10 +3,15 @@
 // typed Python wrappers in python/lowbit/ops.py; the semantics are those of
 // python/lowbit/reference.py.
 //
-// This file also holds the Python module stub: `import lowbit._C` loads this shared
-// library, and with it every TORCH_LIBRARY registration below.
+// This file also holds the Python module: `import lowbit._C` loads this shared library,
+// and with it every TORCH_LIBRARY registration below. Its two functions read and force
+// the CPU kernels' instruction-set path (not ops: they change process state, not data).
 #include <Python.h>
 #include <torch/library.h>
+
+#include <stdexcept>
+
+#include "cpu/isa.h"
 
 TORCH_LIBRARY(lowbit, m) {
   // Per-token symmetric int8 quantization of activations: returns (q int8[..., K],
@@ -29,12 +34,42 @@ TORCH_LIBRARY(lowbit, m) {
   m.def(
       "dequantize_int4(Tensor packed, Tensor scales, Tensor? zeros, int group_size, "
       "ScalarType dtype) -> Tensor");
+  // CPU-blocked int8 weights (csrc/cpu/int8_gemm.h): (packed, per-column compensation).
+  m.def("int8_prepack(Tensor w) -> (Tensor, Tensor)");
+  m.def(
+      "w8a8_linear_prepacked(Tensor x, Tensor packed, Tensor comp, Tensor w_scale, Tensor? bias, "
+      "Tensor? x_scale=None) -> Tensor");
   m.def("pack_int4(Tensor q) -> Tensor");
   m.def("unpack_int4(Tensor packed) -> Tensor");
 }
 
+namespace {
+
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  return Py_BuildValue("(ss)", lowbit::cpu::isa_name(lowbit::cpu::current_isa()),
+                       lowbit::cpu::isa_name(lowbit::cpu::best_isa()));
+}
+
+PyObject* set_cpu_isa(PyObject*, PyObject* args) {
+  const char* name = nullptr;
+  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
+  try {
+    lowbit::cpu::set_isa(name);
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "(current, best) CPU kernel paths"},
+    {"set_cpu_isa", set_cpu_isa, METH_VARARGS, "force the CPU kernel path: auto, scalar, avx2, avx512_vnni"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lowbit's compiled ops", -1,
-                               nullptr};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lowbit's compiled ops", -1, methods};
   return PyModule_Create(&module);
 }

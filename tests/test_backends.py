@@ -62,8 +62,8 @@ def test_apply_matches_the_reference_linear(backend, scheme):
     w = weight(24, 256, seed=5)
     x, bias = activation((3, 256), seed=6), torch.randn(24)
     act = (x.abs().amax() / 127).reshape(1) if s.kind == "w8a8-static" else None
-    qw = get_backend(backend).prepack(quantize_weight(w, s, act_scale=act))
-    y = get_backend(backend).apply(x, qw, bias)
+    qw = quantize_weight(w, s, act_scale=act)
+    y = get_backend(backend).apply(x, get_backend(backend).prepack(qw), bias)
     if s.kind == "w4a16":
         ref = reference.w4a16_linear(x, qw.qweight, qw.scales, qw.zeros, qw.group_size, bias)
     elif s.kind == "w8a16":

@@ -165,10 +165,15 @@ def sample_calls(device="cpu"):
                 (torch.ops.lowbit.w4a16_linear.default, (x, packed, scales, zeros, 32, bias)),
                 (torch.ops.lowbit.dequantize_int4.default, (packed, scales, zeros, 32, dtype)),
             ]
+        if device == "cpu":
+            packed8, comp = ops.int8_prepack(w)
+            calls.append((torch.ops.lowbit.w8a8_linear_prepacked.default, (x, packed8, comp, sw, bias, None)))
         a = int8_values((5, 64), 4, device)
         calls.append((torch.ops.lowbit.int8_scaled_mm.default,
                       (a, w, torch.rand(5, device=device), sw, bias, dtype)))
     q = torch.randint(0, 16, (6, 10), dtype=torch.uint8).to(device)
+    if device == "cpu":
+        calls.append((torch.ops.lowbit.int8_prepack.default, (w,)))
     calls += [(torch.ops.lowbit.pack_int4.default, (q,)),
               (torch.ops.lowbit.unpack_int4.default, (reference.pack_int4(q),))]
     return calls

@@ -15,6 +15,7 @@
 #include <cmath>
 
 #include "checks.h"
+#include "cpu/int8_gemm_driver.h"
 
 namespace lowbit::cpu {
 namespace {
@@ -25,7 +26,7 @@ int64_t row_grain(int64_t row_bytes) {
 }
 
 template <typename T>
-void quantize_rows(const T* x, int64_t m, int64_t k, int8_t* q, float* scale) {
+void quantize_rows(const T* x, int64_t m, int64_t k, int8_t* q, int64_t ldq, float* scale) {
   at::parallel_for(0, m, row_grain(k * sizeof(T)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T* row = x + i * k;
@@ -38,7 +39,7 @@ void quantize_rows(const T* x, int64_t m, int64_t k, int8_t* q, float* scale) {
       float s = amax / 127.0f;
       if (s == 0.0f) s = 1.0f;
       scale[i] = s;
-      int8_t* qrow = q + i * k;
+      int8_t* qrow = q + i * ldq;
       for (int64_t j = 0; j < k; ++j) qrow[j] = quantize_value(static_cast<float>(row[j]), s);
     }
   });
@@ -52,19 +53,20 @@ int8_t quantize_value(float v, float scale) {
   return static_cast<int8_t>(std::clamp(r, -127.0f, 127.0f));
 }
 
-void quantize_rows_static(const at::Tensor& x2d, float scale, int8_t* q) {
+void quantize_rows_static(const at::Tensor& x2d, float scale, int8_t* q, int64_t ldq) {
   const int64_t m = x2d.size(0), k = x2d.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2d.scalar_type(), "quantize", [&] {
     const scalar_t* x = x2d.const_data_ptr<scalar_t>();
-    at::parallel_for(0, m * k, 1 << 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) q[i] = quantize_value(static_cast<float>(x[i]), scale);
+    at::parallel_for(0, m, row_grain(k * sizeof(scalar_t)), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        for (int64_t j = 0; j < k; ++j) q[i * ldq + j] = quantize_value(static_cast<float>(x[i * k + j]), scale);
     });
   });
 }
 
-void quantize_rows_dynamic(const at::Tensor& x2d, int8_t* q, float* scale) {
+void quantize_rows_dynamic(const at::Tensor& x2d, int8_t* q, int64_t ldq, float* scale) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2d.scalar_type(), "quantize", [&] {
-    quantize_rows(x2d.const_data_ptr<scalar_t>(), x2d.size(0), x2d.size(1), q, scale);
+    quantize_rows(x2d.const_data_ptr<scalar_t>(), x2d.size(0), x2d.size(1), q, ldq, scale);
   });
 }
 
@@ -76,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x) {
   const int64_t k = x.size(-1);
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
   at::Tensor scale = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
-  quantize_rows_dynamic(xc.view({-1, k}), q.mutable_data_ptr<int8_t>(),
-                        scale.mutable_data_ptr<float>());
+  quantize_activations(xc.view({-1, k}), std::nullopt, k, /*shift=*/false,
+                       reinterpret_cast<uint8_t*>(q.mutable_data_ptr<int8_t>()), scale.mutable_data_ptr<float>());
   return {q, scale};
 }
 

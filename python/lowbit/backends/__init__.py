@@ -13,11 +13,12 @@ from lowbit.backends.base import (
     get_backend,
     register,
 )
+from lowbit.backends.cpu import CpuBackend, best_cpu_isa, cpu_isa, set_cpu_isa, use_cpu_isa
 from lowbit.backends.native import NativeBackend
 from lowbit.backends.reference import ReferenceBackend
 
 register(NativeBackend("cuda", "cuda", "CUDA"))
-register(NativeBackend("cpu", "cpu", "CPU"))
+register(CpuBackend())
 register(ReferenceBackend())
 
 __all__ = [
@@ -26,6 +27,10 @@ __all__ = [
     "BackendReport",
     "BackendStatus",
     "backends",
+    "best_cpu_isa",
+    "cpu_isa",
+    "set_cpu_isa",
+    "use_cpu_isa",
     "choose_backend",
     "get_backend",
     "register",

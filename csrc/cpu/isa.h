@@ -1,0 +1,26 @@
+// Which instruction-set path the CPU kernels take.
+//
+// Detected once from the CPU (cpuid through the compiler's builtins); tests and A/B
+// benchmarks can force a lower path with set_isa() so that every path runs on one
+// machine. Asking for a path this CPU cannot run is an error, never a silent downgrade.
+#pragma once
+
+#include <string>
+
+namespace lowbit::cpu {
+
+enum class Isa {
+  kScalar = 0,      // portable C++
+  kAvx2 = 1,        // AVX2 + FMA: vpmaddubsw / vpmaddwd for int8
+  kAvx512Vnni = 2,  // AVX-512 F/BW/VL/DQ + VNNI (vpdpbusd), + BF16 where present
+};
+
+Isa best_isa();         // the best path this CPU supports
+Isa current_isa();      // the path the kernels take now
+bool has_avx512_bf16(); // vdpbf16ps available (only meaningful with kAvx512Vnni)
+const char* isa_name(Isa isa);
+// Forces a path by name ("scalar", "avx2", "avx512_vnni") or "auto" (= best_isa()).
+// Throws std::invalid_argument for an unknown name or a path this CPU lacks.
+void set_isa(const std::string& name);
+
+}  // namespace lowbit::cpu

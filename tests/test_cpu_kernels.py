@@ -1,0 +1,112 @@
+"""Every CPU instruction-set path (portable, AVX2, AVX-512 VNNI) against the reference.
+
+The paths are forced one by one with lowbit.use_cpu_isa, so each runs on this machine
+(paths the CPU lacks are skipped, saying so). Shapes cover one row, row counts that are
+not multiples of the 6-row tile or the 48-row chunk, columns that are not multiples of
+the 64-column panel, K that is not a multiple of 4 or that spans several k blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FLOAT_DTYPES, activation, int8_values, int8_weight
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lowbit
+from lowbit import ops, reference
+from lowbit.backends.cpu import best_cpu_isa, set_cpu_isa
+
+ORDER = ["scalar", "avx2", "avx512_vnni"]
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(ORDER.index(isa) > ORDER.index(best_cpu_isa()),
+                                                     reason=f"this CPU has no {isa}")) for isa in ORDER]
+
+rows = st.sampled_from([1, 2, 5, 6, 7, 13, 48, 49, 100])
+cols = st.sampled_from([1, 15, 16, 63, 64, 65, 130])
+depth = st.sampled_from([1, 3, 4, 31, 256, 257, 700])
+seeds = st.integers(0, 2**31 - 1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@given(m=rows, n=cols, k=depth, dtype=st.sampled_from(FLOAT_DTYPES), static=st.booleans(),
+       with_bias=st.booleans(), seed=seeds)
+def test_w8a8_linear_bit_exact_on_every_path(isa, m, n, k, dtype, static, with_bias, seed):
+    x = activation((m, k), dtype, seed=seed)
+    w, sw = int8_weight(n, k, seed)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    xs = (x.float().abs().amax() / 100).reshape(1) if static else None
+    expected = reference.w8a8_linear(x, w, sw, bias, xs)
+    packed, comp = ops.int8_prepack(w)
+    with lowbit.use_cpu_isa(isa):
+        assert torch.equal(ops.w8a8_linear(x, w, sw, bias, xs), expected)
+        assert torch.equal(ops.w8a8_linear_prepacked(x, packed, comp, sw, bias, xs), expected)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@given(m=rows, n=cols, k=depth, out_dtype=st.sampled_from(FLOAT_DTYPES), seed=seeds)
+def test_int8_scaled_mm_bit_exact_on_every_path(isa, m, n, k, out_dtype, seed):
+    a, b = int8_values((m, k), seed), int8_values((n, k), seed + 1)
+    sa, sb = torch.rand(m) + 0.01, torch.rand(n) + 0.01
+    with lowbit.use_cpu_isa(isa):
+        out = ops.int8_scaled_mm(a, b, sa, sb, None, out_dtype)
+    assert torch.equal(out, reference.int8_scaled_mm(a, b, sa, sb, None, out_dtype))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_extreme_int8_operands_accumulate_exactly(isa):
+    # -127 and 127 everywhere, K at the largest tile depth: the +128 shift, the
+    # compensation and the AVX2 sign trick must all stay exact.
+    k = 4096
+    a = torch.full((7, k), -127, dtype=torch.int8)
+    a[::2] = 127
+    b = torch.full((65, k), 127, dtype=torch.int8)
+    b[1::3] = -127
+    one_a, one_b = torch.ones(7), torch.ones(65)
+    with lowbit.use_cpu_isa(isa):
+        out = ops.int8_scaled_mm(a, b, one_a, one_b, None, torch.float32)
+    assert torch.equal(out, reference.int8_scaled_mm(a, b, one_a, one_b, None, torch.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@given(lead=st.sampled_from([(3,), (2, 7), (1, 1, 5)]), k=depth, dtype=st.sampled_from(FLOAT_DTYPES), seed=seeds)
+def test_quantize_per_token_and_3d_noncontiguous_inputs(isa, lead, k, dtype, seed):
+    x = activation((*lead, k), dtype, seed=seed, noncontiguous=True)
+    w, sw = int8_weight(9, k, seed)
+    with lowbit.use_cpu_isa(isa):
+        q, s = ops.quantize_per_token(x)
+        y = ops.w8a8_linear(x, w, sw, None)
+    rq, rs = reference.quantize_per_token(x)
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+    assert torch.equal(y, reference.w8a8_linear(x, w, sw, None))
+
+
+def test_nan_activation_row_gives_nan_outputs_only_in_that_row():
+    x = torch.randn(3, 64)
+    x[1, 5] = float("nan")
+    w, sw = int8_weight(8, 64)
+    y = ops.w8a8_linear(x, w, sw, None)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+def test_forcing_a_path_is_checked_and_restored():
+    before = lowbit.cpu_isa()
+    with pytest.raises(ValueError, match="unknown CPU path"):
+        set_cpu_isa("neon")
+    with lowbit.use_cpu_isa("scalar"):
+        assert lowbit.cpu_isa() == "scalar"
+    assert lowbit.cpu_isa() == before
+
+
+def test_prepacked_weights_of_another_shape_are_refused():
+    w, sw = int8_weight(70, 128)
+    packed, comp = ops.int8_prepack(w)
+    x = torch.randn(2, 128)
+    with pytest.raises(ValueError, match="int8_prepack"):
+        ops.w8a8_linear_prepacked(x, packed, comp, sw[:60], None)
+    with pytest.raises(ValueError, match="int8_prepack"):
+        ops.w8a8_linear_prepacked(torch.randn(2, 132), packed, comp, sw, None)
+    with pytest.raises(ValueError, match="comp"):
+        ops.w8a8_linear_prepacked(x, packed, comp[:64], sw, None)
+    with pytest.raises(ValueError, match="K <= 65536"):
+        ops.int8_prepack(torch.zeros(1, 65540, dtype=torch.int8))
