@@ -39,6 +39,13 @@ TORCH_LIBRARY(lowbit, m) {
   m.def(
       "w8a8_linear_prepacked(Tensor x, Tensor packed, Tensor comp, Tensor w_scale, Tensor? bias, "
       "Tensor? x_scale=None) -> Tensor");
+  // CPU weight-only layouts (csrc/cpu/wo_gemm.h).
+  m.def("w4a16_prepack(Tensor packed, Tensor scales, Tensor? zeros, int group_size) -> (Tensor, Tensor)");
+  m.def(
+      "w4a16_linear_prepacked(Tensor x, Tensor w, Tensor params, int group_size, int out_features, "
+      "Tensor? bias) -> Tensor");
+  m.def("w8a16_prepack(Tensor w) -> Tensor");
+  m.def("w8a16_linear_prepacked(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor");
   m.def("pack_int4(Tensor q) -> Tensor");
   m.def("unpack_int4(Tensor packed) -> Tensor");
 }

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, activation, int8_values, int8_weight
+from conftest import FLOAT_DTYPES, activation, int4_weight, int8_values, int8_weight
 from hypothesis import given
 from hypothesis import strategies as st
 
 import lowbit
 from lowbit import ops, reference
 from lowbit.backends.cpu import best_cpu_isa, set_cpu_isa
+from test_ops import assert_linear_close
 
 ORDER = ["scalar", "avx2", "avx512_vnni"]
 ISAS = [pytest.param(isa, marks=pytest.mark.skipif(ORDER.index(isa) > ORDER.index(best_cpu_isa()),
@@ -110,3 +111,46 @@ def test_prepacked_weights_of_another_shape_are_refused():
         ops.w8a8_linear_prepacked(x, packed, comp[:64], sw, None)
     with pytest.raises(ValueError, match="K <= 65536"):
         ops.int8_prepack(torch.zeros(1, 65540, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@given(m=rows, n=cols, groups=st.sampled_from([1, 3, 5]), g=st.sampled_from([32, 64, 128, None]),
+       sym=st.booleans(), dtype=st.sampled_from(FLOAT_DTYPES), with_bias=st.booleans(), seed=seeds)
+def test_w4a16_on_every_path(isa, m, n, groups, g, sym, dtype, with_bias, seed):
+    k = groups * (g or 2 * (seed % 150 + 1))
+    gs = g or k
+    x = activation((m, k), dtype, seed=seed)
+    packed, scales, zeros = int4_weight(n, k, g, sym, seed)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    expected = reference.w4a16_linear(x, packed, scales, zeros, gs, bias)
+    w_full = reference.dequantize_int4(packed, scales, zeros, gs, torch.float32)
+    w, params = ops.w4a16_prepack(packed, scales, zeros, gs)
+    with lowbit.use_cpu_isa(isa):
+        assert_linear_close(ops.w4a16_linear(x, packed, scales, zeros, gs, bias), expected, x, w_full)
+        assert_linear_close(ops.w4a16_linear_prepacked(x, w, params, gs, n, bias), expected, x, w_full)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@given(m=rows, n=cols, k=depth, dtype=st.sampled_from(FLOAT_DTYPES), with_bias=st.booleans(), seed=seeds)
+def test_w8a16_on_every_path(isa, m, n, k, dtype, with_bias, seed):
+    x = activation((m, k), dtype, seed=seed, noncontiguous=True)
+    w, sw = int8_weight(n, k, seed)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    expected = reference.w8a16_linear(x, w, sw, bias)
+    w_full = reference.dequantize_int8(w, sw, torch.float32)
+    with lowbit.use_cpu_isa(isa):
+        assert_linear_close(ops.w8a16_linear(x, w, sw, bias), expected, x, w_full)
+        assert_linear_close(ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(w), sw, bias), expected, x, w_full)
+
+
+def test_weight_only_prepacked_weights_of_another_shape_are_refused():
+    packed, scales, zeros = int4_weight(70, 128, 64, False)
+    w, params = ops.w4a16_prepack(packed, scales, zeros, 64)
+    x = torch.randn(2, 128)
+    with pytest.raises(ValueError, match="prepacked weight"):
+        ops.w4a16_linear_prepacked(x, w, params, 64, 200, None)
+    with pytest.raises(ValueError, match="params"):
+        ops.w4a16_linear_prepacked(x, w, params, 32, 70, None)
+    w8, s8 = int8_weight(70, 128)
+    with pytest.raises(ValueError, match="prepacked weight"):
+        ops.w8a16_linear_prepacked(torch.randn(2, 64), ops.w8a16_prepack(w8), s8, None)

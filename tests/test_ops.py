@@ -165,15 +165,23 @@ def sample_calls(device="cpu"):
                 (torch.ops.lowbit.w4a16_linear.default, (x, packed, scales, zeros, 32, bias)),
                 (torch.ops.lowbit.dequantize_int4.default, (packed, scales, zeros, 32, dtype)),
             ]
+            if device == "cpu":
+                w4, params = ops.w4a16_prepack(packed, scales, zeros, 32)
+                calls.append((torch.ops.lowbit.w4a16_linear_prepacked.default, (x, w4, params, 32, 12, bias)))
         if device == "cpu":
             packed8, comp = ops.int8_prepack(w)
-            calls.append((torch.ops.lowbit.w8a8_linear_prepacked.default, (x, packed8, comp, sw, bias, None)))
+            calls += [
+                (torch.ops.lowbit.w8a8_linear_prepacked.default, (x, packed8, comp, sw, bias, None)),
+                (torch.ops.lowbit.w8a16_linear_prepacked.default, (x, ops.w8a16_prepack(w), sw, bias)),
+            ]
         a = int8_values((5, 64), 4, device)
         calls.append((torch.ops.lowbit.int8_scaled_mm.default,
                       (a, w, torch.rand(5, device=device), sw, bias, dtype)))
     q = torch.randint(0, 16, (6, 10), dtype=torch.uint8).to(device)
     if device == "cpu":
-        calls.append((torch.ops.lowbit.int8_prepack.default, (w,)))
+        packed, scales, zeros = int4_weight(12, 64, 32, False, 3, device)
+        calls += [(torch.ops.lowbit.int8_prepack.default, (w,)), (torch.ops.lowbit.w8a16_prepack.default, (w,)),
+                  (torch.ops.lowbit.w4a16_prepack.default, (packed, scales, zeros, 32))]
     calls += [(torch.ops.lowbit.pack_int4.default, (q,)),
               (torch.ops.lowbit.unpack_int4.default, (reference.pack_int4(q),))]
     return calls

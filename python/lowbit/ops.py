@@ -135,7 +135,7 @@ def int8_prepack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _ops.int8_prepack(w)
 
 
-_PANEL, _GROUP_K = 64, 4  # csrc/cpu/int8_gemm.h
+_PANEL, _GROUP_K = 64, 4  # csrc/cpu/int8_gemm.h and wo_gemm.h
 
 
 def _round_up(v: int, m: int) -> int:
@@ -173,6 +173,74 @@ def _(x, packed, comp, w_scale, bias, x_scale=None):
     if x_scale is not None:
         checks.per_tensor_scale(x_scale, "x_scale")
     return _linear_out(x, n)
+
+
+def w4a16_prepack(
+    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical int4 weights -> the CPU weight-only GEMM's panels and per-group params."""
+    return _ops.w4a16_prepack(packed, scales, zeros, group_size)
+
+
+@torch.library.register_fake("lowbit::w4a16_prepack")
+def _(packed, scales, zeros, group_size):
+    checks.int4_weight(packed, scales, zeros, group_size)
+    n, k = packed.shape[0], packed.shape[1] * 2
+    panels = _round_up(n, _PANEL) // _PANEL
+    return (packed.new_empty((panels, k, 32)),
+            scales.new_empty((panels, k // group_size, 2, _PANEL)))
+
+
+def w4a16_linear_prepacked(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    params: torch.Tensor,
+    group_size: int,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``w4a16_linear`` on weights from ``w4a16_prepack``."""
+    return _ops.w4a16_linear_prepacked(x, w, params, group_size, out_features, bias)
+
+
+def _check_wo_prepacked(x, w, wdtype, n, row_bytes, bias):
+    checks.activation(x, "x")
+    checks.dtype(w, wdtype, "w")
+    checks.shape(w, (_round_up(n, _PANEL) // _PANEL, x.shape[-1], row_bytes), "w")
+    checks.bias(bias, n)
+
+
+@torch.library.register_fake("lowbit::w4a16_linear_prepacked")
+def _(x, w, params, group_size, out_features, bias):
+    _check_wo_prepacked(x, w, torch.uint8, out_features, 32, bias)
+    checks.group_size(group_size, x.shape[-1])
+    checks.shape(params, (w.shape[0], x.shape[-1] // group_size, 2, _PANEL), "params")
+    return _linear_out(x, out_features)
+
+
+def w8a16_prepack(w: torch.Tensor) -> torch.Tensor:
+    """int8[N, K] weights -> the CPU weight-only GEMM's panels."""
+    return _ops.w8a16_prepack(w)
+
+
+@torch.library.register_fake("lowbit::w8a16_prepack")
+def _(w):
+    checks.int8_weight(w, w.new_empty((w.shape[0],), dtype=torch.float32))
+    return w.new_empty((_round_up(w.shape[0], _PANEL) // _PANEL, w.shape[1], _PANEL))
+
+
+def w8a16_linear_prepacked(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``w8a16_linear`` on weights from ``w8a16_prepack``."""
+    return _ops.w8a16_linear_prepacked(x, w, w_scale, bias)
+
+
+@torch.library.register_fake("lowbit::w8a16_linear_prepacked")
+def _(x, w, w_scale, bias):
+    _check_wo_prepacked(x, w, torch.int8, w_scale.shape[0], _PANEL, bias)
+    checks.dtype(w_scale, torch.float32, "w_scale")
+    return _linear_out(x, w_scale.shape[0])
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -47,12 +47,13 @@ def use_cpu_isa(name: str):
 
 
 @dataclasses.dataclass
-class PackedInt8:
-    """int8 weights in the CPU GEMM's blocked layout (csrc/cpu/int8_gemm.h)."""
+class CpuPacked:
+    """A weight in the CPU kernels' layout: ``tensors`` from the scheme's prepack op
+    (int8_prepack: blocked weights and compensation; w8a16_prepack: panels;
+    w4a16_prepack: panels and per-group parameters)."""
 
     canonical: QuantizedWeight
-    packed: torch.Tensor
-    comp: torch.Tensor
+    tensors: tuple[torch.Tensor, ...]
 
 
 class CpuBackend(NativeBackend):
@@ -63,14 +64,21 @@ class CpuBackend(NativeBackend):
         ok, why = super().available()
         return ok, f"{why} ({cpu_isa()} path; best here: {best_cpu_isa()})" if ok else why
 
-    def prepack(self, weight: QuantizedWeight):
-        if weight.scheme.kind in ("w8a8", "w8a8-static"):
-            packed, comp = ops.int8_prepack(weight.qweight)
-            return PackedInt8(weight, packed, comp)
-        return weight
+    def prepack(self, weight: QuantizedWeight) -> CpuPacked:
+        kind = weight.scheme.kind
+        if kind == "w4a16":
+            tensors = ops.w4a16_prepack(weight.qweight, weight.scales, weight.zeros, weight.group_size)
+        elif kind == "w8a16":
+            tensors = (ops.w8a16_prepack(weight.qweight),)
+        else:
+            tensors = ops.int8_prepack(weight.qweight)
+        return CpuPacked(weight, tuple(tensors))
 
-    def apply(self, x, weight, bias):
-        if isinstance(weight, PackedInt8):
-            w = weight.canonical
-            return ops.w8a8_linear_prepacked(x, weight.packed, weight.comp, w.scales, bias, w.act_scale)
-        return super().apply(x, weight, bias)
+    def apply(self, x, weight: CpuPacked, bias):
+        w, t = weight.canonical, weight.tensors
+        kind = w.scheme.kind
+        if kind == "w4a16":
+            return ops.w4a16_linear_prepacked(x, t[0], t[1], w.group_size, w.out_features, bias)
+        if kind == "w8a16":
+            return ops.w8a16_linear_prepacked(x, t[0], w.scales, bias)
+        return ops.w8a8_linear_prepacked(x, t[0], t[1], w.scales, bias, w.act_scale)

@@ -1,0 +1,230 @@
+// CPU weight-only linear ops (W4A16, W8A16): prepacking into the layouts of wo_gemm.h,
+// the portable kernels, and the driver that splits (panel, row chunk) tasks over ATen's
+// threads and picks the AVX-512 or the portable kernels. The canonical-format ops
+// (w4a16_linear, w8a16_linear) prepack per call and share the same path.
+#include "cpu/wo_gemm.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "checks.h"
+#include "cpu/isa.h"
+
+namespace lowbit::cpu {
+
+using wo::kBlockK;
+using wo::kPanel;
+using wo::kRowChunk;
+using wo::Panel;
+using wo::Weights;
+
+namespace wo {
+
+void dequantize_block_scalar(const Panel& panel, int64_t k0, int64_t k1, float* out) {
+  for (int64_t k = k0; k < k1; ++k) {
+    float* o = out + (k - k0) * kPanel;
+    if (panel.kind == Weights::kInt4) {
+      const uint8_t* bytes = panel.w + k * 32;
+      const float* s = panel.params + (k / panel.group_size) * 2 * kPanel;
+      const float* z = s + kPanel;
+      for (int64_t j = 0; j < 32; ++j) {
+        o[j] = (static_cast<float>(bytes[j] & 0x0F) - z[j]) * s[j];
+        o[j + 32] = (static_cast<float>(bytes[j] >> 4) - z[j + 32]) * s[j + 32];
+      }
+    } else {
+      const int8_t* w = reinterpret_cast<const int8_t*>(panel.w) + k * kPanel;
+      for (int64_t c = 0; c < kPanel; ++c) o[c] = static_cast<float>(w[c]) * panel.params[c];
+    }
+  }
+}
+
+void block_gemm_scalar(const float* x, int64_t ldx, int64_t rows, const float* block, int64_t kb, float* c,
+                       bool zero_init) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* cr = c + r * kPanel;
+    if (zero_init) std::fill(cr, cr + kPanel, 0.0f);
+    for (int64_t k = 0; k < kb; ++k) {
+      const float xv = x[r * ldx + k];
+      const float* b = block + k * kPanel;
+#pragma omp simd
+      for (int64_t j = 0; j < kPanel; ++j) cr[j] += xv * b[j];
+    }
+  }
+}
+
+}  // namespace wo
+
+namespace {
+
+int64_t panels_for(int64_t n) { return (n + kPanel - 1) / kPanel; }
+
+std::tuple<at::Tensor, at::Tensor> w4a16_prepack(const at::Tensor& packed, const at::Tensor& scales,
+                                                 const std::optional<at::Tensor>& zeros, int64_t group_size) {
+  check_int4_weight(packed, scales, zeros, group_size);
+  const int64_t n = packed.size(0), k = packed.size(1) * 2, groups = k / group_size, panels = panels_for(n);
+  at::Tensor w = at::zeros({panels, k, 32}, packed.options());
+  // Padding columns get scale 1 and zero point 0: they dequantize to 0.
+  at::Tensor params = at::empty({panels, groups, 2, kPanel}, scales.options());
+  const uint8_t* src = packed.const_data_ptr<uint8_t>();
+  const float* sp = scales.const_data_ptr<float>();
+  const uint8_t* zp = zeros ? zeros->const_data_ptr<uint8_t>() : nullptr;
+  uint8_t* dst = w.mutable_data_ptr<uint8_t>();
+  float* pp = params.mutable_data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t c = 0; c < kPanel; ++c) {
+        const int64_t col = p * kPanel + c;
+        for (int64_t g = 0; g < groups; ++g) {
+          float* gp = pp + ((p * groups + g) * 2) * kPanel;
+          gp[c] = col < n ? sp[col * groups + g] : 1.0f;
+          gp[kPanel + c] = col < n ? (zp ? static_cast<float>(zp[col * groups + g]) : 8.0f) : 0.0f;
+        }
+        if (col >= n) continue;
+        for (int64_t kk = 0; kk < k; ++kk) {
+          const uint8_t byte = src[col * (k / 2) + kk / 2];
+          const uint8_t q = kk % 2 ? byte >> 4 : byte & 0x0F;
+          dst[(p * k + kk) * 32 + c % 32] |= static_cast<uint8_t>(c < 32 ? q : q << 4);
+        }
+      }
+    }
+  });
+  return {w, params};
+}
+
+at::Tensor w8a16_prepack(const at::Tensor& w) {
+  check_matrix(w, at::kChar, "w");
+  check_contiguous(w, "w");
+  const int64_t n = w.size(0), k = w.size(1), panels = panels_for(n);
+  at::Tensor out = at::zeros({panels, k, kPanel}, w.options());
+  const int8_t* src = w.const_data_ptr<int8_t>();
+  int8_t* dst = out.mutable_data_ptr<int8_t>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t c = 0; c < kPanel && p * kPanel + c < n; ++c)
+        for (int64_t kk = 0; kk < k; ++kk) dst[(p * k + kk) * kPanel + c] = src[(p * kPanel + c) * k + kk];
+  });
+  return out;
+}
+
+// y = x @ dequant(w)^T + bias for the panels described by panel_at(p).
+template <typename PanelAt>
+at::Tensor run(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, PanelAt panel_at) {
+  const int64_t k = x.size(-1);
+  const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
+  const int64_t m = xf.size(0), panels = panels_for(n), chunks = (m + kRowChunk - 1) / kRowChunk;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  at::Tensor out = at::empty(out_shape, x.options());
+  const std::optional<at::Tensor> bf = bias ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous()) : std::nullopt;
+  const float* bp = bf ? bf->const_data_ptr<float>() : nullptr;
+  const float* xp = xf.const_data_ptr<float>();
+  const bool avx512 = current_isa() == Isa::kAvx512Vnni;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "weight_only_linear", [&] {
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, panels * chunks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> block(kBlockK * kPanel), c(kRowChunk * kPanel);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t p = t / chunks, m0 = (t % chunks) * kRowChunk, rows = std::min(m, m0 + kRowChunk) - m0;
+        const Panel panel = panel_at(p);
+        for (int64_t k0 = 0; k0 < k; k0 += kBlockK) {
+          const int64_t k1 = std::min(k, k0 + kBlockK);
+          if (avx512) {
+            wo::dequantize_block_avx512(panel, k0, k1, block.data());
+            wo::block_gemm_avx512(xp + m0 * k + k0, k, rows, block.data(), k1 - k0, c.data(), k0 == 0);
+          } else {
+            wo::dequantize_block_scalar(panel, k0, k1, block.data());
+            wo::block_gemm_scalar(xp + m0 * k + k0, k, rows, block.data(), k1 - k0, c.data(), k0 == 0);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t col = p * kPanel; col < std::min(n, (p + 1) * kPanel); ++col) {
+            float y = c[r * kPanel + col - p * kPanel];
+            if (bp) y = y + bp[col];
+            op[(m0 + r) * n + col] = static_cast<scalar_t>(y);
+          }
+      }
+    });
+  });
+  return out;
+}
+
+void check_prepacked_x(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& bias,
+                       int64_t row_bytes) {
+  check_activation(x, "x");
+  TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == panels_for(n) && w.size(1) == x.size(-1) && w.size(2) == row_bytes,
+                    "w must be the prepacked weight of an [N, K] = [", n, ", ", x.size(-1),
+                    "] layer: expected shape (", panels_for(n), ", ", x.size(-1), ", ", row_bytes, "), got ",
+                    w.sizes());
+  check_contiguous(w, "w");
+  check_bias(bias, n);
+  check_same_device({{"x", &x}, {"w", &w}, {"bias", opt_ptr(bias)}});
+}
+
+at::Tensor w4a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, const at::Tensor& params,
+                                  int64_t group_size, int64_t out_features, const std::optional<at::Tensor>& bias) {
+  check_dtype(w, at::kByte, "w");
+  check_prepacked_x(x, w, out_features, bias, 32);
+  const int64_t k = x.size(-1);
+  check_group_size(group_size, k);
+  check_dtype(params, at::kFloat, "params");
+  TORCH_CHECK_VALUE(params.dim() == 4 && params.size(0) == w.size(0) && params.size(1) == k / group_size &&
+                        params.size(2) == 2 && params.size(3) == kPanel,
+                    "params must come from w4a16_prepack with group_size ", group_size, ", got shape ",
+                    params.sizes());
+  check_contiguous(params, "params");
+  check_same_device({{"w", &w}, {"params", &params}});
+  const uint8_t* wp = w.const_data_ptr<uint8_t>();
+  const float* pp = params.const_data_ptr<float>();
+  const int64_t groups = k / group_size;
+  return run(x, out_features, bias, [&](int64_t p) {
+    return Panel{Weights::kInt4, wp + p * k * 32, pp + p * groups * 2 * kPanel, group_size, k};
+  });
+}
+
+at::Tensor w8a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                                  const std::optional<at::Tensor>& bias) {
+  check_dtype(w, at::kChar, "w");
+  check_dtype(w_scale, at::kFloat, "w_scale");
+  TORCH_CHECK_VALUE(w_scale.dim() == 1, "w_scale must be 1-D, got ", w_scale.sizes());
+  const int64_t n = w_scale.size(0), k = x.size(-1);
+  check_prepacked_x(x, w, n, bias, kPanel);
+  check_same_device({{"w", &w}, {"w_scale", &w_scale}});
+  // Scales padded to whole panels (padding columns have zero weights).
+  at::Tensor scales = at::zeros({panels_for(n) * kPanel}, w_scale.options());
+  scales.narrow(0, 0, n).copy_(w_scale);
+  const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.const_data_ptr<int8_t>());
+  const float* sp = scales.const_data_ptr<float>();
+  return run(x, n, bias, [&](int64_t p) { return Panel{Weights::kInt8, wp + p * k * kPanel, sp + p * kPanel, 0, k}; });
+}
+
+at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                        const std::optional<at::Tensor>& bias) {
+  check_int8_linear(x, w, w_scale, bias);
+  return w8a16_linear_prepacked(x, w8a16_prepack(w), w_scale, bias);
+}
+
+at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& zeros, int64_t group_size,
+                        const std::optional<at::Tensor>& bias) {
+  check_int4_linear(x, packed, scales, zeros, group_size, bias);
+  const auto [w, params] = w4a16_prepack(packed, scales, zeros, group_size);
+  return w4a16_linear_prepacked(x, w, params, group_size, packed.size(0), bias);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("w4a16_prepack", &w4a16_prepack);
+  m.impl("w4a16_linear_prepacked", &w4a16_linear_prepacked);
+  m.impl("w8a16_prepack", &w8a16_prepack);
+  m.impl("w8a16_linear_prepacked", &w8a16_linear_prepacked);
+  m.impl("w8a16_linear", &w8a16_linear);
+  m.impl("w4a16_linear", &w4a16_linear);
+}
+
+}  // namespace lowbit::cpu

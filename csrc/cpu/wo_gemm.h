@@ -1,0 +1,49 @@
+// Weight-only GEMM on the CPU (W4A16 and W8A16): float activations times int4 / int8
+// weights, fp32 accumulation. The interface between the driver (wo_gemm.cpp, with ATen)
+// and the AVX-512 kernels (wo_gemm_avx512.cpp, no torch headers; see int8_gemm.h why).
+//
+// Algorithm: for each 64-column weight panel and each block of kBlockK k, the block is
+// dequantized once to fp32 exactly as the reference does it ((q - z) * s, or q * s),
+// into a k-major [kBlockK][64] buffer that stays in L1; then every activation row of the
+// task passes over it with an fp32 FMA micro-kernel (6 rows x 64 columns = 24 zmm
+// accumulators). The dequantization is amortized over all rows, so large M runs at the
+// FMA rate; at M = 1 the kernel is bound by the dequantization, which reads the weights
+// once (4 or 8 bits each).
+//
+// Prepacked layouts (per panel p of 64 output columns; zero past N):
+//   int4: w[p][k][32] bytes, byte j = q[64p + j][k] | q[64p + 32 + j][k] << 4
+//         params[p][g][2][64] float: scale, then zero point (8 for symmetric)
+//   int8: w[p][k][64] int8 = q[64p + c][k]; scales stay canonical float32[N]
+#pragma once
+
+#include <cstdint>
+
+namespace lowbit::cpu::wo {
+
+constexpr int64_t kPanel = 64;
+constexpr int64_t kBlockK = 128;   // k per dequantized block: 128 x 64 fp32 = 32 KiB
+constexpr int64_t kRowChunk = 256;  // most rows per task (its partial sums: 64 KiB)
+
+enum class Weights { kInt4, kInt8 };
+
+// One panel's weights and dequantization parameters.
+struct Panel {
+  Weights kind;
+  const uint8_t* w;       // the panel's packed weights
+  const float* params;    // int4: [groups][2][64]; int8: the panel's 64 scales
+  int64_t group_size;     // int4 only
+  int64_t k;
+};
+
+// Dequantizes k in [k0, k1) of the panel into out[(k - k0) * 64 + c].
+void dequantize_block_avx512(const Panel& panel, int64_t k0, int64_t k1, float* out);
+void dequantize_block_scalar(const Panel& panel, int64_t k0, int64_t k1, float* out);
+
+// c[r][0..63] (+)= x[r][k0..k1) . block for rows [0, rows) (x row stride ldx, c row
+// stride 64); zero_init starts from zero instead of adding to c.
+void block_gemm_avx512(const float* x, int64_t ldx, int64_t rows, const float* block, int64_t kb, float* c,
+                       bool zero_init);
+void block_gemm_scalar(const float* x, int64_t ldx, int64_t rows, const float* block, int64_t kb, float* c,
+                       bool zero_init);
+
+}  // namespace lowbit::cpu::wo

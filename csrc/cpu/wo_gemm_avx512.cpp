@@ -1,0 +1,116 @@
+// AVX-512 kernels of the weight-only GEMM (wo_gemm.h): block dequantization and the
+// fp32 FMA micro-kernel.
+//
+// Dequantization of one k row of a panel: int4 loads 32 bytes (64 nibbles), splits low
+// and high nibbles, widens 16 at a time to int32 and float, then (q - z) * s with the
+// group's per-column z and s; int8 widens with sign and multiplies by the column scale.
+// Both round exactly as the reference's dequantization does.
+//
+// Micro-kernel: MR (1..6) rows x 64 columns, 4 zmm accumulators per row; per k it loads
+// the block's 64 floats (4 zmm), broadcasts x[r][k] and issues 4 FMAs per row. One or
+// two rows alternate two accumulator sets over even and odd k to hide FMA latency.
+#include <immintrin.h>
+
+#include "cpu/wo_gemm.h"
+
+namespace lowbit::cpu::wo {
+namespace {
+
+constexpr int kMaxRows = 6;
+
+inline __m512 int4_to_float(__m128i bytes, const float* s, const float* z) {
+  const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+  return _mm512_mul_ps(_mm512_sub_ps(q, _mm512_loadu_ps(z)), _mm512_loadu_ps(s));
+}
+
+template <int MR>
+void tile(const float* x, int64_t ldx, const float* block, int64_t kb, float* c, bool zero_init) {
+  __m512 acc[MR][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[r][j] = zero_init ? _mm512_setzero_ps() : _mm512_loadu_ps(c + r * kPanel + 16 * j);
+  int64_t k = 0;
+  if constexpr (MR <= 2) {
+    __m512 odd[MR][4];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) odd[r][j] = _mm512_setzero_ps();
+    for (; k + 1 < kb; k += 2) {
+      const float* b = block + k * kPanel;
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m512 x0 = _mm512_set1_ps(x[r * ldx + k]);
+        const __m512 x1 = _mm512_set1_ps(x[r * ldx + k + 1]);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          acc[r][j] = _mm512_fmadd_ps(x0, _mm512_loadu_ps(b + 16 * j), acc[r][j]);
+          odd[r][j] = _mm512_fmadd_ps(x1, _mm512_loadu_ps(b + kPanel + 16 * j), odd[r][j]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_add_ps(acc[r][j], odd[r][j]);
+  }
+  for (; k < kb; ++k) {
+    const float* b = block + k * kPanel;
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+    const __m512 b2 = _mm512_loadu_ps(b + 32), b3 = _mm512_loadu_ps(b + 48);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * ldx + k]);
+      acc[r][0] = _mm512_fmadd_ps(xv, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(xv, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(xv, b2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(xv, b3, acc[r][3]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + r * kPanel + 16 * j, acc[r][j]);
+}
+
+using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, bool);
+constexpr TileFn kTiles[kMaxRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+
+}  // namespace
+
+void dequantize_block_avx512(const Panel& panel, int64_t k0, int64_t k1, float* out) {
+  for (int64_t k = k0; k < k1; ++k) {
+    float* o = out + (k - k0) * kPanel;
+    if (panel.kind == Weights::kInt4) {
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel.w + k * 32));
+      const __m256i mask = _mm256_set1_epi8(0x0F);
+      const __m256i lo = _mm256_and_si256(bytes, mask);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+      const float* s = panel.params + (k / panel.group_size) * 2 * kPanel;
+      const float* z = s + kPanel;
+      _mm512_storeu_ps(o, int4_to_float(_mm256_castsi256_si128(lo), s, z));
+      _mm512_storeu_ps(o + 16, int4_to_float(_mm256_extracti128_si256(lo, 1), s + 16, z + 16));
+      _mm512_storeu_ps(o + 32, int4_to_float(_mm256_castsi256_si128(hi), s + 32, z + 32));
+      _mm512_storeu_ps(o + 48, int4_to_float(_mm256_extracti128_si256(hi, 1), s + 48, z + 48));
+    } else {
+      const int8_t* w = reinterpret_cast<const int8_t*>(panel.w) + k * kPanel;
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * j));
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+        _mm512_storeu_ps(o + 16 * j, _mm512_mul_ps(q, _mm512_loadu_ps(panel.params + 16 * j)));
+      }
+    }
+  }
+}
+
+void block_gemm_avx512(const float* x, int64_t ldx, int64_t rows, const float* block, int64_t kb, float* c,
+                       bool zero_init) {
+  for (int64_t r = 0; r < rows; r += kMaxRows) {
+    const int mr = static_cast<int>(rows - r < kMaxRows ? rows - r : kMaxRows);
+    kTiles[mr](x + r * ldx, ldx, block, kb, c + r * kPanel, zero_init);
+  }
+}
+
+}  // namespace lowbit::cpu::wo
