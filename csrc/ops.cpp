@@ -9,7 +9,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
+
 #include <stdexcept>
+#include <string>
 
 #include "cpu/isa.h"
 
@@ -69,7 +72,31 @@ PyObject* set_cpu_isa(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// Sum over the intra-op threads of each one's ceiling rate; the GIL is released meanwhile.
+PyObject* cpu_peak(PyObject*, PyObject* args) {
+  const char* kind = nullptr;
+  double seconds = 0.2;
+  if (!PyArg_ParseTuple(args, "s|d", &kind, &seconds)) return nullptr;
+  const std::string name(kind);
+  if (name != "vnni" && name != "fma") {
+    PyErr_SetString(PyExc_ValueError, "cpu_peak kind must be 'vnni' or 'fma'");
+    return nullptr;
+  }
+  if (lowbit::cpu::best_isa() != lowbit::cpu::Isa::kAvx512Vnni) {
+    PyErr_SetString(PyExc_RuntimeError, "the ceiling probes need an AVX-512 VNNI CPU");
+    return nullptr;
+  }
+  const auto which = name == "vnni" ? lowbit::cpu::PeakKind::kVnni : lowbit::cpu::PeakKind::kFma;
+  double total = 0;
+  Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel num_threads(at::get_num_threads()) reduction(+ : total)
+  total += lowbit::cpu::peak_ops_per_second(which, seconds);
+  Py_END_ALLOW_THREADS
+  return PyFloat_FromDouble(total);
+}
+
 PyMethodDef methods[] = {
+    {"cpu_peak", cpu_peak, METH_VARARGS, "ceiling rate (ops/s) of 'vnni' or 'fma' over all intra-op threads"},
     {"cpu_isa", cpu_isa, METH_NOARGS, "(current, best) CPU kernel paths"},
     {"set_cpu_isa", set_cpu_isa, METH_VARARGS, "force the CPU kernel path: auto, scalar, avx2, avx512_vnni"},
     {nullptr, nullptr, 0, nullptr}};

@@ -23,4 +23,9 @@ const char* isa_name(Isa isa);
 // Throws std::invalid_argument for an unknown name or a path this CPU lacks.
 void set_isa(const std::string& name);
 
+enum class PeakKind { kVnni, kFma };
+// Operations per second one thread sustains (int8: 2 per multiply-add; fp32: 2 per FMA),
+// measured for about `seconds`; AVX-512 VNNI CPUs only (csrc/cpu/peak_avx512.cpp).
+double peak_ops_per_second(PeakKind kind, double seconds);
+
 }  // namespace lowbit::cpu
