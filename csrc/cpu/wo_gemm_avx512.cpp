@@ -83,16 +83,24 @@ void dequantize_block_avx512(const Panel& panel, int64_t k0, int64_t k1, float* 
   for (int64_t k = k0; k < k1; ++k) {
     float* o = out + (k - k0) * kPanel;
     if (panel.kind == Weights::kInt4) {
-      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel.w + k * 32));
-      const __m256i mask = _mm256_set1_epi8(0x0F);
-      const __m256i lo = _mm256_and_si256(bytes, mask);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+      // A k pair's 64 bytes: per half h, even bytes hold k = 2i, odd bytes k = 2i + 1.
+      // Gather this k's 16 bytes of each half, then split low nibbles (columns 32h..+15)
+      // from high nibbles (32h + 16..+31).
+      const uint8_t* pair = panel.w + (k / 2) * kPanel;
+      const __m128i pick = k % 2 ? _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15)
+                                 : _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
       const float* s = panel.params + (k / panel.group_size) * 2 * kPanel;
       const float* z = s + kPanel;
-      _mm512_storeu_ps(o, int4_to_float(_mm256_castsi256_si128(lo), s, z));
-      _mm512_storeu_ps(o + 16, int4_to_float(_mm256_extracti128_si256(lo, 1), s + 16, z + 16));
-      _mm512_storeu_ps(o + 32, int4_to_float(_mm256_castsi256_si128(hi), s + 32, z + 32));
-      _mm512_storeu_ps(o + 48, int4_to_float(_mm256_extracti128_si256(hi, 1), s + 48, z + 48));
+      for (int h = 0; h < 2; ++h) {
+        const __m128i a = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 32 * h)), pick);
+        const __m128i b = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 32 * h + 16)), pick);
+        const __m128i bytes = _mm_unpacklo_epi64(a, b);  // the 16 columns' bytes for this k
+        const __m128i lo = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
+        const int c = 32 * h;
+        _mm512_storeu_ps(o + c, int4_to_float(lo, s + c, z + c));
+        _mm512_storeu_ps(o + c + 16, int4_to_float(hi, s + c + 16, z + c + 16));
+      }
     } else {
       const int8_t* w = reinterpret_cast<const int8_t*>(panel.w) + k * kPanel;
 #pragma GCC unroll 4
