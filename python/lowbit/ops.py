@@ -187,7 +187,7 @@ def _(packed, scales, zeros, group_size):
     checks.int4_weight(packed, scales, zeros, group_size)
     n, k = packed.shape[0], packed.shape[1] * 2
     panels = _round_up(n, _PANEL) // _PANEL
-    return (packed.new_empty((panels, k, 32)),
+    return (packed.new_empty((panels, k // 2, _PANEL)),
             scales.new_empty((panels, k // group_size, 2, _PANEL)))
 
 
@@ -203,16 +203,16 @@ def w4a16_linear_prepacked(
     return _ops.w4a16_linear_prepacked(x, w, params, group_size, out_features, bias)
 
 
-def _check_wo_prepacked(x, w, wdtype, n, row_bytes, bias):
+def _check_wo_prepacked(x, w, wdtype, n, rows, bias):
     checks.activation(x, "x")
     checks.dtype(w, wdtype, "w")
-    checks.shape(w, (_round_up(n, _PANEL) // _PANEL, x.shape[-1], row_bytes), "w")
+    checks.shape(w, (_round_up(n, _PANEL) // _PANEL, rows, _PANEL), "w")
     checks.bias(bias, n)
 
 
 @torch.library.register_fake("lowbit::w4a16_linear_prepacked")
 def _(x, w, params, group_size, out_features, bias):
-    _check_wo_prepacked(x, w, torch.uint8, out_features, 32, bias)
+    _check_wo_prepacked(x, w, torch.uint8, out_features, x.shape[-1] // 2, bias)
     checks.group_size(group_size, x.shape[-1])
     checks.shape(params, (w.shape[0], x.shape[-1] // group_size, 2, _PANEL), "params")
     return _linear_out(x, out_features)
@@ -238,7 +238,7 @@ def w8a16_linear_prepacked(
 
 @torch.library.register_fake("lowbit::w8a16_linear_prepacked")
 def _(x, w, w_scale, bias):
-    _check_wo_prepacked(x, w, torch.int8, w_scale.shape[0], _PANEL, bias)
+    _check_wo_prepacked(x, w, torch.int8, w_scale.shape[0], x.shape[-1], bias)
     checks.dtype(w_scale, torch.float32, "w_scale")
     return _linear_out(x, w_scale.shape[0])
 
