@@ -159,9 +159,14 @@ at::Tensor run_fp32(const at::Tensor& x, int64_t n, const std::optional<at::Tens
   const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const float* xp = xf.const_data_ptr<float>();
   const bool avx512 = current_isa() == Isa::kAvx512Vnni;
-  return run_panels(x, xf.size(0), n, bias, [&](int64_t p, int64_t m0, int64_t rows, float* c) {
-    std::vector<float> block(kBlockK * kPanel);
+  const int64_t m = xf.size(0);
+  return run_panels(x, m, n, bias, [&](int64_t p, int64_t m0, int64_t rows, float* c) {
     const Panel panel = panel_at(p);
+    if (avx512 && panel.kind == Weights::kInt8 && m <= wo::kMaxGemvRows) {
+      wo::gemv_int8_avx512(xp + m0 * k, k, rows, panel, c);
+      return;
+    }
+    std::vector<float> block(kBlockK * kPanel);
     for (int64_t k0 = 0; k0 < k; k0 += kBlockK) {
       const int64_t k1 = std::min(k, k0 + kBlockK);
       if (avx512) {

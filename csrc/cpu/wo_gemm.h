@@ -54,6 +54,11 @@ void block_gemm_avx512(const float* x, int64_t ldx, int64_t rows, const float* b
 void block_gemm_scalar(const float* x, int64_t ldx, int64_t rows, const float* block, int64_t kb, float* c,
                        bool zero_init);
 
+// Up to kMaxGemvRows rows against an int8 panel without the fp32 block (the small-M
+// path: it converts each weight once per tile of up to 4 rows and never stores it).
+constexpr int64_t kMaxGemvRows = 8;
+void gemv_int8_avx512(const float* x, int64_t ldx, int64_t rows, const Panel& panel, float* c);
+
 // The bf16 path for an int4 panel: out[r][0..63] = x[r] . dequant(w)[64 columns] for rows
 // [0, rows), x bf16 (row stride ldx, K even), xsum[r][g] the group sums of x (row stride
 // groups). wo_gemm_avx512bf16.cpp; only on CPUs with AVX512_BF16.

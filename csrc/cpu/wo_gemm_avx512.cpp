@@ -77,6 +77,42 @@ void tile(const float* x, int64_t ldx, const float* block, int64_t kb, float* c,
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, bool);
 constexpr TileFn kTiles[kMaxRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
 
+// Few rows against an int8 panel, straight from the packed bytes: per k, widen the 64
+// weights to float once and FMA them into every row; the column scale multiplies the
+// finished sums (so no fp32 block is written and read back).
+template <int MR>
+void gemv_int8_tile(const float* x, int64_t ldx, const Panel& panel, float* c) {
+  __m512 acc[MR][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  const int8_t* w = reinterpret_cast<const int8_t*>(panel.w);
+  for (int64_t k = 0; k < panel.k; ++k) {
+    __m512 wk[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j)
+      wk[j] = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * kPanel + 16 * j))));
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * ldx + k]);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(xv, wk[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j)
+      _mm512_storeu_ps(c + r * kPanel + 16 * j, _mm512_mul_ps(acc[r][j], _mm512_loadu_ps(panel.params + 16 * j)));
+}
+
+constexpr int kMaxGemvTileRows = 4;
+using GemvFn = void (*)(const float*, int64_t, const Panel&, float*);
+constexpr GemvFn kGemvTiles[kMaxGemvTileRows + 1] = {nullptr, gemv_int8_tile<1>, gemv_int8_tile<2>,
+                                                     gemv_int8_tile<3>, gemv_int8_tile<4>};
+
 }  // namespace
 
 void dequantize_block_avx512(const Panel& panel, int64_t k0, int64_t k1, float* out) {
@@ -110,6 +146,13 @@ void dequantize_block_avx512(const Panel& panel, int64_t k0, int64_t k1, float* 
         _mm512_storeu_ps(o + 16 * j, _mm512_mul_ps(q, _mm512_loadu_ps(panel.params + 16 * j)));
       }
     }
+  }
+}
+
+void gemv_int8_avx512(const float* x, int64_t ldx, int64_t rows, const Panel& panel, float* c) {
+  for (int64_t r = 0; r < rows; r += kMaxGemvTileRows) {
+    const int mr = static_cast<int>(rows - r < kMaxGemvTileRows ? rows - r : kMaxGemvTileRows);
+    kGemvTiles[mr](x + r * ldx, ldx, panel, c + r * kPanel);
   }
 }
 
