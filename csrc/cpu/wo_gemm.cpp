@@ -67,11 +67,6 @@ namespace {
 
 int64_t panels_for(int64_t n) { return (n + kPanel - 1) / kPanel; }
 
-// Up to this many rows the bf16 path wins: it reads the packed weights without writing
-// an fp32 block. Past it the fp32 path's FMA rate wins, because vdpbf16ps sustains a
-// quarter of the FMA instruction rate on the CPUs measured (Sapphire Rapids: 1.0 vs 4.2
-// G instructions/s per core), and the bf16 path dequantizes once per 4 rows.
-constexpr int64_t kMaxBf16Rows = 8;
 
 std::tuple<at::Tensor, at::Tensor> w4a16_prepack(const at::Tensor& packed, const at::Tensor& scales,
                                                  const std::optional<at::Tensor>& zeros, int64_t group_size) {
@@ -160,10 +155,20 @@ at::Tensor run_fp32(const at::Tensor& x, int64_t n, const std::optional<at::Tens
   const float* xp = xf.const_data_ptr<float>();
   const bool avx512 = current_isa() == Isa::kAvx512Vnni;
   const int64_t m = xf.size(0);
+  const bool gemv = avx512 && m <= wo::kMaxGemvRows;
+  // Group sums of the activations, for the int4 small-M path's zero points.
+  const Panel first = panel_at(0);
+  at::Tensor xsum;
+  if (gemv && first.kind == Weights::kInt4)
+    xsum = xf.view({m, k / first.group_size, first.group_size}).sum(-1).contiguous();
   return run_panels(x, m, n, bias, [&](int64_t p, int64_t m0, int64_t rows, float* c) {
     const Panel panel = panel_at(p);
-    if (avx512 && panel.kind == Weights::kInt8 && m <= wo::kMaxGemvRows) {
-      wo::gemv_int8_avx512(xp + m0 * k, k, rows, panel, c);
+    if (gemv) {
+      if (panel.kind == Weights::kInt8)
+        wo::gemv_int8_avx512(xp + m0 * k, k, rows, panel, c);
+      else
+        wo::gemv_int4_avx512(xp + m0 * k, k, rows, xsum.const_data_ptr<float>() + m0 * (k / panel.group_size),
+                             panel, c);
       return;
     }
     std::vector<float> block(kBlockK * kPanel);
@@ -177,22 +182,6 @@ at::Tensor run_fp32(const at::Tensor& x, int64_t n, const std::optional<at::Tens
         wo::block_gemm_scalar(xp + m0 * k + k0, k, rows, block.data(), k1 - k0, c, k0 == 0);
       }
     }
-  });
-}
-
-// The bf16 path: bf16 activations, int4 panels, AVX512_BF16.
-template <typename PanelAt>
-at::Tensor run_int4_bf16(const at::Tensor& x, int64_t n, int64_t group_size, const std::optional<at::Tensor>& bias,
-                         PanelAt panel_at) {
-  const int64_t k = x.size(-1), groups = k / group_size;
-  const at::Tensor x2d = x.reshape({-1, k}).contiguous();
-  const int64_t m = x2d.size(0);
-  // Group sums of the activations, for the zero points.
-  const at::Tensor xsum = x2d.view({m, groups, group_size}).to(at::kFloat).sum(-1).contiguous();
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2d.const_data_ptr<at::BFloat16>());
-  const float* sp = xsum.const_data_ptr<float>();
-  return run_panels(x, m, n, bias, [&](int64_t p, int64_t m0, int64_t rows, float* c) {
-    wo::int4_bf16_panel(xp + m0 * k, k, rows, sp + m0 * groups, panel_at(p), c);
   });
 }
 
@@ -229,9 +218,6 @@ at::Tensor w4a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
   const auto panel_at = [&](int64_t p) {
     return Panel{Weights::kInt4, wp + p * k * kPanel / 2, pp + p * groups * 2 * kPanel, group_size, k};
   };
-  if (x.scalar_type() == at::kBFloat16 && x.numel() / k <= kMaxBf16Rows && current_isa() == Isa::kAvx512Vnni &&
-      has_avx512_bf16())
-    return run_int4_bf16(x, out_features, group_size, bias, panel_at);
   return run_fp32(x, out_features, bias, panel_at);
 }
 

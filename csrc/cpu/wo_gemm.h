@@ -8,18 +8,17 @@
 // every activation row of the task passes over it with an fp32 FMA micro-kernel (6 rows
 // x 64 columns = 24 zmm accumulators). The dequantization is amortized over all rows.
 //
-// bf16 path (int4 weights, bf16 activations, at most kMaxBf16Rows rows, CPUs with
-// AVX512_BF16): vdpbf16ps multiplies bf16 pairs, reading the packed weights directly
-// (no fp32 block), which is what bounds small M. The int4 values q (0..15) become exact bf16 through a
-// 16-entry table (vpermw) straight from the packed bytes; the zero point and the scale
-// are applied once per group: sum_k x (q - z) s = s * (sum_k x q - z * sum_k x), with the
-// group sums of x computed once per call.
+// Small-M path (at most kMaxGemvRows rows): the weights are widened to fp32 in registers
+// straight from the packed bytes and FMA'd into every row, without writing a block;
+// for int4 the zero point and the scale are applied once per group,
+// sum_k x (q - z) s = s * (sum_k x q - z * sum_k x), with the group sums of x computed
+// once per call.
 //
 // Prepacked layouts (per panel p of 64 output columns; zero past N):
 //   int4: w[p][k / 2][64] bytes: for the k pair (2i, 2i + 1), byte 32h + 2c + t holds
 //         q[64p + 32h + c][2i + t] in its low nibble and q[64p + 32h + 16 + c][2i + t]
 //         in its high nibble (h = 0, 1; c = 0..15; t = 0, 1), so that widening 32 bytes
-//         to words gives two vdpbf16ps operands of 16 columns x 2 k each;
+//         gives one dword per column holding both k of the pair;
 //         params[p][g][2][64] float: scale, then zero point (8 for symmetric)
 //   int8: w[p][k][64] int8 = q[64p + c][k]; scales stay canonical float32[N]
 #pragma once
@@ -59,10 +58,8 @@ void block_gemm_scalar(const float* x, int64_t ldx, int64_t rows, const float* b
 constexpr int64_t kMaxGemvRows = 8;
 void gemv_int8_avx512(const float* x, int64_t ldx, int64_t rows, const Panel& panel, float* c);
 
-// The bf16 path for an int4 panel: out[r][0..63] = x[r] . dequant(w)[64 columns] for rows
-// [0, rows), x bf16 (row stride ldx, K even), xsum[r][g] the group sums of x (row stride
-// groups). wo_gemm_avx512bf16.cpp; only on CPUs with AVX512_BF16.
-void int4_bf16_panel(const uint16_t* x, int64_t ldx, int64_t rows, const float* xsum, const Panel& panel,
-                     float* out);
+// The same for an int4 panel; xsum[r][g] holds the group sums of row r of x (row stride
+// k / group_size), for the zero points.
+void gemv_int4_avx512(const float* x, int64_t ldx, int64_t rows, const float* xsum, const Panel& panel, float* c);
 
 }  // namespace lowbit::cpu::wo

@@ -108,10 +108,72 @@ void gemv_int8_tile(const float* x, int64_t ldx, const Panel& panel, float* c) {
       _mm512_storeu_ps(c + r * kPanel + 16 * j, _mm512_mul_ps(acc[r][j], _mm512_loadu_ps(panel.params + 16 * j)));
 }
 
+// Few rows against an int4 panel, straight from the packed bytes. Per k pair and half
+// panel, 32 bytes widen to 16 dwords = (byte of k, byte of k + 1) per column; masks and
+// shifts pick each nibble and k, giving 16 floats q per (k, 16 columns), FMA'd into
+// every row. Zero point and scale apply once per group: totals (kept in c) +=
+// s * (sum x q - z * sum x).
+template <int MR>
+void gemv_int4_tile(const float* x, int64_t ldx, const float* xsum, const Panel& panel, float* c) {
+  const int64_t groups = panel.k / panel.group_size, pairs_per_group = panel.group_size / 2;
+  const __m512i nibbles = _mm512_set1_epi32(0x000F000F), low = _mm512_set1_epi32(0xF);
+  for (int64_t g = 0; g < groups; ++g) {
+    // One or two rows: odd k accumulate separately, so that each chain has one FMA per
+    // k pair in flight (with more rows, the rows themselves give enough chains).
+    constexpr bool kSplit = MR <= 2;
+    __m512 acc[MR][4], odd[MR][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[r][j] = odd[r][j] = _mm512_setzero_ps();
+    for (int64_t i = g * pairs_per_group; i < (g + 1) * pairs_per_group; ++i) {
+      const uint8_t* b = panel.w + i * kPanel;
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * h)));
+        const __m512i lo = _mm512_and_si512(v, nibbles);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), nibbles);
+        const __m512 q[4] = {
+            _mm512_cvtepi32_ps(_mm512_and_si512(lo, low)), _mm512_cvtepi32_ps(_mm512_srli_epi32(lo, 16)),
+            _mm512_cvtepi32_ps(_mm512_and_si512(hi, low)), _mm512_cvtepi32_ps(_mm512_srli_epi32(hi, 16))};
+#pragma GCC unroll 4
+        for (int r = 0; r < MR; ++r) {
+          const __m512 x0 = _mm512_set1_ps(x[r * ldx + 2 * i]), x1 = _mm512_set1_ps(x[r * ldx + 2 * i + 1]);
+          if constexpr (kSplit) {
+            acc[r][2 * h] = _mm512_fmadd_ps(x0, q[0], acc[r][2 * h]);
+            odd[r][2 * h] = _mm512_fmadd_ps(x1, q[1], odd[r][2 * h]);
+            acc[r][2 * h + 1] = _mm512_fmadd_ps(x0, q[2], acc[r][2 * h + 1]);
+            odd[r][2 * h + 1] = _mm512_fmadd_ps(x1, q[3], odd[r][2 * h + 1]);
+          } else {
+            acc[r][2 * h] = _mm512_fmadd_ps(x1, q[1], _mm512_fmadd_ps(x0, q[0], acc[r][2 * h]));
+            acc[r][2 * h + 1] = _mm512_fmadd_ps(x1, q[3], _mm512_fmadd_ps(x0, q[2], acc[r][2 * h + 1]));
+          }
+        }
+      }
+    }
+    const float* s = panel.params + g * 2 * kPanel;
+    const float* z = s + kPanel;
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m512 sj = _mm512_loadu_ps(s + 16 * j), zj = _mm512_loadu_ps(z + 16 * j);
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r) {
+        float* t = c + r * kPanel + 16 * j;
+        const __m512 sum = kSplit ? _mm512_add_ps(acc[r][j], odd[r][j]) : acc[r][j];
+        const __m512 centered = _mm512_fnmadd_ps(zj, _mm512_set1_ps(xsum[r * groups + g]), sum);
+        _mm512_storeu_ps(t, _mm512_fmadd_ps(sj, centered, g == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(t)));
+      }
+    }
+  }
+}
+
 constexpr int kMaxGemvTileRows = 4;
 using GemvFn = void (*)(const float*, int64_t, const Panel&, float*);
 constexpr GemvFn kGemvTiles[kMaxGemvTileRows + 1] = {nullptr, gemv_int8_tile<1>, gemv_int8_tile<2>,
                                                      gemv_int8_tile<3>, gemv_int8_tile<4>};
+using Gemv4Fn = void (*)(const float*, int64_t, const float*, const Panel&, float*);
+constexpr Gemv4Fn kGemv4Tiles[kMaxGemvTileRows + 1] = {nullptr, gemv_int4_tile<1>, gemv_int4_tile<2>,
+                                                       gemv_int4_tile<3>, gemv_int4_tile<4>};
 
 }  // namespace
 
@@ -153,6 +215,15 @@ void gemv_int8_avx512(const float* x, int64_t ldx, int64_t rows, const Panel& pa
   for (int64_t r = 0; r < rows; r += kMaxGemvTileRows) {
     const int mr = static_cast<int>(rows - r < kMaxGemvTileRows ? rows - r : kMaxGemvTileRows);
     kGemvTiles[mr](x + r * ldx, ldx, panel, c + r * kPanel);
+  }
+}
+
+void gemv_int4_avx512(const float* x, int64_t ldx, int64_t rows, const float* xsum, const Panel& panel,
+                      float* c) {
+  const int64_t groups = panel.k / panel.group_size;
+  for (int64_t r = 0; r < rows; r += kMaxGemvTileRows) {
+    const int mr = static_cast<int>(rows - r < kMaxGemvTileRows ? rows - r : kMaxGemvTileRows);
+    kGemv4Tiles[mr](x + r * ldx, ldx, xsum + r * groups, panel, c + r * kPanel);
   }
 }
 
