@@ -126,8 +126,8 @@ def test_w4a16_on_every_path(isa, m, n, groups, g, sym, dtype, with_bias, seed):
     w_full = reference.dequantize_int4(packed, scales, zeros, gs, torch.float32)
     w, params = ops.w4a16_prepack(packed, scales, zeros, gs)
     with lowbit.use_cpu_isa(isa):
-        assert_linear_close(ops.w4a16_linear(x, packed, scales, zeros, gs, bias), expected, x, w_full)
-        assert_linear_close(ops.w4a16_linear_prepacked(x, w, params, gs, n, bias), expected, x, w_full)
+        assert_linear_close(ops.w4a16_linear(x, packed, scales, zeros, gs, bias), expected, x, w_full, bias)
+        assert_linear_close(ops.w4a16_linear_prepacked(x, w, params, gs, n, bias), expected, x, w_full, bias)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -139,8 +139,8 @@ def test_w8a16_on_every_path(isa, m, n, k, dtype, with_bias, seed):
     expected = reference.w8a16_linear(x, w, sw, bias)
     w_full = reference.dequantize_int8(w, sw, torch.float32)
     with lowbit.use_cpu_isa(isa):
-        assert_linear_close(ops.w8a16_linear(x, w, sw, bias), expected, x, w_full)
-        assert_linear_close(ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(w), sw, bias), expected, x, w_full)
+        assert_linear_close(ops.w8a16_linear(x, w, sw, bias), expected, x, w_full, bias)
+        assert_linear_close(ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(w), sw, bias), expected, x, w_full, bias)
 
 
 def test_weight_only_prepacked_weights_of_another_shape_are_refused():
