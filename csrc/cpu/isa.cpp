@@ -30,11 +30,6 @@ Isa best_isa() {
 
 Isa current_isa() { return static_cast<Isa>(forced().load(std::memory_order_relaxed)); }
 
-bool has_avx512_bf16() {
-  static const bool bf16 = best_isa() == Isa::kAvx512Vnni && __builtin_cpu_supports("avx512bf16");
-  return bf16;
-}
-
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kScalar: return "scalar";

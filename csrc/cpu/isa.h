@@ -12,12 +12,11 @@ namespace lowbit::cpu {
 enum class Isa {
   kScalar = 0,      // portable C++
   kAvx2 = 1,        // AVX2 + FMA: vpmaddubsw / vpmaddwd for int8
-  kAvx512Vnni = 2,  // AVX-512 F/BW/VL/DQ + VNNI (vpdpbusd), + BF16 where present
+  kAvx512Vnni = 2,  // AVX-512 F/BW/VL/DQ + VNNI (vpdpbusd)
 };
 
 Isa best_isa();         // the best path this CPU supports
 Isa current_isa();      // the path the kernels take now
-bool has_avx512_bf16(); // vdpbf16ps available (only meaningful with kAvx512Vnni)
 const char* isa_name(Isa isa);
 // Forces a path by name ("scalar", "avx2", "avx512_vnni") or "auto" (= best_isa()).
 // Throws std::invalid_argument for an unknown name or a path this CPU lacks.
