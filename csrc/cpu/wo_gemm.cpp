@@ -133,7 +133,7 @@ at::Tensor run_panels(const at::Tensor& x, int64_t m, int64_t n, const std::opti
     at::parallel_for(0, panels * chunks, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> c(kRowChunk * kPanel);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t p = t / chunks, m0 = (t % chunks) * kRowChunk, rows = std::min(m, m0 + kRowChunk) - m0;
+        const int64_t p = t % panels, m0 = (t / panels) * kRowChunk, rows = std::min(m, m0 + kRowChunk) - m0;
         panel_fn(p, m0, rows, c.data());
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t col = p * kPanel; col < std::min(n, (p + 1) * kPanel); ++col) {

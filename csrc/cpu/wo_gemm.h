@@ -29,7 +29,7 @@ namespace lowbit::cpu::wo {
 
 constexpr int64_t kPanel = 64;
 constexpr int64_t kBlockK = 128;   // k per dequantized block: 128 x 64 fp32 = 32 KiB
-constexpr int64_t kRowChunk = 256;  // most rows per task (its partial sums: 64 KiB)
+constexpr int64_t kRowChunk = 64;  // most rows per task: their fp32 activations (K = 4096: 1 MiB) stay in L2
 
 enum class Weights { kInt4, kInt8 };
 
