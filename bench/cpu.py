@@ -51,9 +51,9 @@ def w8a8_impls(k, n, copies, gen):
         for _ in range(copies):
             linear = torch.nn.Linear(k, n)
             q, s = formats.quantize_int8_per_channel(linear.weight.detach())
-            packed, comp = ops.int8_prepack(q)
+            packed = ops.int8_prepack(q)
             bias = linear.bias.detach()
-            impls["lowbit"].append(lambda x, p=packed, c=comp, s=s, b=bias: ops.w8a8_linear_prepacked(x, p, c, s, b))
+            impls["lowbit"].append(lambda x, p=packed, s=s, b=bias: ops.w8a8_linear_prepacked(x, p, s, b))
             dyn = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear}, dtype=torch.qint8)
             impls["fbgemm"].append(dyn)
             impls["fp32"].append(linear)

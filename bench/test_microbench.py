@@ -27,9 +27,9 @@ def inputs(m, dtype):
 def test_w8a8_linear(benchmark, m):
     x, w = inputs(m, torch.float32)
     q, s = formats.quantize_int8_per_channel(w)
-    packed, comp = ops.int8_prepack(q)
-    assert torch.equal(ops.w8a8_linear_prepacked(x, packed, comp, s), reference.w8a8_linear(x, q, s, None))
-    benchmark(ops.w8a8_linear_prepacked, x, packed, comp, s)
+    packed = ops.int8_prepack(q)
+    assert torch.equal(ops.w8a8_linear_prepacked(x, packed, s), reference.w8a8_linear(x, q, s, None))
+    benchmark(ops.w8a8_linear_prepacked, x, packed, s)
 
 
 @pytest.mark.parametrize("m", [1, 32, 256])

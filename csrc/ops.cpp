@@ -37,11 +37,11 @@ TORCH_LIBRARY(lowbit, m) {
   m.def(
       "dequantize_int4(Tensor packed, Tensor scales, Tensor? zeros, int group_size, "
       "ScalarType dtype) -> Tensor");
-  // CPU-blocked int8 weights (csrc/cpu/int8_gemm.h): (packed, per-column compensation).
-  m.def("int8_prepack(Tensor w) -> (Tensor, Tensor)");
+  // CPU-blocked int8 weights (csrc/cpu/int8_gemm.h).
+  m.def("int8_prepack(Tensor w) -> Tensor");
   m.def(
-      "w8a8_linear_prepacked(Tensor x, Tensor packed, Tensor comp, Tensor w_scale, Tensor? bias, "
-      "Tensor? x_scale=None) -> Tensor");
+      "w8a8_linear_prepacked(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, Tensor? x_scale=None) "
+      "-> Tensor");
   // CPU weight-only layouts (csrc/cpu/wo_gemm.h).
   m.def("w4a16_prepack(Tensor packed, Tensor scales, Tensor? zeros, int group_size) -> (Tensor, Tensor)");
   m.def(

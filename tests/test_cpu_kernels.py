@@ -38,10 +38,10 @@ def test_w8a8_linear_bit_exact_on_every_path(isa, m, n, k, dtype, static, with_b
     bias = torch.randn(n).to(dtype) if with_bias else None
     xs = (x.float().abs().amax() / 100).reshape(1) if static else None
     expected = reference.w8a8_linear(x, w, sw, bias, xs)
-    packed, comp = ops.int8_prepack(w)
+    packed = ops.int8_prepack(w)
     with lowbit.use_cpu_isa(isa):
         assert torch.equal(ops.w8a8_linear(x, w, sw, bias, xs), expected)
-        assert torch.equal(ops.w8a8_linear_prepacked(x, packed, comp, sw, bias, xs), expected)
+        assert torch.equal(ops.w8a8_linear_prepacked(x, packed, sw, bias, xs), expected)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -56,7 +56,7 @@ def test_int8_scaled_mm_bit_exact_on_every_path(isa, m, n, k, out_dtype, seed):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_extreme_int8_operands_accumulate_exactly(isa):
-    # -127 and 127 everywhere, K at the largest tile depth: the +128 shift, the
+    # -127 and 127 everywhere, K spanning many k blocks: the +128 weight shift, the row
     # compensation and the AVX2 sign trick must all stay exact.
     k = 4096
     a = torch.full((7, k), -127, dtype=torch.int8)
@@ -101,14 +101,14 @@ def test_forcing_a_path_is_checked_and_restored():
 
 def test_prepacked_weights_of_another_shape_are_refused():
     w, sw = int8_weight(70, 128)
-    packed, comp = ops.int8_prepack(w)
+    packed = ops.int8_prepack(w)
     x = torch.randn(2, 128)
     with pytest.raises(ValueError, match="int8_prepack"):
-        ops.w8a8_linear_prepacked(x, packed, comp, sw[:60], None)
+        ops.w8a8_linear_prepacked(x, packed, sw[:60], None)
     with pytest.raises(ValueError, match="int8_prepack"):
-        ops.w8a8_linear_prepacked(torch.randn(2, 132), packed, comp, sw, None)
-    with pytest.raises(ValueError, match="comp"):
-        ops.w8a8_linear_prepacked(x, packed, comp[:64], sw, None)
+        ops.w8a8_linear_prepacked(torch.randn(2, 132), packed, sw, None)
+    with pytest.raises(TypeError, match="packed"):
+        ops.w8a8_linear_prepacked(x, packed.view(torch.int8), sw, None)
     with pytest.raises(ValueError, match="K <= 65536"):
         ops.int8_prepack(torch.zeros(1, 65540, dtype=torch.int8))
 

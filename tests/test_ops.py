@@ -175,9 +175,8 @@ def sample_calls(device="cpu"):
                 w4, params = ops.w4a16_prepack(packed, scales, zeros, 32)
                 calls.append((torch.ops.lowbit.w4a16_linear_prepacked.default, (x, w4, params, 32, 12, bias)))
         if device == "cpu":
-            packed8, comp = ops.int8_prepack(w)
             calls += [
-                (torch.ops.lowbit.w8a8_linear_prepacked.default, (x, packed8, comp, sw, bias, None)),
+                (torch.ops.lowbit.w8a8_linear_prepacked.default, (x, ops.int8_prepack(w), sw, bias, None)),
                 (torch.ops.lowbit.w8a16_linear_prepacked.default, (x, ops.w8a16_prepack(w), sw, bias)),
             ]
         a = int8_values((5, 64), 4, device)

@@ -31,18 +31,19 @@ using int8::round_up;
 
 namespace int8 {
 
-void gemm_scalar(const int8_t* a, int64_t kp, const int8_t* packed, int64_t m0, int64_t m1, int64_t p0,
+void gemm_scalar(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0,
                  int64_t p1, const Epilogue& ep) {
   std::vector<int32_t> acc(kPanel);
   for (int64_t p = p0; p < p1; ++p) {
-    const int8_t* panel = packed + p * kp * kPanel;
+    const uint8_t* panel = packed + p * kp * kPanel;
     for (int64_t m = m0; m < m1; ++m) {
       std::fill(acc.begin(), acc.end(), 0);
       const int8_t* row = a + m * kp;
       for (int64_t s = 0; s < kp / kGroupK; ++s)
         for (int64_t c = 0; c < kPanel; ++c)
           for (int64_t j = 0; j < kGroupK; ++j)
-            acc[c] += static_cast<int32_t>(row[s * kGroupK + j]) * panel[(s * kPanel + c) * kGroupK + j];
+            acc[c] += static_cast<int32_t>(row[s * kGroupK + j]) *
+                      static_cast<int8_t>(panel[(s * kPanel + c) * kGroupK + j] ^ 0x80);
       store_tile_scalar(acc.data(), 1, m, p * kPanel, ep);
     }
   }
@@ -52,7 +53,7 @@ void store_tile_scalar(const int32_t* acc, int rows, int64_t m0, int64_t c0, con
   for (int r = 0; r < rows; ++r) {
     const int64_t m = m0 + r;
     for (int64_t c = c0; c < std::min(c0 + kPanel, ep.n); ++c) {
-      const int32_t v = acc[r * kPanel + (c - c0)] - (ep.comp ? ep.comp[c] : 0);
+      const int32_t v = acc[r * kPanel + (c - c0)] - (ep.row_comp ? ep.row_comp[m] : 0);
       float y = static_cast<float>(v) * ep.a_scale[m];
       y = y * ep.b_scale[c];
       if (ep.bias) y = y + ep.bias[c];
@@ -78,38 +79,31 @@ FloatType float_type(at::ScalarType t) {
   }
 }
 
-bool vnni() { return current_isa() == Isa::kAvx512Vnni; }
-
-std::tuple<at::Tensor, at::Tensor> int8_prepack(const at::Tensor& w) {
+at::Tensor int8_prepack(const at::Tensor& w) {
   check_matrix(w, at::kChar, "w");
   check_contiguous(w, "w");
   const int64_t n = w.size(0), k = w.size(1);
   TORCH_CHECK_VALUE(k <= int8::kMaxK, "int8 GEMM supports K <= ", int8::kMaxK, ", got K = ", k);
   const int64_t panels = round_up(n, kPanel) / kPanel, kp = round_up(k, kGroupK);
-  at::Tensor packed = at::empty({panels, kp / kGroupK, kPanel, kGroupK}, w.options());
-  at::Tensor comp = at::empty({panels * kPanel}, w.options().dtype(at::kInt));
+  at::Tensor packed = at::empty({panels, kp / kGroupK, kPanel, kGroupK}, w.options().dtype(at::kByte));
   const int8_t* src = w.const_data_ptr<int8_t>();
-  int8_t* dst = packed.mutable_data_ptr<int8_t>();
-  int32_t* cp = comp.mutable_data_ptr<int32_t>();
+  uint8_t* dst = packed.mutable_data_ptr<uint8_t>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t p = p0; p < p1; ++p)
       for (int64_t c = 0; c < kPanel; ++c) {
         const int64_t col = p * kPanel + c;
-        int32_t sum = 0;
         for (int64_t kk = 0; kk < kp; ++kk) {
           const int8_t v = (col < n && kk < k) ? src[col * k + kk] : 0;
-          dst[((p * (kp / kGroupK) + kk / kGroupK) * kPanel + c) * kGroupK + kk % kGroupK] = v;
-          sum += v;
+          dst[((p * (kp / kGroupK) + kk / kGroupK) * kPanel + c) * kGroupK + kk % kGroupK] =
+              static_cast<uint8_t>(v) ^ 0x80;
         }
-        cp[col] = 128 * sum;
       }
-    }
   });
-  return {packed, comp};
+  return packed;
 }
 
-void check_prepacked(const at::Tensor& packed, const at::Tensor& comp, const at::Tensor& w_scale, int64_t k) {
-  check_dtype(packed, at::kChar, "packed");
+void check_prepacked(const at::Tensor& packed, const at::Tensor& w_scale, int64_t k) {
+  check_dtype(packed, at::kByte, "packed");
   check_contiguous(packed, "packed");
   check_dtype(w_scale, at::kFloat, "w_scale");
   TORCH_CHECK_VALUE(w_scale.dim() == 1, "w_scale must be 1-D, got ", w_scale.sizes());
@@ -120,8 +114,7 @@ void check_prepacked(const at::Tensor& packed, const at::Tensor& comp, const at:
                     "packed must come from int8_prepack of an [N, K] = [", n, ", ", k,
                     "] weight: expected shape (", panels, ", ", round_up(k, kGroupK) / kGroupK, ", ", kPanel, ", ",
                     kGroupK, "), got ", packed.sizes());
-  check_vector(comp, at::kInt, panels * kPanel, "comp");
-  check_same_device({{"packed", &packed}, {"comp", &comp}, {"w_scale", &w_scale}});
+  check_same_device({{"packed", &packed}, {"w_scale", &w_scale}});
 }
 
 std::optional<at::Tensor> float_contiguous(const std::optional<at::Tensor>& t) {
@@ -129,25 +122,26 @@ std::optional<at::Tensor> float_contiguous(const std::optional<at::Tensor>& t) {
   return t->to(at::kFloat).contiguous();
 }
 
-// out[M, N] (row stride ldo) from the activation buffer a ([M][kp]).
-void run_gemm(const uint8_t* a, int64_t m, int64_t kp, const at::Tensor& packed, const at::Tensor& comp,
+// out[M, N] (row stride ldo) from the activation buffer a ([M][kp]); row_comp as in
+// int8::Epilogue (used by the VNNI kernel only).
+void run_gemm(const int8_t* a, int64_t m, int64_t kp, const at::Tensor& packed, const int32_t* row_comp,
               const float* a_scale, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
               at::Tensor& out) {
   const std::optional<at::Tensor> bf = float_contiguous(bias);
   const at::Tensor sw = w_scale.contiguous();
   const Isa isa = current_isa();
   const Epilogue ep{a_scale, sw.const_data_ptr<float>(), bf ? bf->const_data_ptr<float>() : nullptr,
-                    isa == Isa::kAvx512Vnni ? comp.const_data_ptr<int32_t>() : nullptr, out.mutable_data_ptr(),
+                    isa == Isa::kAvx512Vnni ? row_comp : nullptr, out.mutable_data_ptr(),
                     float_type(out.scalar_type()), w_scale.size(0), w_scale.size(0)};
-  const int8_t* b = packed.const_data_ptr<int8_t>();
+  const uint8_t* b = packed.const_data_ptr<uint8_t>();
   const int64_t panels = packed.size(0), chunks = (m + kRowChunk - 1) / kRowChunk;
   at::parallel_for(0, panels * chunks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t p = t / chunks, m0 = (t % chunks) * kRowChunk, m1 = std::min(m, m0 + kRowChunk);
       switch (isa) {
         case Isa::kAvx512Vnni: int8::gemm_avx512_vnni(a, kp, b, m0, m1, p, p + 1, ep); break;
-        case Isa::kAvx2: int8::gemm_avx2(reinterpret_cast<const int8_t*>(a), kp, b, m0, m1, p, p + 1, ep); break;
-        case Isa::kScalar: int8::gemm_scalar(reinterpret_cast<const int8_t*>(a), kp, b, m0, m1, p, p + 1, ep); break;
+        case Isa::kAvx2: int8::gemm_avx2(a, kp, b, m0, m1, p, p + 1, ep); break;
+        case Isa::kScalar: int8::gemm_scalar(a, kp, b, m0, m1, p, p + 1, ep); break;
       }
     }
   });
@@ -167,81 +161,91 @@ std::optional<float> static_scale(const at::Tensor& x, const std::optional<at::T
   return x_scale->item<float>();
 }
 
-at::Tensor w8a8_linear_prepacked(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& comp,
-                                 const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
-                                 const std::optional<at::Tensor>& x_scale) {
+at::Tensor w8a8_linear_prepacked(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& x_scale) {
   check_activation(x, "x");
   const int64_t k = x.size(-1);
-  check_prepacked(packed, comp, w_scale, k);
+  check_prepacked(packed, w_scale, k);
   const int64_t n = w_scale.size(0);
   check_bias(bias, n);
   check_same_device({{"x", &x}, {"packed", &packed}, {"bias", opt_ptr(bias)}});
   const std::optional<float> xs = static_scale(x, x_scale);
   const at::Tensor x2d = x.reshape({-1, k}).contiguous();
   const int64_t m = x2d.size(0), kp = packed.size(1) * kGroupK;
-  at::Tensor a = at::empty({m, kp}, x.options().dtype(at::kByte));
+  at::Tensor a = at::empty({m, kp}, x.options().dtype(at::kChar));
   at::Tensor sx = at::empty({m}, x.options().dtype(at::kFloat));
-  quantize_activations(x2d, xs, kp, vnni(), a.mutable_data_ptr<uint8_t>(), sx.mutable_data_ptr<float>());
+  at::Tensor row_comp = at::empty({m}, x.options().dtype(at::kInt));
+  quantize_activations(x2d, xs, kp, a.mutable_data_ptr<int8_t>(), sx.mutable_data_ptr<float>(),
+                       row_comp.mutable_data_ptr<int32_t>());
   at::Tensor out = at::empty(linear_out_shape(x, n), x.options());
-  run_gemm(a.const_data_ptr<uint8_t>(), m, kp, packed, comp, sx.const_data_ptr<float>(), w_scale, bias, out);
+  run_gemm(a.const_data_ptr<int8_t>(), m, kp, packed, row_comp.const_data_ptr<int32_t>(), sx.const_data_ptr<float>(),
+           w_scale, bias, out);
   return out;
 }
 
 at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& x_scale) {
   check_int8_linear(x, w, w_scale, bias);
-  const auto [packed, comp] = int8_prepack(w);
-  return w8a8_linear_prepacked(x, packed, comp, w_scale, bias, x_scale);
+  return w8a8_linear_prepacked(x, int8_prepack(w), w_scale, bias, x_scale);
 }
 
 at::Tensor int8_scaled_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
                           const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
                           at::ScalarType out_dtype) {
   check_int8_scaled_mm(a, b, a_scale, b_scale, bias, out_dtype);
-  const auto [packed, comp] = int8_prepack(b);
+  const at::Tensor packed = int8_prepack(b);
   const int64_t m = a.size(0), k = a.size(1), kp = packed.size(1) * kGroupK;
-  // Copy the activations into the kernels' padded buffer, shifted to u8 for VNNI.
+  // The activations in the kernels' zero-padded buffer, with their row sums.
   const at::Tensor ac = a.contiguous();
-  at::Tensor buf = at::empty({m, kp}, a.options().dtype(at::kByte));
+  at::Tensor buf = at::empty({m, kp}, a.options());
+  std::vector<int32_t> row_comp(m);
   const int8_t* src = ac.const_data_ptr<int8_t>();
-  uint8_t* dst = buf.mutable_data_ptr<uint8_t>();
-  const uint8_t flip = vnni() ? 0x80 : 0;
+  int8_t* dst = buf.mutable_data_ptr<int8_t>();
   at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t j = 0; j < kp; ++j) dst[r * kp + j] = (j < k ? static_cast<uint8_t>(src[r * k + j]) : 0) ^ flip;
+    for (int64_t r = r0; r < r1; ++r) {
+      int32_t sum = 0;
+      for (int64_t j = 0; j < kp; ++j) {
+        dst[r * kp + j] = j < k ? src[r * k + j] : 0;
+        sum += dst[r * kp + j];
+      }
+      row_comp[r] = 128 * sum;
+    }
   });
   const at::Tensor sa = a_scale.contiguous();
   at::Tensor out = at::empty({m, b.size(0)}, a.options().dtype(out_dtype));
-  run_gemm(dst, m, kp, packed, comp, sa.const_data_ptr<float>(), b_scale, bias, out);
+  run_gemm(buf.const_data_ptr<int8_t>(), m, kp, packed, row_comp.data(), sa.const_data_ptr<float>(), b_scale, bias,
+           out);
   return out;
 }
 
 }  // namespace
 
-void quantize_activations(const at::Tensor& x2d, std::optional<float> static_scale, int64_t kp, bool shift,
-                          uint8_t* a, float* scale) {
+void quantize_activations(const at::Tensor& x2d, std::optional<float> static_scale, int64_t kp, int8_t* a,
+                          float* scale, int32_t* row_comp) {
   const int64_t m = x2d.size(0), k = x2d.size(1);
   if (!static_scale && current_isa() == Isa::kAvx512Vnni) {
     const void* x = x2d.const_data_ptr();
     const FloatType type = float_type(x2d.scalar_type());
     at::parallel_for(0, m, std::max<int64_t>(1, 16384 / k), [&](int64_t r0, int64_t r1) {
-      int8::quantize_rows_avx512(x, type, k, r0, r1, k, kp, shift, a, scale);
+      int8::quantize_rows_avx512(x, type, k, r0, r1, k, kp, a, scale, row_comp);
     });
     return;
   }
-  int8_t* q = reinterpret_cast<int8_t*>(a);
   if (static_scale) {
-    quantize_rows_static(x2d, *static_scale, q, kp);
+    quantize_rows_static(x2d, *static_scale, a, kp);
     std::fill(scale, scale + m, *static_scale);
   } else {
-    quantize_rows_dynamic(x2d, q, kp, scale);
+    quantize_rows_dynamic(x2d, a, kp, scale);
   }
-  const uint8_t flip = shift ? 0x80 : 0;
   at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t j = k; j < kp; ++j) a[r * kp + j] = 0;
-      if (flip)
-        for (int64_t j = 0; j < kp; ++j) a[r * kp + j] ^= flip;
+      int8_t* row = a + r * kp;
+      std::fill(row + k, row + kp, 0);
+      if (row_comp) {
+        int32_t sum = 0;
+        for (int64_t j = 0; j < k; ++j) sum += row[j];
+        row_comp[r] = 128 * sum;
+      }
     }
   });
 }

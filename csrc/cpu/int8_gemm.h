@@ -5,15 +5,17 @@
 // function instantiated there could otherwise replace the portable one at link time.
 //
 // Weight layout (packed once, at prepack): panels of kPanel = 64 output columns; inside a
-// panel, for each group of 4 consecutive k, the 64 columns' 4 bytes are adjacent:
-//   packed[p][s][c][j] = w[p * 64 + c][s * 4 + j]     (int8, zero past N and K)
-// so one 64-byte load is 16 columns x 4 k, the operand of one vpdpbusd. comp[n] =
-// 128 * sum_k w[n][k] undoes the +128 shift that makes the activations unsigned for
-// vpdpbusd (u8 x s8).
+// panel, for each group of 4 consecutive k, the 64 columns' 4 bytes are adjacent, stored
+// with the sign bit flipped (w + 128, unsigned):
+//   packed[p][s][c][j] = w[p * 64 + c][s * 4 + j] + 128     (w = 0 past N and K)
+// so one 64-byte load is 16 columns x 4 k: the unsigned operand of one vpdpbusd (u8 x s8).
+// The signed activations are then the other operand, broadcast from memory, and
+// 128 * sum_k q[m][k], a per-row sum taken while quantizing, undoes the shift (so the
+// prepacked weight is one tensor, and its layout serves every ISA path: the AVX2 and
+// scalar kernels flip the bit back on load).
 //
-// Activations are quantized per row into a buffer of kp = round_up(K, 4) bytes per row:
-// signed q for the AVX2 and scalar kernels, q + 128 (unsigned) for VNNI; the padding
-// contributes zero (0, or 128 against zero weights, which comp does not count).
+// Activations are quantized per row into a buffer of kp = round_up(K, 4) signed bytes per
+// row; the padding is 0, so it contributes nothing.
 #pragma once
 
 #include <cstdint>
@@ -29,24 +31,24 @@ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 enum class FloatType { kF32, kBF16, kF16 };
 
-// What the epilogue needs: y[m][n] = float(acc - comp[n]) * a_scale[m] * b_scale[n] + bias[n].
+// What the epilogue needs: y[m][n] = float(acc - row_comp[m]) * a_scale[m] * b_scale[n] + bias[n].
 struct Epilogue {
-  const float* a_scale;  // [M]
-  const float* b_scale;  // [N]
-  const float* bias;     // [N] or nullptr
-  const int32_t* comp;   // [Np] or nullptr (unshifted activations)
+  const float* a_scale;    // [M]
+  const float* b_scale;    // [N]
+  const float* bias;       // [N] or nullptr
+  const int32_t* row_comp;  // [M]: 128 * sum_k q[m][k] for the VNNI kernel, else nullptr
   void* out;             // [M][ldo] of out_type
   FloatType out_type;
   int64_t ldo;
   int64_t n;             // valid columns
 };
 
-// Rows [m0, m1) (at most kRowChunk) of A ([M][kp] bytes) times panels [p0, p1).
-void gemm_avx512_vnni(const uint8_t* a, int64_t kp, const int8_t* packed, int64_t m0, int64_t m1,
-                      int64_t p0, int64_t p1, const Epilogue& ep);
-void gemm_avx2(const int8_t* a, int64_t kp, const int8_t* packed, int64_t m0, int64_t m1, int64_t p0,
+// Rows [m0, m1) (at most kRowChunk) of A ([M][kp] signed bytes) times panels [p0, p1).
+void gemm_avx512_vnni(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0,
+                      int64_t p1, const Epilogue& ep);
+void gemm_avx2(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0,
                int64_t p1, const Epilogue& ep);
-void gemm_scalar(const int8_t* a, int64_t kp, const int8_t* packed, int64_t m0, int64_t m1, int64_t p0,
+void gemm_scalar(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0,
                  int64_t p1, const Epilogue& ep);
 
 // The epilogue of one tile (rows [m0, m0 + rows), columns [c0, c0 + 64)) from int32
@@ -54,8 +56,9 @@ void gemm_scalar(const int8_t* a, int64_t kp, const int8_t* packed, int64_t m0, 
 void store_tile_scalar(const int32_t* acc, int rows, int64_t m0, int64_t c0, const Epilogue& ep);
 
 // Per-row symmetric quantization of rows [m0, m1) of x (row stride ldx elements) into
-// a ([M][kp]) and scale ([M]), bit-identical to the reference; shift adds 128.
+// a ([M][kp]) and scale ([M]), bit-identical to the reference; row_comp (if not null)
+// receives 128 * sum_k q[m][k].
 void quantize_rows_avx512(const void* x, FloatType type, int64_t ldx, int64_t m0, int64_t m1, int64_t k,
-                          int64_t kp, bool shift, uint8_t* a, float* scale);
+                          int64_t kp, int8_t* a, float* scale, int32_t* row_comp);
 
 }  // namespace lowbit::cpu::int8

@@ -1,9 +1,10 @@
 // AVX-512 VNNI int8 GEMM micro-kernel, its epilogue, and the activation quantizer.
 //
-// Micro-kernel: MR (1..6) rows of unsigned activations x one 64-column weight panel.
-// Per group of 4 k it loads the panel's four 64-byte vectors (16 columns x 4 k each),
-// broadcasts each row's 4 activation bytes, and issues MR x 4 vpdpbusd into MR x 4
-// int32 accumulators (24 zmm at MR = 6, plus 4 for the weights and one broadcast).
+// Micro-kernel: MR (1..6) rows of signed activations x one 64-column weight panel (unsigned,
+// shifted by 128). Per group of 4 k it loads the panel's four 64-byte vectors (16 columns
+// x 4 k each) and issues MR x 4 vpdpbusd whose signed operand is each row's 4 activation
+// bytes broadcast from memory (vpbroadcastd m32: a load-port uop only), into MR x 4 int32
+// accumulators (24 zmm at MR = 6).
 // The panel (64 x K bytes, 256 KiB at K = 4096) stays in L2 while the driver walks all
 // rows over it, in k blocks of 16 KiB that stay in L1 while every row tile of the chunk
 // (up to kRowChunk rows) passes over them; the int32 partial sums of the chunk wait in a
@@ -11,7 +12,7 @@
 // vpdpbusd's latency, so MR = 1 and 2 alternate two accumulator sets over k groups.
 //
 // Epilogue, vectorized 16 columns at a time, in the reference's order:
-// float(acc - comp) * a_scale[m] * b_scale[n] + bias[n] (separate roundings, no FMA),
+// float(acc - row_comp[m]) * a_scale[m] * b_scale[n] + bias[n] (separate roundings, no FMA),
 // then rounded to bf16 (round half to even, in integer arithmetic so that no BF16
 // instruction is needed) or fp16 (vcvtps2ph, round to nearest even) under a column mask.
 //
@@ -66,10 +67,10 @@ void store_tile(const int32_t* acc, int rows, int64_t m0, int64_t c0, const Epil
     const int64_t c = c0 + 16 * j;
     if (c >= ep.n) break;
     const __mmask16 mask = column_mask(ep.n - c);
-    const __m512i comp = ep.comp ? _mm512_loadu_si512(ep.comp + c) : _mm512_setzero_si512();
     const __m512 sb = _mm512_maskz_loadu_ps(mask, ep.b_scale + c);
     const __m512 bias = ep.bias ? _mm512_maskz_loadu_ps(mask, ep.bias + c) : _mm512_setzero_ps();
     for (int r = 0; r < rows; ++r) {
+      const __m512i comp = _mm512_set1_epi32(ep.row_comp ? ep.row_comp[m0 + r] : 0);
       __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + r * kPanel + 16 * j), comp));
       f = _mm512_mul_ps(f, _mm512_set1_ps(ep.a_scale[m0 + r]));
       f = _mm512_mul_ps(f, sb);
@@ -79,7 +80,7 @@ void store_tile(const int32_t* acc, int rows, int64_t m0, int64_t c0, const Epil
   }
 }
 
-inline __m512i bcast4(const uint8_t* p) {
+inline __m512i bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm512_set1_epi32(v);
@@ -88,7 +89,7 @@ inline __m512i bcast4(const uint8_t* p) {
 // acc[r][0..3] += rows m0..m0+MR of A times k groups [s0, s1) of the panel; acc lives in
 // cbuf (MR x 64 int32) between k blocks and starts from zero at s0 == 0.
 template <int MR>
-void tile(const uint8_t* a, int64_t kp, const int8_t* panel, int64_t m0, int64_t s0, int64_t s1, int32_t* cbuf) {
+void tile(const int8_t* a, int64_t kp, const uint8_t* panel, int64_t m0, int64_t s0, int64_t s1, int32_t* cbuf) {
   __m512i acc[MR][4];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
@@ -104,15 +105,15 @@ void tile(const uint8_t* a, int64_t kp, const int8_t* panel, int64_t m0, int64_t
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) odd[r][j] = _mm512_setzero_si512();
     for (; s + 1 < s1; s += 2) {
-      const int8_t* b = panel + s * kPanel * kGroupK;
+      const uint8_t* b = panel + s * kPanel * kGroupK;
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         const __m512i a0 = bcast4(a + (m0 + r) * kp + s * kGroupK);
         const __m512i a1 = bcast4(a + (m0 + r) * kp + (s + 1) * kGroupK);
 #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) {
-          acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], a0, _mm512_loadu_si512(b + 64 * j));
-          odd[r][j] = _mm512_dpbusd_epi32(odd[r][j], a1, _mm512_loadu_si512(b + 256 + 64 * j));
+          acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], _mm512_loadu_si512(b + 64 * j), a0);
+          odd[r][j] = _mm512_dpbusd_epi32(odd[r][j], _mm512_loadu_si512(b + 256 + 64 * j), a1);
         }
       }
     }
@@ -122,16 +123,16 @@ void tile(const uint8_t* a, int64_t kp, const int8_t* panel, int64_t m0, int64_t
       for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_add_epi32(acc[r][j], odd[r][j]);
   }
   for (; s < s1; ++s) {
-    const int8_t* b = panel + s * kPanel * kGroupK;
+    const uint8_t* b = panel + s * kPanel * kGroupK;
     const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
     const __m512i b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512i av = bcast4(a + (m0 + r) * kp + s * kGroupK);
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
-      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
-      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, b2);
-      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], av, b3);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], b0, av);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], b1, av);
+      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], b2, av);
+      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], b3, av);
     }
   }
 #pragma GCC unroll 8
@@ -140,7 +141,7 @@ void tile(const uint8_t* a, int64_t kp, const int8_t* panel, int64_t m0, int64_t
     for (int j = 0; j < 4; ++j) _mm512_store_si512(cbuf + r * kPanel + 16 * j, acc[r][j]);
 }
 
-using TileFn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, int64_t, int64_t, int32_t*);
+using TileFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int64_t, int64_t, int32_t*);
 constexpr TileFn kTiles[kMaxRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
 
 __m512 load_floats(const void* x, FloatType type, int64_t i, __mmask16 mask) {
@@ -159,12 +160,12 @@ __m512 load_floats(const void* x, FloatType type, int64_t i, __mmask16 mask) {
 
 }  // namespace
 
-void gemm_avx512_vnni(const uint8_t* a, int64_t kp, const int8_t* packed, int64_t m0, int64_t m1,
-                      int64_t p0, int64_t p1, const Epilogue& ep) {
+void gemm_avx512_vnni(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0,
+                      int64_t p1, const Epilogue& ep) {
   alignas(64) int32_t cbuf[kRowChunk * kPanel];
   const int64_t steps = kp / kGroupK;
   for (int64_t p = p0; p < p1; ++p) {
-    const int8_t* panel = packed + p * kp * kPanel;
+    const uint8_t* panel = packed + p * kp * kPanel;
     for (int64_t s0 = 0; s0 < steps; s0 += kBlockSteps) {
       const int64_t s1 = s0 + kBlockSteps < steps ? s0 + kBlockSteps : steps;
       for (int64_t m = m0; m < m1; m += kMaxRows) {
@@ -177,7 +178,7 @@ void gemm_avx512_vnni(const uint8_t* a, int64_t kp, const int8_t* packed, int64_
 }
 
 void quantize_rows_avx512(const void* x, FloatType type, int64_t ldx, int64_t m0, int64_t m1, int64_t k,
-                          int64_t kp, bool shift, uint8_t* a, float* scale) {
+                          int64_t kp, int8_t* a, float* scale, int32_t* row_comp) {
   const size_t elem = type == FloatType::kF32 ? 4 : 2;
   for (int64_t m = m0; m < m1; ++m) {
     const void* row = static_cast<const char*>(x) + m * ldx * elem;
@@ -193,8 +194,8 @@ void quantize_rows_avx512(const void* x, FloatType type, int64_t ldx, int64_t m0
     if (s == 0.0f) s = 1.0f;
     scale[m] = s;
     const __m512 sv = _mm512_set1_ps(s);
-    const __m512i offset = _mm512_set1_epi32(shift ? 128 : 0);
-    uint8_t* out = a + m * kp;
+    __m512i sum = _mm512_setzero_si512();
+    int8_t* out = a + m * kp;
     for (int64_t i = 0; i < k; i += 16) {
       const __mmask16 mask = column_mask(k - i);
       __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load_floats(row, type, i, mask), sv),
@@ -202,10 +203,12 @@ void quantize_rows_avx512(const void* x, FloatType type, int64_t ldx, int64_t m0
       const __mmask16 q_nan = _mm512_cmp_ps_mask(q, q, _CMP_UNORD_Q);  // before max/min drop it
       q = _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
       q = _mm512_mask_mov_ps(q, q_nan, _mm512_setzero_ps());
-      const __m512i qi = _mm512_add_epi32(_mm512_cvtps_epi32(q), offset);
+      const __m512i qi = _mm512_cvtps_epi32(q);  // masked-off lanes loaded 0: they add 0
+      sum = _mm512_add_epi32(sum, qi);
       _mm_mask_storeu_epi8(out + i, mask, _mm512_cvtepi32_epi8(qi));
     }
-    for (int64_t i = k; i < kp; ++i) out[i] = shift ? 128 : 0;
+    for (int64_t i = k; i < kp; ++i) out[i] = 0;
+    if (row_comp) row_comp[m] = 128 * _mm512_reduce_add_epi32(sum);
   }
 }
 

@@ -9,10 +9,10 @@
 
 namespace lowbit::cpu {
 
-// Quantizes the contiguous float [M, K] x2d into a ([M][kp] bytes, padding filled with
-// the zero value) and scale ([M]): per row (dynamic), or with one static scale. shift
-// stores q + 128 for the VNNI kernel; otherwise q as int8.
-void quantize_activations(const at::Tensor& x2d, std::optional<float> static_scale, int64_t kp, bool shift,
-                          uint8_t* a, float* scale);
+// Quantizes the contiguous float [M, K] x2d into a ([M][kp] int8, zero padding) and scale
+// ([M]): per row (dynamic), or with one static scale. row_comp, when not null, receives
+// 128 * sum_k q[m][k] (what the VNNI kernel subtracts).
+void quantize_activations(const at::Tensor& x2d, std::optional<float> static_scale, int64_t kp, int8_t* a,
+                          float* scale, int32_t* row_comp);
 
 }  // namespace lowbit::cpu

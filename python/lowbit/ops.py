@@ -130,8 +130,8 @@ def _(packed, scales, zeros, group_size, dtype):
     return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=dtype)
 
 
-def int8_prepack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8[N, K] weights -> the CPU GEMM's blocked layout and per-column compensation."""
+def int8_prepack(w: torch.Tensor) -> torch.Tensor:
+    """int8[N, K] weights -> the CPU GEMM's blocked layout (uint8, shifted by 128)."""
     return _ops.int8_prepack(w)
 
 
@@ -146,29 +146,27 @@ def _round_up(v: int, m: int) -> int:
 def _(w):
     checks.int8_weight(w, w.new_empty((w.shape[0],), dtype=torch.float32))
     panels, kp = _round_up(w.shape[0], _PANEL) // _PANEL, _round_up(w.shape[1], _GROUP_K)
-    return w.new_empty((panels, kp // _GROUP_K, _PANEL, _GROUP_K)), w.new_empty((panels * _PANEL,), dtype=torch.int32)
+    return w.new_empty((panels, kp // _GROUP_K, _PANEL, _GROUP_K), dtype=torch.uint8)
 
 
 def w8a8_linear_prepacked(
     x: torch.Tensor,
     packed: torch.Tensor,
-    comp: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     x_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``w8a8_linear`` on weights from ``int8_prepack``."""
-    return _ops.w8a8_linear_prepacked(x, packed, comp, w_scale, bias, x_scale)
+    return _ops.w8a8_linear_prepacked(x, packed, w_scale, bias, x_scale)
 
 
 @torch.library.register_fake("lowbit::w8a8_linear_prepacked")
-def _(x, packed, comp, w_scale, bias, x_scale=None):
+def _(x, packed, w_scale, bias, x_scale=None):
     checks.activation(x, "x")
     n, k = w_scale.shape[0], x.shape[-1]
     expected = (_round_up(n, _PANEL) // _PANEL, _round_up(k, _GROUP_K) // _GROUP_K, _PANEL, _GROUP_K)
-    checks.dtype(packed, torch.int8, "packed")
+    checks.dtype(packed, torch.uint8, "packed")
     checks.shape(packed, expected, "packed")
-    checks.dtype(comp, torch.int32, "comp")
     checks.bias(bias, n)
     if x_scale is not None:
         checks.per_tensor_scale(x_scale, "x_scale")

@@ -49,8 +49,8 @@ def use_cpu_isa(name: str):
 @dataclasses.dataclass
 class CpuPacked:
     """A weight in the CPU kernels' layout: ``tensors`` from the scheme's prepack op
-    (int8_prepack: blocked weights and compensation; w8a16_prepack: panels;
-    w4a16_prepack: panels and per-group parameters)."""
+    (int8_prepack: blocked weights; w8a16_prepack: panels; w4a16_prepack: panels and
+    per-group parameters)."""
 
     canonical: QuantizedWeight
     tensors: tuple[torch.Tensor, ...]
@@ -71,7 +71,7 @@ class CpuBackend(NativeBackend):
         elif kind == "w8a16":
             tensors = (ops.w8a16_prepack(weight.qweight),)
         else:
-            tensors = ops.int8_prepack(weight.qweight)
+            tensors = (ops.int8_prepack(weight.qweight),)
         return CpuPacked(weight, tuple(tensors))
 
     def apply(self, x, weight: CpuPacked, bias):
@@ -81,4 +81,4 @@ class CpuBackend(NativeBackend):
             return ops.w4a16_linear_prepacked(x, t[0], t[1], w.group_size, w.out_features, bias)
         if kind == "w8a16":
             return ops.w8a16_linear_prepacked(x, t[0], w.scales, bias)
-        return ops.w8a8_linear_prepacked(x, t[0], t[1], w.scales, bias, w.act_scale)
+        return ops.w8a8_linear_prepacked(x, t[0], w.scales, bias, w.act_scale)
