@@ -109,14 +109,20 @@ void gemv_int8_tile(const float* x, int64_t ldx, const Panel& panel, float* c) {
 }
 
 // Few rows against an int4 panel, straight from the packed bytes. Per k pair and half
-// panel, 32 bytes widen to 16 dwords = (byte of k, byte of k + 1) per column; masks and
-// shifts pick each nibble and k, giving 16 floats q per (k, 16 columns), FMA'd into
-// every row. Zero point and scale apply once per group: totals (kept in c) +=
-// s * (sum x q - z * sum x).
+// panel, 32 bytes widen to 16 dwords = (byte of k, byte of k + 1) per column. Each nibble
+// becomes a float with no conversion instruction: shifted into mantissa bits 19..22 and
+// or-ed with the bits of 1.0 it reads 1 + q / 16 exactly (one shift and one vpternlogd),
+// FMA'd into every row. Per group: sum_k x q = 16 (acc - sum_k x), so the zero point and
+// the scale apply as totals (kept in c) += 16 s * (acc - (1 + z / 16) * sum_k x).
 template <int MR>
 void gemv_int4_tile(const float* x, int64_t ldx, const float* xsum, const Panel& panel, float* c) {
   const int64_t groups = panel.k / panel.group_size, pairs_per_group = panel.group_size / 2;
-  const __m512i nibbles = _mm512_set1_epi32(0x000F000F), low = _mm512_set1_epi32(0xF);
+  const __m512i mantissa = _mm512_set1_epi32(0x00780000), one = _mm512_set1_epi32(0x3F800000);
+  // (a & b) | c, the vpternlogd immediate for a = 0xF0, b = 0xCC, c = 0xAA.
+  constexpr int kAndOr = 0xEA;
+  const auto as_float = [&](__m512i shifted) {
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(shifted, mantissa, one, kAndOr));
+  };
   for (int64_t g = 0; g < groups; ++g) {
     // One or two rows: odd k accumulate separately, so that each chain has one FMA per
     // k pair in flight (with more rows, the rows themselves give enough chains).
@@ -131,11 +137,10 @@ void gemv_int4_tile(const float* x, int64_t ldx, const float* xsum, const Panel&
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * h)));
-        const __m512i lo = _mm512_and_si512(v, nibbles);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), nibbles);
-        const __m512 q[4] = {
-            _mm512_cvtepi32_ps(_mm512_and_si512(lo, low)), _mm512_cvtepi32_ps(_mm512_srli_epi32(lo, 16)),
-            _mm512_cvtepi32_ps(_mm512_and_si512(hi, low)), _mm512_cvtepi32_ps(_mm512_srli_epi32(hi, 16))};
+        // Per dword: bits 0..3 low nibble of k, 4..7 high nibble of k, 16..19 and 20..23
+        // the same for k + 1.
+        const __m512 q[4] = {as_float(_mm512_slli_epi32(v, 19)), as_float(_mm512_slli_epi32(v, 3)),
+                             as_float(_mm512_slli_epi32(v, 15)), as_float(_mm512_srli_epi32(v, 1))};
 #pragma GCC unroll 4
         for (int r = 0; r < MR; ++r) {
           const __m512 x0 = _mm512_set1_ps(x[r * ldx + 2 * i]), x1 = _mm512_set1_ps(x[r * ldx + 2 * i + 1]);
@@ -153,15 +158,17 @@ void gemv_int4_tile(const float* x, int64_t ldx, const float* xsum, const Panel&
     }
     const float* s = panel.params + g * 2 * kPanel;
     const float* z = s + kPanel;
+    const __m512 sixteen = _mm512_set1_ps(16.0f), sixteenth = _mm512_set1_ps(1.0f / 16.0f);
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      const __m512 sj = _mm512_loadu_ps(s + 16 * j), zj = _mm512_loadu_ps(z + 16 * j);
+      const __m512 s16 = _mm512_mul_ps(_mm512_loadu_ps(s + 16 * j), sixteen);
+      const __m512 z16 = _mm512_fmadd_ps(_mm512_loadu_ps(z + 16 * j), sixteenth, _mm512_set1_ps(1.0f));
 #pragma GCC unroll 4
       for (int r = 0; r < MR; ++r) {
         float* t = c + r * kPanel + 16 * j;
         const __m512 sum = kSplit ? _mm512_add_ps(acc[r][j], odd[r][j]) : acc[r][j];
-        const __m512 centered = _mm512_fnmadd_ps(zj, _mm512_set1_ps(xsum[r * groups + g]), sum);
-        _mm512_storeu_ps(t, _mm512_fmadd_ps(sj, centered, g == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(t)));
+        const __m512 centered = _mm512_fnmadd_ps(z16, _mm512_set1_ps(xsum[r * groups + g]), sum);
+        _mm512_storeu_ps(t, _mm512_fmadd_ps(s16, centered, g == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(t)));
       }
     }
   }
