@@ -82,7 +82,7 @@ PyObject* cpu_peak(PyObject*, PyObject* args) {
     PyErr_SetString(PyExc_ValueError, "cpu_peak kind must be 'vnni' or 'fma'");
     return nullptr;
   }
-  if (lowbit::cpu::best_isa() != lowbit::cpu::Isa::kAvx512Vnni) {
+  if (!lowbit::cpu::has_avx512(lowbit::cpu::best_isa())) {
     PyErr_SetString(PyExc_RuntimeError, "the ceiling probes need an AVX-512 VNNI CPU");
     return nullptr;
   }

@@ -19,7 +19,7 @@ from lowbit import ops, reference
 from lowbit.backends.cpu import best_cpu_isa, set_cpu_isa
 from test_ops import assert_linear_close
 
-ORDER = ["scalar", "avx2", "avx512_vnni"]
+ORDER = ["scalar", "avx2", "avx512_vnni", "amx"]
 ISAS = [pytest.param(isa, marks=pytest.mark.skipif(ORDER.index(isa) > ORDER.index(best_cpu_isa()),
                                                      reason=f"this CPU has no {isa}")) for isa in ORDER]
 

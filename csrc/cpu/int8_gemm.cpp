@@ -84,7 +84,7 @@ at::Tensor int8_prepack(const at::Tensor& w) {
   check_contiguous(w, "w");
   const int64_t n = w.size(0), k = w.size(1);
   TORCH_CHECK_VALUE(k <= int8::kMaxK, "int8 GEMM supports K <= ", int8::kMaxK, ", got K = ", k);
-  const int64_t panels = round_up(n, kPanel) / kPanel, kp = round_up(k, kGroupK);
+  const int64_t panels = round_up(n, kPanel) / kPanel, kp = round_up(k, int8::kAlignK);
   at::Tensor packed = at::empty({panels, kp / kGroupK, kPanel, kGroupK}, w.options().dtype(at::kByte));
   const int8_t* src = w.const_data_ptr<int8_t>();
   uint8_t* dst = packed.mutable_data_ptr<uint8_t>();
@@ -109,10 +109,11 @@ void check_prepacked(const at::Tensor& packed, const at::Tensor& w_scale, int64_
   TORCH_CHECK_VALUE(w_scale.dim() == 1, "w_scale must be 1-D, got ", w_scale.sizes());
   const int64_t n = w_scale.size(0);
   const int64_t panels = round_up(n, kPanel) / kPanel;
-  TORCH_CHECK_VALUE(packed.dim() == 4 && packed.size(0) == panels && packed.size(1) * kGroupK == round_up(k, kGroupK) &&
+  const int64_t kp = round_up(k, int8::kAlignK);
+  TORCH_CHECK_VALUE(packed.dim() == 4 && packed.size(0) == panels && packed.size(1) * kGroupK == kp &&
                         packed.size(2) == kPanel && packed.size(3) == kGroupK,
                     "packed must come from int8_prepack of an [N, K] = [", n, ", ", k,
-                    "] weight: expected shape (", panels, ", ", round_up(k, kGroupK) / kGroupK, ", ", kPanel, ", ",
+                    "] weight: expected shape (", panels, ", ", kp / kGroupK, ", ", kPanel, ", ",
                     kGroupK, "), got ", packed.sizes());
   check_same_device({{"packed", &packed}, {"w_scale", &w_scale}});
 }
@@ -129,9 +130,10 @@ void run_gemm(const int8_t* a, int64_t m, int64_t kp, const at::Tensor& packed, 
               at::Tensor& out) {
   const std::optional<at::Tensor> bf = float_contiguous(bias);
   const at::Tensor sw = w_scale.contiguous();
-  const Isa isa = current_isa();
+  // Below one AMX tile of rows, the tile's padding rows would be wasted work: VNNI instead.
+  const Isa isa = current_isa() == Isa::kAmx && m < int8::kAlignM ? Isa::kAvx512Vnni : current_isa();
   const Epilogue ep{a_scale, sw.const_data_ptr<float>(), bf ? bf->const_data_ptr<float>() : nullptr,
-                    isa == Isa::kAvx512Vnni ? row_comp : nullptr, out.mutable_data_ptr(),
+                    has_avx512(isa) ? row_comp : nullptr, out.mutable_data_ptr(),
                     float_type(out.scalar_type()), w_scale.size(0), w_scale.size(0)};
   const uint8_t* b = packed.const_data_ptr<uint8_t>();
   const int64_t panels = packed.size(0), chunks = (m + kRowChunk - 1) / kRowChunk;
@@ -139,6 +141,7 @@ void run_gemm(const int8_t* a, int64_t m, int64_t kp, const at::Tensor& packed, 
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t p = t / chunks, m0 = (t % chunks) * kRowChunk, m1 = std::min(m, m0 + kRowChunk);
       switch (isa) {
+        case Isa::kAmx: int8::gemm_amx(a, kp, b, m0, m1, p, p + 1, ep); break;
         case Isa::kAvx512Vnni: int8::gemm_avx512_vnni(a, kp, b, m0, m1, p, p + 1, ep); break;
         case Isa::kAvx2: int8::gemm_avx2(a, kp, b, m0, m1, p, p + 1, ep); break;
         case Isa::kScalar: int8::gemm_scalar(a, kp, b, m0, m1, p, p + 1, ep); break;
@@ -172,7 +175,8 @@ at::Tensor w8a8_linear_prepacked(const at::Tensor& x, const at::Tensor& packed, 
   const std::optional<float> xs = static_scale(x, x_scale);
   const at::Tensor x2d = x.reshape({-1, k}).contiguous();
   const int64_t m = x2d.size(0), kp = packed.size(1) * kGroupK;
-  at::Tensor a = at::empty({m, kp}, x.options().dtype(at::kChar));
+  at::Tensor a = at::empty({round_up(m, int8::kAlignM), kp}, x.options().dtype(at::kChar));
+  a.narrow(0, m, a.size(0) - m).fill_(0);
   at::Tensor sx = at::empty({m}, x.options().dtype(at::kFloat));
   at::Tensor row_comp = at::empty({m}, x.options().dtype(at::kInt));
   quantize_activations(x2d, xs, kp, a.mutable_data_ptr<int8_t>(), sx.mutable_data_ptr<float>(),
@@ -197,7 +201,8 @@ at::Tensor int8_scaled_mm(const at::Tensor& a, const at::Tensor& b, const at::Te
   const int64_t m = a.size(0), k = a.size(1), kp = packed.size(1) * kGroupK;
   // The activations in the kernels' zero-padded buffer, with their row sums.
   const at::Tensor ac = a.contiguous();
-  at::Tensor buf = at::empty({m, kp}, a.options());
+  at::Tensor buf = at::empty({round_up(m, int8::kAlignM), kp}, a.options());
+  buf.narrow(0, m, buf.size(0) - m).fill_(0);
   std::vector<int32_t> row_comp(m);
   const int8_t* src = ac.const_data_ptr<int8_t>();
   int8_t* dst = buf.mutable_data_ptr<int8_t>();
@@ -223,7 +228,7 @@ at::Tensor int8_scaled_mm(const at::Tensor& a, const at::Tensor& b, const at::Te
 void quantize_activations(const at::Tensor& x2d, std::optional<float> static_scale, int64_t kp, int8_t* a,
                           float* scale, int32_t* row_comp) {
   const int64_t m = x2d.size(0), k = x2d.size(1);
-  if (!static_scale && current_isa() == Isa::kAvx512Vnni) {
+  if (!static_scale && has_avx512(current_isa())) {
     const void* x = x2d.const_data_ptr();
     const FloatType type = float_type(x2d.scalar_type());
     at::parallel_for(0, m, std::max<int64_t>(1, 16384 / k), [&](int64_t r0, int64_t r1) {

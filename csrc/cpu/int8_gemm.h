@@ -14,8 +14,8 @@
 // prepacked weight is one tensor, and its layout serves every ISA path: the AVX2 and
 // scalar kernels flip the bit back on load).
 //
-// Activations are quantized per row into a buffer of kp = round_up(K, 4) signed bytes per
-// row; the padding is 0, so it contributes nothing.
+// Activations are quantized per row into a buffer of kp = round_up(K, 64) signed bytes per
+// row, with round_up(M, 16) rows; the padding is 0, so it contributes nothing.
 #pragma once
 
 #include <cstdint>
@@ -24,6 +24,8 @@ namespace lowbit::cpu::int8 {
 
 constexpr int64_t kPanel = 64;  // output columns per packed panel
 constexpr int64_t kGroupK = 4;  // k per vpdpbusd lane group
+constexpr int64_t kAlignK = 64;  // the packed K is padded to this (one AMX tile row)
+constexpr int64_t kAlignM = 16;  // activation buffers have their rows padded to this (AMX tile rows)
 constexpr int64_t kMaxK = 65536;  // keeps 255 * 127 * K inside int32
 constexpr int64_t kRowChunk = 48;  // most rows one kernel call takes (m1 - m0)
 
@@ -50,10 +52,13 @@ void gemm_avx2(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, i
                int64_t p1, const Epilogue& ep);
 void gemm_scalar(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0,
                  int64_t p1, const Epilogue& ep);
+void gemm_amx(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
+              const Epilogue& ep);
 
 // The epilogue of one tile (rows [m0, m0 + rows), columns [c0, c0 + 64)) from int32
-// accumulators acc[rows][64]; used by the AVX2 and scalar kernels.
+// accumulators acc[rows][64]: portable (AVX2 and scalar kernels) and AVX-512 (VNNI, AMX).
 void store_tile_scalar(const int32_t* acc, int rows, int64_t m0, int64_t c0, const Epilogue& ep);
+void store_tile_avx512(const int32_t* acc, int rows, int64_t m0, int64_t c0, const Epilogue& ep);
 
 // Per-row symmetric quantization of rows [m0, m1) of x (row stride ldx elements) into
 // a ([M][kp]) and scale ([M]), bit-identical to the reference; row_comp (if not null)

@@ -61,8 +61,10 @@ void store_row(__m512 f, const Epilogue& ep, int64_t m, int64_t c, __mmask16 mas
   }
 }
 
+}  // namespace
+
 // acc: rows x 64 int32 accumulators (row-major).
-void store_tile(const int32_t* acc, int rows, int64_t m0, int64_t c0, const Epilogue& ep) {
+void store_tile_avx512(const int32_t* acc, int rows, int64_t m0, int64_t c0, const Epilogue& ep) {
   for (int j = 0; j < 4; ++j) {
     const int64_t c = c0 + 16 * j;
     if (c >= ep.n) break;
@@ -79,6 +81,8 @@ void store_tile(const int32_t* acc, int rows, int64_t m0, int64_t c0, const Epil
     }
   }
 }
+
+namespace {
 
 inline __m512i bcast4(const int8_t* p) {
   int32_t v;
@@ -173,7 +177,7 @@ void gemm_avx512_vnni(const int8_t* a, int64_t kp, const uint8_t* packed, int64_
         kTiles[rows](a, kp, panel, m, s0, s1, cbuf + (m - m0) * kPanel);
       }
     }
-    store_tile(cbuf, static_cast<int>(m1 - m0), m0, p * kPanel, ep);
+    store_tile_avx512(cbuf, static_cast<int>(m1 - m0), m0, p * kPanel, ep);
   }
 }
 

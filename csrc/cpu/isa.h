@@ -13,12 +13,15 @@ enum class Isa {
   kScalar = 0,      // portable C++
   kAvx2 = 1,        // AVX2 + FMA: vpmaddubsw / vpmaddwd for int8
   kAvx512Vnni = 2,  // AVX-512 F/BW/VL/DQ + VNNI (vpdpbusd)
+  kAmx = 3,         // the above + AMX-INT8 tiles (tdpbsud), for the int8 GEMM
 };
 
 Isa best_isa();         // the best path this CPU supports
 Isa current_isa();      // the path the kernels take now
+// At least AVX-512 VNNI: the AVX-512 kernels (weight-only GEMM, quantizer) apply.
+inline bool has_avx512(Isa isa) { return static_cast<int>(isa) >= static_cast<int>(Isa::kAvx512Vnni); }
 const char* isa_name(Isa isa);
-// Forces a path by name ("scalar", "avx2", "avx512_vnni") or "auto" (= best_isa()).
+// Forces a path by name ("scalar", "avx2", "avx512_vnni", "amx") or "auto" (= best_isa()).
 // Throws std::invalid_argument for an unknown name or a path this CPU lacks.
 void set_isa(const std::string& name);
 

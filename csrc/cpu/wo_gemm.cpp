@@ -153,7 +153,7 @@ at::Tensor run_fp32(const at::Tensor& x, int64_t n, const std::optional<at::Tens
   const int64_t k = x.size(-1);
   const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const float* xp = xf.const_data_ptr<float>();
-  const bool avx512 = current_isa() == Isa::kAvx512Vnni;
+  const bool avx512 = has_avx512(current_isa());
   const int64_t m = xf.size(0);
   const bool gemv = avx512 && m <= wo::kMaxGemvRows;
   // Group sums of the activations, for the int4 small-M path's zero points.

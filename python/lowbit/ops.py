@@ -135,7 +135,7 @@ def int8_prepack(w: torch.Tensor) -> torch.Tensor:
     return _ops.int8_prepack(w)
 
 
-_PANEL, _GROUP_K = 64, 4  # csrc/cpu/int8_gemm.h and wo_gemm.h
+_PANEL, _GROUP_K, _ALIGN_K = 64, 4, 64  # csrc/cpu/int8_gemm.h and wo_gemm.h
 
 
 def _round_up(v: int, m: int) -> int:
@@ -145,7 +145,7 @@ def _round_up(v: int, m: int) -> int:
 @torch.library.register_fake("lowbit::int8_prepack")
 def _(w):
     checks.int8_weight(w, w.new_empty((w.shape[0],), dtype=torch.float32))
-    panels, kp = _round_up(w.shape[0], _PANEL) // _PANEL, _round_up(w.shape[1], _GROUP_K)
+    panels, kp = _round_up(w.shape[0], _PANEL) // _PANEL, _round_up(w.shape[1], _ALIGN_K)
     return w.new_empty((panels, kp // _GROUP_K, _PANEL, _GROUP_K), dtype=torch.uint8)
 
 
@@ -164,7 +164,7 @@ def w8a8_linear_prepacked(
 def _(x, packed, w_scale, bias, x_scale=None):
     checks.activation(x, "x")
     n, k = w_scale.shape[0], x.shape[-1]
-    expected = (_round_up(n, _PANEL) // _PANEL, _round_up(k, _GROUP_K) // _GROUP_K, _PANEL, _GROUP_K)
+    expected = (_round_up(n, _PANEL) // _PANEL, _round_up(k, _ALIGN_K) // _GROUP_K, _PANEL, _GROUP_K)
     checks.dtype(packed, torch.uint8, "packed")
     checks.shape(packed, expected, "packed")
     checks.bias(bias, n)
