@@ -1,1 +1,1 @@
-# Triton kernels (lowbit.kernels): filled by the Triton backend issue.
+"""Triton kernels of lowbit, installed as ``lowbit.kernels`` (the Triton backend adds them)."""

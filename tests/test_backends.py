@@ -74,3 +74,17 @@ def test_apply_matches_the_reference_linear(backend, scheme):
     # and the quantized layer approximates the float one
     exact = x @ w.t() + bias
     assert (y - exact).norm() / exact.norm() < (0.2 if s.kind == "w4a16" else 0.05)
+
+
+def test_cli_lists_the_backends(capsys):
+    from lowbit.cli import main
+
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("backend") and "reference" in out
+
+
+def test_the_triton_kernel_folder_is_installed_as_lowbit_kernels():
+    import lowbit.kernels
+
+    assert lowbit.kernels.__name__ == "lowbit.kernels"
