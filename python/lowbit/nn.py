@@ -107,9 +107,6 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, scheme={self.scheme}, backend={self.backend.name}")
 
-    def weight_nbytes(self) -> int:
-        return self.canonical().nbytes()
-
 
 class W8A8Linear(QuantLinear):
     """int8 weights per output channel, int8 activations quantized per token at run time."""

@@ -1,6 +1,6 @@
-"""The ``cpu`` backend: lowbit's C++ kernels, with int8 weights prepacked for the GEMM.
+"""The ``cpu`` backend: lowbit's C++ kernels, each weight prepacked once for its kernel.
 
-The kernels pick an instruction-set path at run time (AVX-512 VNNI, AVX2 or portable
+The kernels pick an instruction-set path at run time (AMX, AVX-512 VNNI, AVX2 or portable
 C++); ``use_cpu_isa`` forces a lower one, for tests and A/B benchmarks.
 """
 
@@ -32,7 +32,7 @@ def best_cpu_isa() -> str:
 
 
 def set_cpu_isa(name: str) -> None:
-    """Force the CPU kernels' path: "auto", "scalar", "avx2" or "avx512_vnni"."""
+    """Force the CPU kernels' path: "auto", "scalar", "avx2", "avx512_vnni" or "amx"."""
     _ext().set_cpu_isa(name)
 
 
