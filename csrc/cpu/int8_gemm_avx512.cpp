@@ -16,7 +16,7 @@
 // then rounded to bf16 (round half to even, in integer arithmetic so that no BF16
 // instruction is needed) or fp16 (vcvtps2ph, round to nearest even) under a column mask.
 //
-// Limits: K <= 65536 (int32 accumulators of 255 * 127 * K), weights from pack_weights.
+// Limits: K <= 65536 (int32 accumulators of 255 * 127 * K), weights from int8_prepack.
 #include <immintrin.h>
 
 #include <cstring>

@@ -147,9 +147,11 @@ at::Tensor run_panels(const at::Tensor& x, int64_t m, int64_t n, const std::opti
   return out;
 }
 
-// The fp32 path: any activation dtype, int4 or int8 panels from panel_at(p).
+// Activations of any float dtype, widened to fp32, times the int4 or int8 panels from
+// panel_at(p): in registers from the packed bytes up to kMaxGemvRows rows, else through
+// dequantized fp32 blocks.
 template <typename PanelAt>
-at::Tensor run_fp32(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, PanelAt panel_at) {
+at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, PanelAt panel_at) {
   const int64_t k = x.size(-1);
   const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const float* xp = xf.const_data_ptr<float>();
@@ -218,7 +220,7 @@ at::Tensor w4a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
   const auto panel_at = [&](int64_t p) {
     return Panel{Weights::kInt4, wp + p * k * kPanel / 2, pp + p * groups * 2 * kPanel, group_size, k};
   };
-  return run_fp32(x, out_features, bias, panel_at);
+  return run_weight_only(x, out_features, bias, panel_at);
 }
 
 at::Tensor w8a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
@@ -234,7 +236,7 @@ at::Tensor w8a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
   scales.narrow(0, 0, n).copy_(w_scale);
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.const_data_ptr<int8_t>());
   const float* sp = scales.const_data_ptr<float>();
-  return run_fp32(x, n, bias, [&](int64_t p) { return Panel{Weights::kInt8, wp + p * k * kPanel, sp + p * kPanel, 0, k}; });
+  return run_weight_only(x, n, bias, [&](int64_t p) { return Panel{Weights::kInt8, wp + p * k * kPanel, sp + p * kPanel, 0, k}; });
 }
 
 at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,

@@ -2,7 +2,7 @@
 // weights, fp32 accumulation. The interface between the driver (wo_gemm.cpp, with ATen)
 // and the AVX-512 kernels (wo_gemm_avx512.cpp, no torch headers; see int8_gemm.h why).
 //
-// fp32 path (any activation dtype): for each 64-column weight panel and each block of
+// All activation dtypes are widened to fp32. Large M: for each 64-column weight panel and each block of
 // kBlockK k, the block is dequantized once to fp32 exactly as the reference does it
 // ((q - z) * s, or q * s), into a k-major [kBlockK][64] buffer that stays in L1; then
 // every activation row of the task passes over it with an fp32 FMA micro-kernel (6 rows
