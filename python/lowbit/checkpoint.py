@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowbit import checks
-from lowbit.formats import QuantizedWeight, Scheme
+from lowbit.formats import QuantizedWeight, Scheme, check_input_scale
 from lowbit.nn import CANONICAL, QuantLinear, module_for
 
 FORMAT = "lowbit"
@@ -108,7 +108,8 @@ def _canonical(name: str, spec: dict, tensors: dict[str, torch.Tensor], path) ->
         scheme = Scheme.parse(spec["scheme"])
         parts = {part: tensors.get(f"{name}.{part}") for part in CANONICAL}
         n, k, g = int(spec["out_features"]), int(spec["in_features"]), int(spec["group_size"])
-        qw = QuantizedWeight(scheme, parts["qweight"], parts["scales"], parts["zeros"], g, n, k, parts["act_scale"])
+        qw = QuantizedWeight(scheme, parts["qweight"], parts["scales"], parts["zeros"], g, n, k, parts["act_scale"],
+                             parts["input_scale"])
         if qw.qweight is None or qw.scales is None:
             raise ValueError("qweight or scales missing")
         if scheme.kind == "w4a16":
@@ -127,6 +128,8 @@ def _canonical(name: str, spec: dict, tensors: dict[str, torch.Tensor], path) ->
             raise ValueError(f"weight is {stored[0]}x{stored[1]}, metadata says {n}x{k}")
         if not (torch.isfinite(qw.scales).all() and (qw.scales > 0).all()):
             raise ValueError("scales must be finite and positive")
+        if qw.input_scale is not None:
+            check_input_scale(qw.input_scale, k, "input_scale")
         bias = tensors.get(f"{name}.bias")
         if spec["bias"] != (bias is not None) or (bias is not None and tuple(bias.shape) != (n,)):
             raise ValueError("bias missing or of the wrong shape")
@@ -189,7 +192,8 @@ def load(
         qw, bias = _canonical(name, spec, tensors, path)
         if id(old) not in built:
             moved_qw = QuantizedWeight(qw.scheme, to_device(qw.qweight), to_device(qw.scales), to_device(qw.zeros),
-                                       qw.group_size, qw.out_features, qw.in_features, to_device(qw.act_scale))
+                                       qw.group_size, qw.out_features, qw.in_features, to_device(qw.act_scale),
+                                       to_device(qw.input_scale))
             built[id(old)] = module_for(qw.scheme)(moved_qw, to_device(bias), backend)
         new_modules[name] = built[id(old)]
 

@@ -95,6 +95,7 @@ class QuantizedWeight:
     out_features: int
     in_features: int
     act_scale: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.scheme.kind == "w4a16":
@@ -103,7 +104,8 @@ class QuantizedWeight:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The canonical tensors by name (what a checkpoint stores)."""
-        named = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros, "act_scale": self.act_scale}
+        named = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros, "act_scale": self.act_scale,
+                 "input_scale": self.input_scale}
         return {k: v for k, v in named.items() if v is not None}
 
     def nbytes(self) -> int:
@@ -127,11 +129,27 @@ def _check_weight(w: torch.Tensor, name: str) -> None:
     check_finite(w, name)
 
 
+def int8_scale(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric int8 scale of a float32 ``w[N, K]``: ``max|w[n]|/127``."""
+    return _safe_scale(w.abs().amax(dim=1) / 127)
+
+
+def int4_params(wg: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (float-valued) integer zero point of each group ``wg[..., G]`` (float32)."""
+    if symmetric:
+        scale = _safe_scale(wg.abs().amax(dim=-1) / 7)
+        return scale, torch.full_like(scale, reference.INT4_SYMMETRIC_ZERO)
+    lo = wg.amin(dim=-1).clamp(max=0)
+    hi = wg.amax(dim=-1).clamp(min=0)
+    scale = _safe_scale((hi - lo) / 15)
+    return scale, torch.clamp(torch.round(-lo / scale), 0, 15)
+
+
 def quantize_int8_per_channel(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """``s[n] = max|w[n]|/127``, ``q = clamp(round(w/s), -127, 127)`` -> (int8[N, K], float32[N])."""
     _check_weight(w, name)
     wf = w.float()
-    scale = _safe_scale(wf.abs().amax(dim=1) / 127)
+    scale = int8_scale(wf)
     q = torch.clamp(torch.round(wf / scale.unsqueeze(1)), -127, 127).to(torch.int8)
     return q, scale
 
@@ -152,29 +170,25 @@ def quantize_int4_groupwise(
         raise ValueError(f"{name}: int4 needs an even in_features, got {k}")
     checks.group_size(g, k)
     wg = w.float().reshape(n, k // g, g)
-    if symmetric:
-        scale = _safe_scale(wg.abs().amax(dim=-1) / 7)
-        zero = torch.full_like(scale, reference.INT4_SYMMETRIC_ZERO)
-    else:
-        lo = wg.amin(dim=-1).clamp(max=0)
-        hi = wg.amax(dim=-1).clamp(min=0)
-        scale = _safe_scale((hi - lo) / 15)
-        zero = torch.clamp(torch.round(-lo / scale), 0, 15)
+    scale, zero = int4_params(wg, symmetric)
     q = torch.clamp(torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, 15)
     packed = reference.pack_int4(q.reshape(n, k).to(torch.uint8))
     zeros = None if symmetric else zero.to(torch.uint8)
     return packed, scale, zeros
 
 
-def quantize_weight(
-    w: torch.Tensor, scheme: Scheme, name: str = "weight", act_scale: torch.Tensor | None = None
-) -> QuantizedWeight:
-    """Quantize a float ``w[N, K]`` to ``scheme``'s canonical form.
+def check_input_scale(input_scale: torch.Tensor, in_features: int, name: str) -> None:
+    """An input scale multiplies the activations' channels before the layer: float32[K],
+    finite and positive."""
+    if input_scale.dtype != torch.float32 or tuple(input_scale.shape) != (in_features,):
+        raise ValueError(f"{name}: input_scale must be float32[{in_features}], got "
+                         f"{input_scale.dtype}{list(input_scale.shape)}")
+    if not (torch.isfinite(input_scale).all() and (input_scale > 0).all()):
+        raise ValueError(f"{name}: input_scale must be finite and positive")
 
-    ``act_scale`` (a calibrated per-tensor activation scale) is required by w8a8-static and
-    refused by the other schemes.
-    """
-    n, k = w.shape if w.dim() == 2 else (0, 0)
+
+def check_act_scale(scheme: Scheme, act_scale: torch.Tensor | None, name: str) -> None:
+    """w8a8-static needs a finite positive per-tensor activation scale; the others take none."""
     static = scheme.kind == "w8a8-static"
     if static and act_scale is None:
         raise ValueError(f"{name}: w8a8-static needs a calibrated activation scale (act_scale)")
@@ -184,9 +198,69 @@ def quantize_weight(
         checks.per_tensor_scale(act_scale, f"{name}: act_scale")
         if not (torch.isfinite(act_scale).all() and act_scale.item() > 0):
             raise ValueError(f"{name}: the activation scale must be finite and positive, got {act_scale.item()}")
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    scheme: Scheme,
+    name: str = "weight",
+    act_scale: torch.Tensor | None = None,
+    input_scale: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """Quantize a float ``w[N, K]`` to ``scheme``'s canonical form.
+
+    ``act_scale`` (a calibrated per-tensor activation scale) is required by w8a8-static and
+    refused by the other schemes. ``input_scale`` (float32[K], from SmoothQuant or AWQ when
+    the scale could not be folded into the layer before) multiplies the activations'
+    channels before the layer; ``w`` must already be the correspondingly scaled weight.
+    """
+    n, k = w.shape if w.dim() == 2 else (0, 0)
+    check_act_scale(scheme, act_scale, name)
+    if input_scale is not None:
+        check_input_scale(input_scale, k, name)
     if scheme.kind == "w4a16":
         packed, scales, zeros = quantize_int4_groupwise(w, scheme.group_size, scheme.symmetric, name)
         g = k if scheme.group_size is None else scheme.group_size
-        return QuantizedWeight(scheme, packed, scales, zeros, g, n, k)
+        return QuantizedWeight(scheme, packed, scales, zeros, g, n, k, None, input_scale)
     q, scales = quantize_int8_per_channel(w, name)
-    return QuantizedWeight(scheme, q, scales, None, k, n, k, act_scale)
+    return QuantizedWeight(scheme, q, scales, None, k, n, k, act_scale, input_scale)
+
+
+def fake_quantize(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """``w`` quantized to ``scheme`` and dequantized again, in float32 — what
+    ``quantize_weight(w, scheme).dequantize()`` returns, without packing (for searches)."""
+    wf = w.float()
+    if scheme.kind != "w4a16":
+        scale = int8_scale(wf).unsqueeze(1)
+        return torch.clamp(torch.round(wf / scale), -127, 127) * scale
+    n, k = wf.shape
+    g = k if scheme.group_size is None else scheme.group_size
+    wg = wf.reshape(n, k // g, g)
+    scale, zero = int4_params(wg, scheme.symmetric)
+    scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    q = torch.clamp(torch.round(wg / scale) + zero, 0, 15)
+    return ((q - zero) * scale).reshape(n, k)
+
+
+def from_codes(
+    scheme: Scheme,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    *,
+    act_scale: torch.Tensor | None = None,
+    input_scale: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """A canonical weight from integer codes chosen elsewhere (GPTQ): ``codes[N, K]`` holds
+    int8 values in [-127, 127], or int4 values in [0, 15] (unpacked); ``scales`` and
+    ``zeros`` are those the codes were rounded with."""
+    n, k = codes.shape
+    check_act_scale(scheme, act_scale, "weight")
+    if input_scale is not None:
+        check_input_scale(input_scale, k, "weight")
+    if scheme.kind == "w4a16":
+        g = k if scheme.group_size is None else scheme.group_size
+        packed = reference.pack_int4(codes.to(torch.uint8))
+        z = None if scheme.symmetric else zeros.to(torch.uint8)
+        return QuantizedWeight(scheme, packed, scales.float(), z, g, n, k, None, input_scale)
+    return QuantizedWeight(scheme, codes.to(torch.int8), scales.float(), None, k, n, k, act_scale, input_scale)

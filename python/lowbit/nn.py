@@ -16,7 +16,7 @@ from lowbit.backends import Backend, choose_backend
 from lowbit.formats import QuantizedWeight, Scheme, quantize_weight
 
 # The canonical buffers, in state_dict order; absent ones are registered as None.
-CANONICAL = ("qweight", "scales", "zeros", "act_scale")
+CANONICAL = ("qweight", "scales", "zeros", "act_scale", "input_scale")
 
 
 class QuantLinear(nn.Module):
@@ -61,18 +61,22 @@ class QuantLinear(nn.Module):
         return module_for(scheme)(qw, bias, backend)
 
     def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
-        """A float ``nn.Linear`` with the dequantized weight (what this layer computes)."""
+        """A float ``nn.Linear`` with the dequantized weight (what this layer computes; an
+        input scale is folded into the weight's columns)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.qweight.device, dtype=dtype)
         with torch.no_grad():
-            linear.weight.copy_(self.canonical().dequantize(dtype))
+            w = self.canonical().dequantize(torch.float32)
+            if self.input_scale is not None:
+                w = w * self.input_scale
+            linear.weight.copy_(w)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
 
     def canonical(self) -> QuantizedWeight:
         return QuantizedWeight(self.scheme, self.qweight, self.scales, self.zeros, self.group_size,
-                               self.out_features, self.in_features, self.act_scale)
+                               self.out_features, self.in_features, self.act_scale, self.input_scale)
 
     # --- backend and device ------------------------------------------------------------------
 
@@ -101,11 +105,15 @@ class QuantLinear(nn.Module):
     # --- forward -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # input_scale is set or not for the layer's lifetime, so this is no run-time branch.
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
         return self.backend.apply(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, scheme={self.scheme}, backend={self.backend.name}")
+                f"bias={self.bias is not None}, scheme={self.scheme}, backend={self.backend.name}"
+                + (", input_scale" if self.input_scale is not None else ""))
 
 
 class W8A8Linear(QuantLinear):

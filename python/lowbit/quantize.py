@@ -9,24 +9,42 @@ weights, not inside ``nn.MultiheadAttention``, which reads its projection weight
 directly). A module reachable under several names is quantized once; Linear layers that
 share one weight Parameter share one quantized weight. The returned report lists every
 Linear layer with its scheme and backend, or why it was skipped.
+
+Calibration (``lowbit.calibrate``) is part of the config: ``method`` ("rtn", "gptq",
+"awq", "smoothquant", or a method object such as ``GPTQ(act_order=True)``) and
+``observer`` (for the static activation scales of w8a8-static), with the data given as
+``calibration=batches``. Methods other than round-to-nearest, and w8a8-static without
+explicit ``act_scales``, need calibration data. In layer-wise mode a calibration error
+raised in a later block leaves the earlier blocks quantized.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from lowbit.calibrate import pipeline
+from lowbit.calibrate.methods import RTN, as_method
 from lowbit.formats import QuantizedWeight, Scheme, quantize_weight
 from lowbit.nn import QuantLinear, module_for
 
 
 @dataclasses.dataclass
 class QuantConfig:
-    """What ``lowbit.quantize`` does; every field can also be passed as a keyword."""
+    """What ``lowbit.quantize`` does; every field can also be passed as a keyword.
+
+    ``method``: calibration method (name or ``lowbit.calibrate`` method object).
+    ``observer``: observer for static activation scales (name in
+    ``lowbit.calibrate.OBSERVERS``, class or factory). ``sequential``: layer-wise
+    calibration (None: on for GPTQ/AWQ when blocks are found). ``blocks``: the blocks'
+    container name or a list of modules (None: found automatically). ``propagate``:
+    "quantized" or "float" block outputs feed the next block in layer-wise mode.
+    """
 
     scheme: Scheme | str = "w8a8"
     include: Sequence[str] | None = None
@@ -35,9 +53,15 @@ class QuantConfig:
     overrides: Mapping[str, Scheme | str | None] = dataclasses.field(default_factory=dict)
     min_numel: int = 4096
     backend: str | None = None
+    method: Any = "rtn"
+    observer: Any = "minmax"
+    sequential: bool | None = None
+    blocks: Any = None
+    propagate: str = "quantized"
 
     def __post_init__(self):
         self.scheme = _as_scheme(self.scheme)
+        self.method = as_method(self.method)
         self.overrides = {p: (None if s is None else _as_scheme(s)) for p, s in self.overrides.items()}
 
 
@@ -57,7 +81,10 @@ class LayerReport:
 
 
 class QuantizeReport(list):
-    """One ``LayerReport`` per Linear layer; prints as a table with totals."""
+    """One ``LayerReport`` per Linear layer; prints as a table with totals (and the
+    calibration summary, when there was calibration)."""
+
+    calibration = None
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -84,6 +111,8 @@ class QuantizeReport(list):
         ratio = before / after if after else float("nan")
         lines.append(f"{len(self.quantized)} of {len(self)} Linear layers quantized; Linear weights "
                      f"{before / 2**20:.2f} MB -> {after / 2**20:.2f} MB ({ratio:.2f}x smaller)")
+        if getattr(self, "calibration", None) is not None:
+            lines.append(str(self.calibration))
         return "\n".join(lines)
 
 
@@ -138,13 +167,20 @@ def quantize(
     config: QuantConfig | Scheme | str = "w8a8",
     *,
     act_scales: Mapping[str, torch.Tensor] | None = None,
+    calibration: Iterable | None = None,
+    calibration_forward: Callable[[nn.Module, Any], Any] | None = None,
+    progress: bool = True,
     **fields,
 ) -> QuantizeReport:
     """Replace the selected ``nn.Linear`` layers of ``model`` in place; return the report.
 
     ``config`` is a scheme string (``"w8a8"``, ``"w4a16-g128"``, ...), a ``Scheme`` or a
-    ``QuantConfig``; keywords override its fields (``exclude=["lm_head"]``, ...).
-    ``act_scales`` maps layer names to calibrated activation scales for w8a8-static.
+    ``QuantConfig``; keywords override its fields (``exclude=["lm_head"]``,
+    ``method="gptq"``, ...). ``act_scales`` maps layer names to calibrated activation
+    scales for w8a8-static. ``calibration`` is an iterable of batches for the
+    calibration method and observer; ``calibration_forward(model, batch)`` runs one
+    batch when ``model(*batch)`` / ``model(batch)`` does not. The report's
+    ``calibration`` attribute summarizes the calibration (None without one).
     """
     if not isinstance(config, QuantConfig):
         config = QuantConfig(scheme=config)
@@ -152,35 +188,63 @@ def quantize(
         config = dataclasses.replace(config, **fields)
     act_scales = act_scales or {}
     report = QuantizeReport()
+    report.calibration = None
     by_weight: dict[tuple[int, Scheme], QuantizedWeight] = {}
+    rows: dict[int, LayerReport] = {}
+    entries: list[pipeline.Entry] = []
+    sites_of: dict[int, list] = {}
+    weight_users: dict[int, int] = {}
     for sites in _linear_sites(model).values():
         name, parent, _, linear = sites[0]
-        aliases = [s[0] for s in sites[1:]]
         scheme, reason = _decide(config, linear, name, parent)
         before = linear.weight.numel() * linear.weight.element_size()
-        shape = tuple(linear.weight.shape)
+        row = LayerReport(name, tuple(linear.weight.shape), "-", "-", reason, before, before)
+        report.append(row)
         if scheme is None:
-            report.append(LayerReport(name, shape, "-", "-", reason, before, before))
             continue
-        key = (id(linear.weight), scheme)
+        rows[id(linear)] = row
+        sites_of[id(linear)] = sites
+        weight_users[id(linear.weight)] = weight_users.get(id(linear.weight), 0) + 1
+        entries.append(pipeline.Entry(name, linear, scheme, act_scales.get(name)))
+
+    def replace(entry: pipeline.Entry, weight: QuantizedWeight) -> None:
+        key = (id(entry.linear.weight), entry.scheme)
         shared = key in by_weight
         if not shared:
-            act = act_scales.get(name)
-            if scheme.kind == "w8a8-static" and act is None:
-                raise ValueError(f"{name}: w8a8-static needs a calibrated activation scale "
-                                 "(pass act_scales, or calibrate)")
-            by_weight[key] = quantize_weight(linear.weight.detach(), scheme, name, act_scale=act)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        new = module_for(scheme)(by_weight[key], bias, config.backend)
+            by_weight[key] = weight
+        bias = None if entry.linear.bias is None else entry.linear.bias.detach().clone()
+        new = module_for(entry.scheme)(by_weight[key], bias, config.backend)
+        sites = sites_of[id(entry.linear)]
         for _, site_parent, attr, _ in sites:
             setattr(site_parent, attr, new)
         notes = []
-        if aliases:
-            notes.append("also at " + ", ".join(aliases))
+        if len(sites) > 1:
+            notes.append("also at " + ", ".join(s[0] for s in sites[1:]))
         if shared:
             notes.append("weight tied to an earlier layer")
-        after = 0 if shared else by_weight[key].nbytes()
-        report.append(LayerReport(name, shape, str(scheme), new.backend.name, "; ".join(notes), before, after))
+        row = rows[id(entry.linear)]
+        row.scheme, row.backend, row.reason = str(entry.scheme), new.backend.name, "; ".join(notes)
+        row.bytes_after = 0 if shared else by_weight[key].nbytes()
+
+    needs_data = not isinstance(config.method, RTN) or any(
+        e.scheme.kind == "w8a8-static" and e.act_scale is None for e in entries)
+    if needs_data and entries:
+        if calibration is None:
+            static = [e.name for e in entries if e.scheme.kind == "w8a8-static" and e.act_scale is None]
+            what = (f"method {config.method.name!r}" if not isinstance(config.method, RTN)
+                    else f"w8a8-static layers without an activation scale ({', '.join(static[:3])})")
+            raise ValueError(f"{what}: needs calibration data (calibration=batches) or act_scales")
+        shared_weights = {w for w, users in weight_users.items() if users > 1}
+        report.calibration = pipeline.run(
+            model, entries, config.method, calibration, replace=replace,
+            calibration_forward=calibration_forward, observer=config.observer, sequential=config.sequential,
+            blocks=config.blocks, propagate=config.propagate, shared_weights=shared_weights, progress=progress)
+    else:
+        for e in entries:
+            if e.scheme.kind == "w8a8-static" and e.act_scale is None:
+                raise ValueError(f"{e.name}: w8a8-static needs a calibrated activation scale "
+                                 "(pass act_scales, or calibrate)")
+            replace(e, quantize_weight(e.linear.weight.detach(), e.scheme, e.name, act_scale=e.act_scale))
     return report
 
 

@@ -1,0 +1,120 @@
+"""GPTQ: round a weight column by column, pushing each column's rounding error onto the
+columns not yet rounded, weighted by the inverse Hessian of the layer's inputs.
+
+Algorithm (Frantar et al., 2022), for ``w[N, K]`` and ``H = E[x x^T]`` (``[K, K]``):
+
+1. Columns that never saw a non-zero input (``H[k, k] = 0``) are zeroed and given a unit
+   diagonal. With ``act_order`` the columns are processed by descending ``H[k, k]``.
+2. ``H += damp * mean(diag H) * I``; ``U`` = the upper Cholesky factor of ``H^-1``. If a
+   factorization fails, the dampening grows tenfold and it is retried (at most
+   ``MAX_RETRIES`` times), so the result is never NaN.
+3. Columns are rounded in blocks of ``block_size``: within a block, column ``i`` is
+   rounded, its error ``e = (w_i - q_i) / U[i, i]`` is subtracted from the block's later
+   columns as ``e * U[i, j]``; after the block, the accumulated errors update all later
+   columns in one matrix product (the "lazy batch" update).
+
+Quantization parameters follow the canonical format exactly (``formats.int4_params`` /
+``int8_scale``), so the codes GPTQ picks are a valid canonical weight:
+
+* int8 (w8a8, w8a16): per-channel scales from the original weight.
+* int4, groups of consecutive k: without ``act_order``, a group's scale and zero point are
+  computed from the updated weights when its first column is reached (the block size is a
+  multiple of the group size, so the whole group is up to date). With ``act_order`` the
+  columns of a group are visited out of order, so all group parameters come from the
+  original weight up front ("static groups") — the only variant whose groups stay
+  consecutive in k, which the canonical format requires.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.formats import Scheme, int4_params, int8_scale
+
+MAX_RETRIES = 6
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float, name: str = "layer") -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + d I)^-1`` in float64, ``d = damp * mean(diag H)``,
+    with dampening raised tenfold on each failed factorization."""
+    h = h.double()
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    base = h.diagonal().mean().clamp(min=1e-12)
+    for attempt in range(MAX_RETRIES + 1):
+        d = damp * (10**attempt) * base
+        lower, info = torch.linalg.cholesky_ex(h + d * eye)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return upper
+    raise ValueError(f"{name}: the input Hessian is not positive definite even with dampening "
+                     f"{damp * 10**MAX_RETRIES:g} x mean(diag); are the calibration inputs degenerate?")
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: Scheme,
+    *,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+    name: str = "layer",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GPTQ-rounded codes of ``w[N, K]`` -> ``(codes, scales, zeros)`` as ``formats.from_codes``
+    takes them: int codes ``[N, K]`` (int8 in [-127, 127] or int4 in [0, 15]), scales
+    ``[N]`` or ``[N, K/G]``, zero points ``[N, K/G]`` (float, integer-valued) or None."""
+    w = w.detach().float().clone()
+    n, k = w.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"{name}: Hessian is {tuple(hessian.shape)}, expected ({k}, {k})")
+    if not torch.isfinite(hessian).all():
+        raise ValueError(f"{name}: the input Hessian holds NaN or Inf")
+    h = hessian.detach().double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+
+    int4 = scheme.kind == "w4a16"
+    g = (k if scheme.group_size is None else scheme.group_size) if int4 else k
+    if int4:
+        qmin, qmax = 0, 15
+        # Static group parameters (act_order, or one group per row): from the original weight.
+        scales, zeros = int4_params(w.reshape(n, k // g, g), scheme.symmetric)
+    else:
+        qmin, qmax = -127, 127
+        scales, zeros = int8_scale(w).unsqueeze(1), torch.zeros(n, 1)
+    dynamic_groups = int4 and not act_order and g < k
+    if dynamic_groups:
+        block_size = max(block_size // g, 1) * g
+
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    u = inverse_hessian_factor(h, damp, name).float()
+    group_of = perm // g  # the canonical group of each (permuted) column
+
+    codes = torch.zeros(n, k)
+    for b0 in range(0, k, block_size):
+        b1 = min(b0 + block_size, k)
+        wb = w[:, b0:b1].clone()
+        errs = torch.zeros_like(wb)
+        ub = u[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            if dynamic_groups and col % g == 0:
+                s, z = int4_params(wb[:, i : i + g], scheme.symmetric)
+                scales[:, col // g], zeros[:, col // g] = s, z
+            s, z = scales[:, group_of[col]], zeros[:, group_of[col]]
+            x = wb[:, i]
+            q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+            codes[:, col] = q
+            e = (x - (q - z) * s) / ub[i, i]
+            wb[:, i:] -= e.unsqueeze(1) * ub[i, i:].unsqueeze(0)
+            errs[:, i] = e
+        w[:, b1:] -= errs @ u[b0:b1, b1:]
+
+    codes = codes[:, torch.argsort(perm)]
+    if not int4:
+        return codes.to(torch.int8), scales.squeeze(1), None
+    return codes.to(torch.uint8), scales, None if scheme.symmetric else zeros

@@ -1,0 +1,85 @@
+"""Per-input-channel scaling searches: SmoothQuant and AWQ.
+
+Both rewrite ``y = x W^T`` as ``y = (x / s) (W s)^T`` with a per-input-channel ``s > 0``
+that makes the product easier to quantize; the division is folded into the layer that
+produces ``x`` when the graph allows (see ``lowbit.calibrate.pipeline``). Layers that read
+the same input share one ``s``.
+
+* SmoothQuant (Xiao et al., 2023), for W8A8: ``s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha)``
+  migrates activation outliers into the weights; ``alpha`` is the migration strength.
+* AWQ (Lin et al., 2024), for weight-only schemes: ``s = mean|x|^r`` normalized to a
+  geometric mean of one, with ``r`` on a grid in ``[0, 1)`` chosen to minimize the output
+  error of the quantized layers on sampled calibration inputs (salient input channels get
+  larger weights, hence smaller relative rounding error); then, per output channel and
+  group, the weight range is shrunk by the ratio (grid down to ``1 - max_shrink``) that
+  minimizes that group's output error ("clip search").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.formats import Scheme, fake_quantize
+
+
+def smoothquant_factors(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """``s[K]`` from the per-channel max|x| and the layers' weights ``[N_i, K]``."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+    w_max = torch.stack([w.detach().float().abs().amax(dim=0) for w in weights]).amax(dim=0)
+    s = act_max.float().clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
+    # Channels that never saw input or hold only zero weights keep their scale.
+    s = torch.where((act_max > 0) & (w_max > 0), s, torch.ones_like(s))
+    return s.clamp(min=1e-5)
+
+
+def _output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    return ((x @ (wq - w).T) ** 2).mean()
+
+
+def awq_scale_search(
+    x: torch.Tensor, act_mean: torch.Tensor, weights: list[torch.Tensor], scheme: Scheme, grid: int = 20
+) -> tuple[torch.Tensor, float, float]:
+    """Best ``s[K]`` for sampled inputs ``x[T, K]``; returns ``(s, error at s, error at s = 1)``."""
+    x = x.float()
+    ws = [w.detach().float() for w in weights]
+    base = sum(_output_error(x, w, fake_quantize(w, scheme)) for w in ws).item()
+    best, best_s = base, torch.ones_like(act_mean)
+    mean = act_mean.float().clamp(min=1e-4)
+    for i in range(1, grid):
+        s = mean.pow(i / grid)
+        s = s / (s.max() * s.min()).sqrt()
+        err = sum(_output_error(x, w, fake_quantize(w * s, scheme) / s) for w in ws).item()
+        if err < best:
+            best, best_s = err, s
+    return best_s, best, base
+
+
+def awq_clip_search(
+    x: torch.Tensor, w: torch.Tensor, scheme: Scheme, grid: int = 20, max_shrink: float = 0.5,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """``w`` with each (output channel, group) range shrunk to the ratio that minimizes
+    ``|x_g . (w_g - Q(clip(w_g)))|^2`` over the sampled inputs ``x[T, K]``."""
+    x = x.float()
+    w = w.detach().float()
+    n, k = w.shape
+    g = k if scheme.group_size is None or scheme.kind != "w4a16" else scheme.group_size
+    xg = x.reshape(x.shape[0], k // g, g)  # [T, groups, G]
+    out = torch.empty_like(w)
+    for r0 in range(0, n, chunk):
+        wc = w[r0 : r0 + chunk].reshape(-1, k // g, g)  # [n, groups, G]
+        ref = torch.einsum("tgj,ngj->ntg", xg, wc)
+        hi, lo = wc.amax(-1, keepdim=True), wc.amin(-1, keepdim=True)
+        best_err = torch.full(wc.shape[:2], float("inf"))
+        best = wc.clone()
+        for i in range(int(max_shrink * grid) + 1):
+            r = 1 - i / grid
+            clipped = torch.maximum(torch.minimum(wc, hi * r), lo * r)
+            q = fake_quantize(clipped.reshape(-1, k), scheme).reshape(wc.shape)
+            err = ((torch.einsum("tgj,ngj->ntg", xg, q) - ref) ** 2).mean(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better.unsqueeze(-1), clipped, best)
+        out[r0 : r0 + chunk] = best.reshape(-1, k)
+    return out
