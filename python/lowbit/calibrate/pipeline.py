@@ -10,8 +10,8 @@ the selected Linear layers inside it:
   layers that ran before it form the first stage. Then each block is a stage run on the
   recorded arguments, its outputs becoming the next block's first argument; with
   ``propagate="quantized"`` (the default, as GPTQ does) they are the outputs of the
-  already quantized block, with ``"float"`` those of the float block (which makes the
-  result identical to whole-model mode). Selected layers outside the blocks and after
+  already quantized block, with ``"float"`` those of the float block (layers are then
+  replaced only at the end, which makes the result identical to whole-model mode). Selected layers outside the blocks and after
   them form a last stage, run through the whole model. Only one stage's inputs,
   outputs and statistics are held at a time.
 
@@ -40,7 +40,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -110,7 +110,7 @@ class _Stop(Exception):
 def _tensors(obj) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return [t for v in obj.values() for t in _tensors(v)]
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in _tensors(v)]
@@ -195,6 +195,7 @@ class _Calibrator:
         self.model, self.method, self.observer = model, method, observer
         self.propagate, self.progress, self.replace, self.summary = propagate, progress, replace, summary
         self.state_bytes = 0
+        self.deferred: list[tuple[Entry, QuantizedWeight]] = []
 
     # --- memory accounting -------------------------------------------------------------------
 
@@ -394,7 +395,11 @@ class _Calibrator:
                     qw = quantize_weight(w, e.scheme, e.name, act_scale=act, input_scale=input_scales.get(e))
                 for h in self._hooks.pop(e, []):
                     h.remove()
-                self.replace(e, qw)
+                if self.propagate == "float":
+                    # Later stages (and the layers after the blocks) see the float model.
+                    self.deferred.append((e, qw))
+                else:
+                    self.replace(e, qw)
             if lead in hessians:
                 self.release(4 * hessians[lead][0].numel())
 
@@ -526,6 +531,8 @@ def run(
             else:
                 summary.sequential, summary.blocks = True, resolved[0]
                 _run_sequential(cal, model, entries, batches, forward, resolved[1], shared_weights)
+            for entry, weight in cal.deferred:
+                replace(entry, weight)
         summary.peak_rss_delta_bytes = rss.delta
     finally:
         model.train(was_training)
