@@ -5,7 +5,8 @@ Algorithm (Frantar et al., 2022), for ``w[N, K]`` and ``H = E[x x^T]`` (``[K, K]
 
 1. Columns that never saw a non-zero input (``H[k, k] = 0``) are zeroed and given a unit
    diagonal. With ``act_order`` the columns are processed by descending ``H[k, k]``.
-2. ``H += damp * mean(diag H) * I``; ``U`` = the upper Cholesky factor of ``H^-1``. If a
+2. ``H += damp * mean(diag H) * I``; ``U`` = the upper Cholesky factor of ``H^-1`` (float32,
+   as the reference implementation). If a
    factorization fails, the dampening grows tenfold and it is retried (at most
    ``MAX_RETRIES`` times), so the result is never NaN.
 3. Columns are rounded in blocks of ``block_size``: within a block, column ``i`` is
@@ -35,16 +36,21 @@ MAX_RETRIES = 6
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float, name: str = "layer") -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + d I)^-1`` in float64, ``d = damp * mean(diag H)``,
+    """Upper Cholesky factor of ``(H + d I)^-1`` in float32, ``d = damp * mean(diag H)``,
     with dampening raised tenfold on each failed factorization."""
-    h = h.double()
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    base = h.diagonal().mean().clamp(min=1e-12)
+    base = h.diagonal().double().mean().clamp(min=1e-12).item()
     for attempt in range(MAX_RETRIES + 1):
-        d = damp * (10**attempt) * base
-        lower, info = torch.linalg.cholesky_ex(h + d * eye)
+        # At most two K x K matrices beside the input: dampen a copy, factor, invert,
+        # factor again, dropping each intermediate as soon as it is used.
+        damped = h.to(torch.float32, copy=True)
+        damped.diagonal().add_(damp * (10**attempt) * base)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0 and torch.isfinite(upper).all():
                 return upper
     raise ValueError(f"{name}: the input Hessian is not positive definite even with dampening "
@@ -70,7 +76,7 @@ def gptq_quantize(
         raise ValueError(f"{name}: Hessian is {tuple(hessian.shape)}, expected ({k}, {k})")
     if not torch.isfinite(hessian).all():
         raise ValueError(f"{name}: the input Hessian holds NaN or Inf")
-    h = hessian.detach().double().clone()
+    h = hessian.detach().float().clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -91,7 +97,8 @@ def gptq_quantize(
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
     w = w[:, perm]
     h = h[perm][:, perm]
-    u = inverse_hessian_factor(h, damp, name).float()
+    u = inverse_hessian_factor(h, damp, name)
+    del h
     group_of = perm // g  # the canonical group of each (permuted) column
 
     codes = torch.zeros(n, k)
@@ -118,3 +125,10 @@ def gptq_quantize(
     if not int4:
         return codes.to(torch.int8), scales.squeeze(1), None
     return codes.to(torch.uint8), scales, None if scheme.symmetric else zeros
+
+
+def workspace_bytes(n: int, k: int) -> int:
+    """Peak bytes ``gptq_quantize`` allocates for a ``[n, k]`` weight: three float32
+    ``k x k`` matrices (the Hessian copy and two while factoring) and four float32
+    ``[n, k]`` working copies (weight, codes, a block's errors and updates)."""
+    return 4 * k * k * 3 + 4 * n * k * 4

@@ -37,11 +37,13 @@ class GPTQ:
 @dataclasses.dataclass(frozen=True)
 class AWQ:
     """Activation-aware scaling and clipping for weight-only schemes
-    (``lowbit.calibrate.scaling``): ``grid`` ratios for the scale search, ``clip`` on or
+    (``lowbit.calibrate.scaling``): ``grid`` ratios for the scale search (``duo`` adds
+    the weight-aware scale family), ``clip`` on or
     off, ``clip_grid`` and ``max_shrink`` for the clip search, ``max_tokens`` sampled
     input rows per layer group kept for the searches."""
 
     grid: int = 20
+    duo: bool = True
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5

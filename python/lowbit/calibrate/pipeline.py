@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lowbit.calibrate.gptq import gptq_quantize
+from lowbit.calibrate.gptq import gptq_quantize, workspace_bytes
 from lowbit.calibrate.methods import AWQ, GPTQ, SmoothQuant, Method
 from lowbit.calibrate.observers import make_observer
 from lowbit.calibrate.scaling import awq_clip_search, awq_scale_search, smoothquant_factors
@@ -314,7 +314,7 @@ class _Calibrator:
                 else:
                     x = torch.cat(st["sample"])
                     s, _, _ = awq_scale_search(x, (st["sum"] / max(st["n"], 1)).float(), weights,
-                                               group[0].scheme, method.grid)
+                                               group[0].scheme, method.grid, method.duo)
                 for e in group:
                     e.linear.weight.mul_(s.to(e.linear.weight.dtype))
                 if not self._fold(stage, group, producer, s, reference):
@@ -387,9 +387,15 @@ class _Calibrator:
                 w = e.linear.weight.detach()
                 if gptq:
                     h, n = hessians[lead]
-                    codes, scales, zeros = gptq_quantize(w, h / max(n, 1), e.scheme, damp=self.method.damp,
+                    if n:  # the mean, in place (the sum is not needed again)
+                        h.div_(n)
+                        hessians[lead][1] = 0
+                    workspace = workspace_bytes(*w.shape)
+                    self.hold(workspace)
+                    codes, scales, zeros = gptq_quantize(w, h, e.scheme, damp=self.method.damp,
                                                          act_order=self.method.act_order,
                                                          block_size=self.method.block_size, name=e.name)
+                    self.release(workspace)
                     qw = from_codes(e.scheme, codes, scales, zeros, act_scale=act, input_scale=input_scales.get(e))
                 else:
                     qw = quantize_weight(w, e.scheme, e.name, act_scale=act, input_scale=input_scales.get(e))
@@ -608,17 +614,19 @@ def _run_sequential(cal: _Calibrator, model, entries, batches, forward, blocks, 
         cal.summary.block_weight_bytes = max(cal.summary.block_weight_bytes, weights)
         cal.summary.block_activation_bytes = max(cal.summary.block_activation_bytes, held)
         if cal.propagate == "float":
+            # The float outputs, before the block changes; inputs and outputs are both held.
             outputs = [stage.run(inp) for inp in inputs]
             cal.hold(_nbytes(outputs))
         if stage_entries:
             cal.quantize_stage(stage, shared_weights)
-        if cal.propagate == "quantized":
-            outputs = [stage.run(inp) for inp in inputs]
-            cal.hold(_nbytes(outputs))
-        new_inputs = [_replace_first(inp, out) for inp, out in zip(inputs, outputs)]
-        cal.release(held + _nbytes(outputs))
-        del outputs
-        inputs = new_inputs
+        if cal.propagate == "float":
+            inputs[:] = [_replace_first(inp, out) for inp, out in zip(inputs, outputs)]
+            del outputs
+        else:
+            # Each output replaces its input at once: one batch more than the inputs, at most.
+            for j, inp in enumerate(inputs):
+                inputs[j] = _replace_first(inp, stage.run(inp))
+        cal.release(cal.state_bytes)
         held = _nbytes(inputs)
         cal.hold(held)
     cal.release(held)

@@ -7,10 +7,11 @@ the same input share one ``s``.
 
 * SmoothQuant (Xiao et al., 2023), for W8A8: ``s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha)``
   migrates activation outliers into the weights; ``alpha`` is the migration strength.
-* AWQ (Lin et al., 2024), for weight-only schemes: ``s = mean|x|^r`` normalized to a
-  geometric mean of one, with ``r`` on a grid in ``[0, 1)`` chosen to minimize the output
-  error of the quantized layers on sampled calibration inputs (salient input channels get
-  larger weights, hence smaller relative rounding error); then, per output channel and
+* AWQ (Lin et al., 2024), for weight-only schemes: ``s = mean|x|^r`` (or, weight-aware,
+  ``mean|x|^r / salience(W)^(1-r)``) normalized to a geometric mean of one, with ``r`` on
+  a grid in ``[0, 1)`` chosen to minimize the output error of the quantized layers on
+  sampled calibration inputs (salient input channels get larger weights, hence smaller
+  relative rounding error); then, per output channel and
   group, the weight range is shrunk by the ratio (grid down to ``1 - max_shrink``) that
   minimizes that group's output error ("clip search").
 """
@@ -37,21 +38,43 @@ def _output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> torch.T
     return ((x @ (wq - w).T) ** 2).mean()
 
 
+def _weight_salience(weights: list[torch.Tensor], scheme: Scheme) -> torch.Tensor:
+    """Mean over output channels of |w| relative to its quantization group's max, per input
+    channel: how close each input channel's weights already sit to their group's range."""
+    rel = []
+    for w in weights:
+        n, k = w.shape
+        g = k if scheme.kind != "w4a16" or scheme.group_size is None else scheme.group_size
+        wg = w.abs().reshape(n, k // g, g)
+        rel.append((wg / wg.amax(-1, keepdim=True).clamp(min=1e-12)).reshape(n, k))
+    return torch.cat(rel).mean(0)
+
+
 def awq_scale_search(
-    x: torch.Tensor, act_mean: torch.Tensor, weights: list[torch.Tensor], scheme: Scheme, grid: int = 20
+    x: torch.Tensor, act_mean: torch.Tensor, weights: list[torch.Tensor], scheme: Scheme, grid: int = 20,
+    duo: bool = True,
 ) -> tuple[torch.Tensor, float, float]:
-    """Best ``s[K]`` for sampled inputs ``x[T, K]``; returns ``(s, error at s, error at s = 1)``."""
+    """Best ``s[K]`` for sampled inputs ``x[T, K]``; returns ``(s, error at s, error at s = 1)``.
+
+    Candidates: ``s = 1``, ``mean|x|^r`` and, with ``duo``, ``mean|x|^r / salience(W)^(1-r)``
+    (the weight-aware variant of AutoAWQ), for ``r = i / grid``."""
     x = x.float()
     ws = [w.detach().float() for w in weights]
     base = sum(_output_error(x, w, fake_quantize(w, scheme)) for w in ws).item()
     best, best_s = base, torch.ones_like(act_mean)
     mean = act_mean.float().clamp(min=1e-4)
-    for i in range(1, grid):
-        s = mean.pow(i / grid)
-        s = s / (s.max() * s.min()).sqrt()
-        err = sum(_output_error(x, w, fake_quantize(w * s, scheme) / s) for w in ws).item()
-        if err < best:
-            best, best_s = err, s
+    families = [None] + ([_weight_salience(ws, scheme).clamp(min=1e-4)] if duo else [])
+    for w_sal in families:
+        for i in range(grid):
+            r = i / grid
+            s = mean.pow(r) if w_sal is None else mean.pow(r) / w_sal.pow(1 - r)
+            if w_sal is None and i == 0:
+                continue  # s = 1, the baseline
+            s = s.clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            err = sum(_output_error(x, w, fake_quantize(w * s, scheme) / s) for w in ws).item()
+            if err < best:
+                best, best_s = err, s
     return best_s, best, base
 
 
