@@ -287,19 +287,20 @@ class _Calibrator:
             stats[id(group[0])] = {"max": torch.zeros(k), "sum": torch.zeros(k, dtype=torch.float64), "n": 0,
                                    "sample": []}
             self.hold(3 * 4 * k)
-        limit = method.max_tokens if isinstance(method, AWQ) else 0
+        # AWQ's searches use a sample of the inputs: an equal share of rows from every
+        # batch, drawn at random (seeded), max_tokens rows in all.
+        quota = -(-method.max_tokens // len(stage.inputs)) if isinstance(method, AWQ) else 0
+        rng = torch.Generator().manual_seed(0)
 
         def collector(st):
             def fn(x):
                 st["max"] = torch.maximum(st["max"], x.abs().amax(dim=0))
                 st["sum"] += x.abs().sum(dim=0, dtype=torch.float64)
                 st["n"] += x.shape[0]
-                held = sum(t.shape[0] for t in st["sample"])
-                if held < limit:
-                    # Every batch contributes its first rows until the budget is spent.
-                    take = x[: limit - held].clone()
-                    st["sample"].append(take)
-                    self.hold(take.numel() * 4)
+                if quota:
+                    rows = torch.randperm(x.shape[0], generator=rng)[:quota]
+                    st["sample"].append(x[rows])
+                    self.hold(len(rows) * x.shape[1] * 4)
             return fn
 
         self.run_pass(stage, {e: collector(stats[id(g[0])]) for g, _ in groups for e in g[:1]}, "activation ranges")
