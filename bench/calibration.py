@@ -11,6 +11,7 @@ round-to-nearest, on real text.
     python bench/calibration.py                 # both tables
     python bench/calibration.py --only lm       # or minilm
     python bench/calibration.py --quick         # fewer calibration/evaluation samples
+    python bench/calibration.py --match GPTQ    # only the variants whose label has this
 """
 
 from __future__ import annotations
@@ -159,9 +160,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=["minilm", "lm"])
     parser.add_argument("--quick", action="store_true", help="fewer calibration and evaluation samples")
+    parser.add_argument("--match", default="", help="only the variants whose label contains this text")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
+    global MINILM_ROWS, LM_ROWS
+    MINILM_ROWS = [r for r in MINILM_ROWS if args.match in r[0]]
+    LM_ROWS = [r for r in LM_ROWS if args.match in r[0]]
     out = []
     if args.only in (None, "minilm"):
         out.append(minilm_table(*((128, 64) if args.quick else (512, 128))))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.calibrate.gptq import gptq_quantize, inverse_hessian_factor
+from lowbit.calibrate.gptq import factor_hessian, gptq_quantize
 from lowbit.formats import Scheme, fake_quantize, from_codes, int4_params, int8_scale, quantize_weight
 
 SCHEMES = ["w4a16-g32", "w4a16-g128", "w4a16-gK", "w4a16-g64-sym", "w8a16", "w8a8"]
@@ -80,10 +80,28 @@ def test_dead_inputs_zero_their_columns_and_rank_deficient_hessians_work():
 def test_dampening_is_raised_until_the_factorization_succeeds():
     h = torch.ones(8, 8)  # rank one
     h[0, 0] = 1 - 1e-9
-    u = inverse_hessian_factor(h, 1e-12)
-    assert torch.isfinite(u).all()
+    f = factor_hessian(h, damp=1e-12)
+    assert torch.isfinite(f.upper).all()
+    with pytest.raises(torch.linalg.LinAlgError):  # the requested dampening alone fails
+        torch.linalg.cholesky(h + 1e-12 * h.diagonal().mean() * torch.eye(8))
     with pytest.raises(ValueError, match="not positive definite"):
-        inverse_hessian_factor(-torch.eye(4), 0.01, name="layer.x")
+        factor_hessian(-torch.eye(4), damp=0.01, name="layer.x")
+
+
+def test_the_factor_is_built_in_place_and_shared():
+    x = correlated_inputs(256, 64, seed=9)
+    h = x.T @ x / 256
+    expect = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(
+        h + 0.01 * h.diagonal().mean() * torch.eye(64))), upper=True)
+    own = h.clone()
+    f = factor_hessian(own, overwrite=True)
+    assert f.upper.data_ptr() == own.data_ptr()
+    assert torch.allclose(f.upper, expect, rtol=1e-4, atol=1e-5)
+    w = torch.randn(8, 64)
+    s = Scheme.parse("w4a16-g32")
+    a = gptq_quantize(w, f, s)
+    b = gptq_quantize(w, h, s)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
 def test_bad_hessians_are_refused():

@@ -28,6 +28,8 @@ Quantization parameters follow the canonical format exactly (``formats.int4_para
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from lowbit.formats import Scheme, int4_params, int8_scale
@@ -35,31 +37,58 @@ from lowbit.formats import Scheme, int4_params, int8_scale
 MAX_RETRIES = 6
 
 
-def inverse_hessian_factor(h: torch.Tensor, damp: float, name: str = "layer") -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + d I)^-1`` in float32, ``d = damp * mean(diag H)``,
-    with dampening raised tenfold on each failed factorization."""
+@dataclasses.dataclass
+class HessianFactor:
+    """What GPTQ needs of a Hessian, shared by every layer that reads the same input:
+    ``upper``, the upper Cholesky factor of the dampened ``H^-1`` in processing order;
+    ``perm``, that order (columns by descending ``H[k, k]`` with ``act_order``, else
+    identity); ``dead``, the inputs that were always zero."""
+
+    upper: torch.Tensor
+    perm: torch.Tensor
+    dead: torch.Tensor
+    act_order: bool
+
+
+def factor_hessian(
+    h: torch.Tensor, *, damp: float = 0.01, act_order: bool = False, name: str = "layer", overwrite: bool = False
+) -> HessianFactor:
+    """Factor ``H`` (float32 ``[K, K]``) for GPTQ. With ``overwrite`` the factor is built in
+    ``h``'s storage, so the peak is two ``K x K`` matrices (``h`` and a backup for retries;
+    three with ``act_order``, which permutes a copy). Dampening ``d = damp * mean(diag H)`` grows tenfold on each failed
+    factorization (at most ``MAX_RETRIES`` times); a Hessian that still fails raises."""
+    if h.dim() != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"{name}: Hessian must be square, got {tuple(h.shape)}")
+    if not torch.isfinite(h).all():
+        raise ValueError(f"{name}: the input Hessian holds NaN or Inf")
+    h = h if overwrite and h.dtype == torch.float32 else h.to(torch.float32, copy=True)
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(h.shape[0])
+    if act_order:
+        h = h[perm.unsqueeze(1), perm.unsqueeze(0)]  # one copy in processing order
     base = h.diagonal().double().mean().clamp(min=1e-12).item()
+    backup = h.clone()
+    info = torch.empty((), dtype=torch.int32)
     for attempt in range(MAX_RETRIES + 1):
-        # At most two K x K matrices beside the input: dampen a copy, factor, invert,
-        # factor again, dropping each intermediate as soon as it is used.
-        damped = h.to(torch.float32, copy=True)
-        damped.diagonal().add_(damp * (10**attempt) * base)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        del damped
-        if info == 0:
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if info == 0 and torch.isfinite(upper).all():
-                return upper
+        if attempt:
+            h.copy_(backup)
+        h.diagonal().add_(damp * (10**attempt) * base)
+        # In place: L, then (L L^T)^-1, then its upper factor, all in h's storage.
+        torch.linalg.cholesky_ex(h, out=(h, info))
+        if info != 0:
+            continue
+        torch.cholesky_inverse(h, out=h)
+        torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
+        if info == 0 and torch.isfinite(h).all():
+            return HessianFactor(h, perm, dead, act_order)
     raise ValueError(f"{name}: the input Hessian is not positive definite even with dampening "
                      f"{damp * 10**MAX_RETRIES:g} x mean(diag); are the calibration inputs degenerate?")
 
 
 def gptq_quantize(
     w: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | HessianFactor,
     scheme: Scheme,
     *,
     damp: float = 0.01,
@@ -68,40 +97,40 @@ def gptq_quantize(
     name: str = "layer",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ-rounded codes of ``w[N, K]`` -> ``(codes, scales, zeros)`` as ``formats.from_codes``
-    takes them: int codes ``[N, K]`` (int8 in [-127, 127] or int4 in [0, 15]), scales
-    ``[N]`` or ``[N, K/G]``, zero points ``[N, K/G]`` (float, integer-valued) or None."""
+    takes them: int codes ``[N, K]`` (int8 in [-127, 127] or uint8 int4 in [0, 15]), scales
+    ``[N]`` or ``[N, K/G]``, zero points ``[N, K/G]`` (float, integer-valued) or None.
+    ``hessian`` is ``E[x x^T]`` or its ``factor_hessian`` (then ``damp`` and ``act_order``
+    are the factor's)."""
     w = w.detach().float().clone()
     n, k = w.shape
-    if hessian.shape != (k, k):
-        raise ValueError(f"{name}: Hessian is {tuple(hessian.shape)}, expected ({k}, {k})")
-    if not torch.isfinite(hessian).all():
-        raise ValueError(f"{name}: the input Hessian holds NaN or Inf")
-    h = hessian.detach().float().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    if isinstance(hessian, HessianFactor):
+        factor = hessian
+    else:
+        if hessian.shape != (k, k):
+            raise ValueError(f"{name}: Hessian is {tuple(hessian.shape)}, expected ({k}, {k})")
+        factor = factor_hessian(hessian, damp=damp, act_order=act_order, name=name)
+    if factor.upper.shape != (k, k):
+        raise ValueError(f"{name}: Hessian factor is {tuple(factor.upper.shape)}, expected ({k}, {k})")
+    act_order, perm, u = factor.act_order, factor.perm, factor.upper
+    w[:, factor.dead] = 0
 
     int4 = scheme.kind == "w4a16"
     g = (k if scheme.group_size is None else scheme.group_size) if int4 else k
     if int4:
-        qmin, qmax = 0, 15
+        qmin, qmax, code_dtype = 0, 15, torch.uint8
         # Static group parameters (act_order, or one group per row): from the original weight.
         scales, zeros = int4_params(w.reshape(n, k // g, g), scheme.symmetric)
     else:
-        qmin, qmax = -127, 127
+        qmin, qmax, code_dtype = -127, 127, torch.int8
         scales, zeros = int8_scale(w).unsqueeze(1), torch.zeros(n, 1)
     dynamic_groups = int4 and not act_order and g < k
     if dynamic_groups:
         block_size = max(block_size // g, 1) * g
 
-    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
     w = w[:, perm]
-    h = h[perm][:, perm]
-    u = inverse_hessian_factor(h, damp, name)
-    del h
     group_of = perm // g  # the canonical group of each (permuted) column
 
-    codes = torch.zeros(n, k)
+    codes = torch.zeros(n, k, dtype=code_dtype)
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)
         wb = w[:, b0:b1].clone()
@@ -115,7 +144,7 @@ def gptq_quantize(
             s, z = scales[:, group_of[col]], zeros[:, group_of[col]]
             x = wb[:, i]
             q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
-            codes[:, col] = q
+            codes[:, col] = q.to(code_dtype)
             e = (x - (q - z) * s) / ub[i, i]
             wb[:, i:] -= e.unsqueeze(1) * ub[i, i:].unsqueeze(0)
             errs[:, i] = e
@@ -123,12 +152,12 @@ def gptq_quantize(
 
     codes = codes[:, torch.argsort(perm)]
     if not int4:
-        return codes.to(torch.int8), scales.squeeze(1), None
-    return codes.to(torch.uint8), scales, None if scheme.symmetric else zeros
+        return codes, scales.squeeze(1), None
+    return codes, scales, None if scheme.symmetric else zeros
 
 
-def workspace_bytes(n: int, k: int) -> int:
-    """Peak bytes ``gptq_quantize`` allocates for a ``[n, k]`` weight: three float32
-    ``k x k`` matrices (the Hessian copy and two while factoring) and four float32
-    ``[n, k]`` working copies (weight, codes, a block's errors and updates)."""
-    return 4 * k * k * 3 + 4 * n * k * 4
+def workspace_bytes(n: int, k: int, act_order: bool) -> int:
+    """Peak bytes GPTQ allocates beyond the Hessian it factors in place: the backup copy
+    kept for retries (and the permuted copy with ``act_order``), and the float32 weight
+    copy and 1-byte codes of ``[n, k]``."""
+    return 4 * k * k * (2 if act_order else 1) + 5 * n * k

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lowbit.calibrate.gptq import gptq_quantize, workspace_bytes
+from lowbit.calibrate.gptq import factor_hessian, gptq_quantize, workspace_bytes
 from lowbit.calibrate.methods import AWQ, GPTQ, SmoothQuant, Method
 from lowbit.calibrate.observers import make_observer
 from lowbit.calibrate.scaling import awq_clip_search, awq_scale_search, smoothquant_factors
@@ -379,6 +379,17 @@ class _Calibrator:
 
         for group, _ in groups:
             lead = group[0]
+            factor = None
+            if gptq:
+                # One factor per group, built in the Hessian's own storage.
+                h, n = hessians.pop(lead)
+                h.div_(max(n, 1))
+                workspace = workspace_bytes(0, h.shape[0], self.method.act_order)
+                self.hold(workspace)
+                factor = factor_hessian(h, damp=self.method.damp, act_order=self.method.act_order,
+                                        name=lead.name, overwrite=True)
+                self.release(workspace)
+                del h
             for e in group:
                 act = e.act_scale
                 if act is None and lead in observers:
@@ -387,15 +398,10 @@ class _Calibrator:
                     act = None
                 w = e.linear.weight.detach()
                 if gptq:
-                    h, n = hessians[lead]
-                    if n:  # the mean, in place (the sum is not needed again)
-                        h.div_(n)
-                        hessians[lead][1] = 0
-                    workspace = workspace_bytes(*w.shape)
+                    workspace = workspace_bytes(*w.shape, act_order=False)
                     self.hold(workspace)
-                    codes, scales, zeros = gptq_quantize(w, h, e.scheme, damp=self.method.damp,
-                                                         act_order=self.method.act_order,
-                                                         block_size=self.method.block_size, name=e.name)
+                    codes, scales, zeros = gptq_quantize(w, factor, e.scheme, block_size=self.method.block_size,
+                                                         name=e.name)
                     self.release(workspace)
                     qw = from_codes(e.scheme, codes, scales, zeros, act_scale=act, input_scale=input_scales.get(e))
                 else:
@@ -407,8 +413,9 @@ class _Calibrator:
                     self.deferred.append((e, qw))
                 else:
                     self.replace(e, qw)
-            if lead in hessians:
-                self.release(4 * hessians[lead][0].numel())
+            if factor is not None:
+                self.release(4 * factor.upper.numel())
+                del factor
 
 
 def _scale_hook(factor: torch.Tensor):
