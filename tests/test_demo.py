@@ -65,3 +65,31 @@ def test_cli_demo_reports_a_missing_model_directory(tmp_path, capsys):
 def test_cli_demo_reports_a_bad_scheme(capsys):
     assert main(["demo", "--schemes", "w3a16", "--sentences", "2"]) == 2
     assert "cannot parse scheme 'w3a16'" in capsys.readouterr().err
+
+
+def test_calibration_wins_back_int4_accuracy_on_minilm(minilm):
+    # A small version of bench/calibration.py: 128 calibration sentences (disjoint from the
+    # evaluation ones), one per batch so that no padding enters the statistics.
+    import copy
+
+    import lowbit
+    from lowbit.calibrate import GPTQ, SmoothQuant
+
+    model, texts, reference = minilm
+    tokenize = getattr(model, "preprocess", None) or model.tokenize
+    calibration = [tokenize([t]) for t in demo.sentences(128, offset=400)]
+
+    def forward(m, features):
+        return m(dict(features))
+
+    def cosine(scheme, **kw):
+        q = copy.deepcopy(model)
+        lowbit.quantize(q, scheme, calibration=calibration, calibration_forward=forward, progress=False, **kw)
+        return demo.cosine_to(reference, demo.encode(q, texts)).mean().item()
+
+    rtn = cosine("w4a16-g128")
+    gptq = cosine("w4a16-g128", method=GPTQ(act_order=True))
+    assert gptq > rtn + 0.015 and gptq > 0.975, (rtn, gptq)
+    static = cosine("w8a8-static", observer="minmax")
+    smooth = cosine("w8a8-static", method=SmoothQuant(alpha=0.8), observer="minmax")
+    assert smooth > 0.99 and smooth > static, (static, smooth)
