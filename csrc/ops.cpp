@@ -37,18 +37,19 @@ TORCH_LIBRARY(lowbit, m) {
   m.def(
       "dequantize_int4(Tensor packed, Tensor scales, Tensor? zeros, int group_size, "
       "ScalarType dtype) -> Tensor");
-  // CPU-blocked int8 weights (csrc/cpu/int8_gemm.h).
+  // CPU-blocked int8 weights (csrc/cpu/int8_gemm.h). `path` on the prepacked ops: -1 lets
+  // the kernel choose, else a fixed kernel path (csrc/cpu/isa.h), as a tuned plan picks it.
   m.def("int8_prepack(Tensor w) -> Tensor");
   m.def(
-      "w8a8_linear_prepacked(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, Tensor? x_scale=None) "
-      "-> Tensor");
+      "w8a8_linear_prepacked(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, Tensor? x_scale=None, "
+      "int path=-1) -> Tensor");
   // CPU weight-only layouts (csrc/cpu/wo_gemm.h).
   m.def("w4a16_prepack(Tensor packed, Tensor scales, Tensor? zeros, int group_size) -> (Tensor, Tensor)");
   m.def(
       "w4a16_linear_prepacked(Tensor x, Tensor w, Tensor params, int group_size, int out_features, "
-      "Tensor? bias) -> Tensor");
+      "Tensor? bias, int path=-1) -> Tensor");
   m.def("w8a16_prepack(Tensor w) -> Tensor");
-  m.def("w8a16_linear_prepacked(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor");
+  m.def("w8a16_linear_prepacked(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, int path=-1) -> Tensor");
   m.def("pack_int4(Tensor q) -> Tensor");
   m.def("unpack_int4(Tensor packed) -> Tensor");
 }

@@ -125,13 +125,13 @@ std::optional<at::Tensor> float_contiguous(const std::optional<at::Tensor>& t) {
 
 // out[M, N] (row stride ldo) from the activation buffer a ([M][kp]); row_comp as in
 // int8::Epilogue (used by the VNNI kernel only).
-void run_gemm(const int8_t* a, int64_t m, int64_t kp, const at::Tensor& packed, const int32_t* row_comp,
+void run_gemm(Isa path, const int8_t* a, int64_t m, int64_t kp, const at::Tensor& packed, const int32_t* row_comp,
               const float* a_scale, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
               at::Tensor& out) {
   const std::optional<at::Tensor> bf = float_contiguous(bias);
   const at::Tensor sw = w_scale.contiguous();
   // Below one AMX tile of rows, the tile's padding rows would be wasted work: VNNI instead.
-  const Isa isa = current_isa() == Isa::kAmx && m < int8::kAlignM ? Isa::kAvx512Vnni : current_isa();
+  const Isa isa = path == Isa::kAmx && m < int8::kAlignM ? Isa::kAvx512Vnni : path;
   const Epilogue ep{a_scale, sw.const_data_ptr<float>(), bf ? bf->const_data_ptr<float>() : nullptr,
                     has_avx512(isa) ? row_comp : nullptr, out.mutable_data_ptr(),
                     float_type(out.scalar_type()), w_scale.size(0), w_scale.size(0)};
@@ -164,8 +164,19 @@ std::optional<float> static_scale(const at::Tensor& x, const std::optional<at::T
   return x_scale->item<float>();
 }
 
+// The ISA of an int8 op's `path` argument (-1: the current one).
+Isa int8_path(int64_t path) {
+  if (path == kPathAuto) return current_isa();
+  const std::string error = path_error(path);
+  TORCH_CHECK_VALUE(error.empty(), "path: ", error, " (the int8 GEMM takes -1 = auto, 0 = scalar, 1 = avx2, ",
+                    "2 = avx512_vnni, 3 = amx)");
+  return static_cast<Isa>(path);
+}
+
 at::Tensor w8a8_linear_prepacked(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
-                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& x_scale) {
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& x_scale,
+                                 int64_t path) {
+  const Isa isa = int8_path(path);
   check_activation(x, "x");
   const int64_t k = x.size(-1);
   check_prepacked(packed, w_scale, k);
@@ -179,10 +190,10 @@ at::Tensor w8a8_linear_prepacked(const at::Tensor& x, const at::Tensor& packed, 
   a.narrow(0, m, a.size(0) - m).fill_(0);
   at::Tensor sx = at::empty({m}, x.options().dtype(at::kFloat));
   at::Tensor row_comp = at::empty({m}, x.options().dtype(at::kInt));
-  quantize_activations(x2d, xs, kp, a.mutable_data_ptr<int8_t>(), sx.mutable_data_ptr<float>(),
+  quantize_activations(isa, x2d, xs, kp, a.mutable_data_ptr<int8_t>(), sx.mutable_data_ptr<float>(),
                        row_comp.mutable_data_ptr<int32_t>());
   at::Tensor out = at::empty(linear_out_shape(x, n), x.options());
-  run_gemm(a.const_data_ptr<int8_t>(), m, kp, packed, row_comp.const_data_ptr<int32_t>(), sx.const_data_ptr<float>(),
+  run_gemm(isa, a.const_data_ptr<int8_t>(), m, kp, packed, row_comp.const_data_ptr<int32_t>(), sx.const_data_ptr<float>(),
            w_scale, bias, out);
   return out;
 }
@@ -190,7 +201,7 @@ at::Tensor w8a8_linear_prepacked(const at::Tensor& x, const at::Tensor& packed, 
 at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& x_scale) {
   check_int8_linear(x, w, w_scale, bias);
-  return w8a8_linear_prepacked(x, int8_prepack(w), w_scale, bias, x_scale);
+  return w8a8_linear_prepacked(x, int8_prepack(w), w_scale, bias, x_scale, kPathAuto);
 }
 
 at::Tensor int8_scaled_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
@@ -218,17 +229,17 @@ at::Tensor int8_scaled_mm(const at::Tensor& a, const at::Tensor& b, const at::Te
   });
   const at::Tensor sa = a_scale.contiguous();
   at::Tensor out = at::empty({m, b.size(0)}, a.options().dtype(out_dtype));
-  run_gemm(buf.const_data_ptr<int8_t>(), m, kp, packed, row_comp.data(), sa.const_data_ptr<float>(), b_scale, bias,
+  run_gemm(current_isa(), buf.const_data_ptr<int8_t>(), m, kp, packed, row_comp.data(), sa.const_data_ptr<float>(), b_scale, bias,
            out);
   return out;
 }
 
 }  // namespace
 
-void quantize_activations(const at::Tensor& x2d, std::optional<float> static_scale, int64_t kp, int8_t* a,
+void quantize_activations(Isa isa, const at::Tensor& x2d, std::optional<float> static_scale, int64_t kp, int8_t* a,
                           float* scale, int32_t* row_comp) {
   const int64_t m = x2d.size(0), k = x2d.size(1);
-  if (!static_scale && has_avx512(current_isa())) {
+  if (!static_scale && has_avx512(isa)) {
     const void* x = x2d.const_data_ptr();
     const FloatType type = float_type(x2d.scalar_type());
     at::parallel_for(0, m, std::max<int64_t>(1, 16384 / k), [&](int64_t r0, int64_t r1) {

@@ -78,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x) {
   const int64_t k = x.size(-1);
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
   at::Tensor scale = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
-  quantize_activations(xc.view({-1, k}), std::nullopt, k, q.mutable_data_ptr<int8_t>(),
+  quantize_activations(current_isa(), xc.view({-1, k}), std::nullopt, k, q.mutable_data_ptr<int8_t>(),
                        scale.mutable_data_ptr<float>(), /*row_comp=*/nullptr);
   return {q, scale};
 }

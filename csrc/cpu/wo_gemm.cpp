@@ -150,14 +150,24 @@ at::Tensor run_panels(const at::Tensor& x, int64_t m, int64_t n, const std::opti
 // Activations of any float dtype, widened to fp32, times the int4 or int8 panels from
 // panel_at(p): in registers from the packed bytes up to kMaxGemvRows rows, else through
 // dequantized fp32 blocks.
+// path: -1 auto (AVX-512 when current, registers up to kMaxGemvRows rows), 0 scalar,
+// 2 AVX-512 through fp32 blocks at every M, kPathGemv AVX-512 in registers at every M
+// (kMaxGemvRows rows at a time).
 template <typename PanelAt>
-at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, PanelAt panel_at) {
+at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, int64_t path,
+                           PanelAt panel_at) {
+  TORCH_CHECK_VALUE(path == kPathAuto || path == 0 || path == 2 || path == kPathGemv,
+                    "path: the weight-only kernels take -1 = auto, 0 = scalar, 2 = avx512 (blocked GEMM) or ",
+                    "4 = gemv (in registers), got ", path);
+  if (path == 2 || path == kPathGemv)
+    TORCH_CHECK_VALUE(has_avx512(best_isa()), "path: this CPU cannot run the AVX-512 weight-only kernels (best ",
+                      "available: ", isa_name(best_isa()), ")");
   const int64_t k = x.size(-1);
   const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const float* xp = xf.const_data_ptr<float>();
-  const bool avx512 = has_avx512(current_isa());
+  const bool avx512 = path == kPathAuto ? has_avx512(current_isa()) : path != 0;
   const int64_t m = xf.size(0);
-  const bool gemv = avx512 && m <= wo::kMaxGemvRows;
+  const bool gemv = path == kPathGemv || (path == kPathAuto && avx512 && m <= wo::kMaxGemvRows);
   // Group sums of the activations, for the int4 small-M path's zero points.
   const Panel first = panel_at(0);
   at::Tensor xsum;
@@ -166,11 +176,15 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
   return run_panels(x, m, n, bias, [&](int64_t p, int64_t m0, int64_t rows, float* c) {
     const Panel panel = panel_at(p);
     if (gemv) {
-      if (panel.kind == Weights::kInt8)
-        wo::gemv_int8_avx512(xp + m0 * k, k, rows, panel, c);
-      else
-        wo::gemv_int4_avx512(xp + m0 * k, k, rows, xsum.const_data_ptr<float>() + m0 * (k / panel.group_size),
-                             panel, c);
+      for (int64_t r = 0; r < rows; r += wo::kMaxGemvRows) {
+        const int64_t sub = std::min(wo::kMaxGemvRows, rows - r);
+        if (panel.kind == Weights::kInt8)
+          wo::gemv_int8_avx512(xp + (m0 + r) * k, k, sub, panel, c + r * kPanel);
+        else
+          wo::gemv_int4_avx512(xp + (m0 + r) * k, k, sub,
+                               xsum.const_data_ptr<float>() + (m0 + r) * (k / panel.group_size), panel,
+                               c + r * kPanel);
+      }
       return;
     }
     std::vector<float> block(kBlockK * kPanel);
@@ -202,7 +216,8 @@ void check_prepacked_x(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
 }
 
 at::Tensor w4a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, const at::Tensor& params,
-                                  int64_t group_size, int64_t out_features, const std::optional<at::Tensor>& bias) {
+                                  int64_t group_size, int64_t out_features, const std::optional<at::Tensor>& bias,
+                                  int64_t path) {
   check_dtype(w, at::kByte, "w");
   check_prepacked_x(x, w, out_features, bias, /*pairs=*/true);
   const int64_t k = x.size(-1);
@@ -220,11 +235,11 @@ at::Tensor w4a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
   const auto panel_at = [&](int64_t p) {
     return Panel{Weights::kInt4, wp + p * k * kPanel / 2, pp + p * groups * 2 * kPanel, group_size, k};
   };
-  return run_weight_only(x, out_features, bias, panel_at);
+  return run_weight_only(x, out_features, bias, path, panel_at);
 }
 
 at::Tensor w8a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
-                                  const std::optional<at::Tensor>& bias) {
+                                  const std::optional<at::Tensor>& bias, int64_t path) {
   check_dtype(w, at::kChar, "w");
   check_dtype(w_scale, at::kFloat, "w_scale");
   TORCH_CHECK_VALUE(w_scale.dim() == 1, "w_scale must be 1-D, got ", w_scale.sizes());
@@ -236,13 +251,13 @@ at::Tensor w8a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
   scales.narrow(0, 0, n).copy_(w_scale);
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.const_data_ptr<int8_t>());
   const float* sp = scales.const_data_ptr<float>();
-  return run_weight_only(x, n, bias, [&](int64_t p) { return Panel{Weights::kInt8, wp + p * k * kPanel, sp + p * kPanel, 0, k}; });
+  return run_weight_only(x, n, bias, path, [&](int64_t p) { return Panel{Weights::kInt8, wp + p * k * kPanel, sp + p * kPanel, 0, k}; });
 }
 
 at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
                         const std::optional<at::Tensor>& bias) {
   check_int8_linear(x, w, w_scale, bias);
-  return w8a16_linear_prepacked(x, w8a16_prepack(w), w_scale, bias);
+  return w8a16_linear_prepacked(x, w8a16_prepack(w), w_scale, bias, kPathAuto);
 }
 
 at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
@@ -250,7 +265,7 @@ at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& packed, const at:
                         const std::optional<at::Tensor>& bias) {
   check_int4_linear(x, packed, scales, zeros, group_size, bias);
   const auto [w, params] = w4a16_prepack(packed, scales, zeros, group_size);
-  return w4a16_linear_prepacked(x, w, params, group_size, packed.size(0), bias);
+  return w4a16_linear_prepacked(x, w, params, group_size, packed.size(0), bias, kPathAuto);
 }
 
 }  // namespace

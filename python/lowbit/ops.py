@@ -155,13 +155,15 @@ def w8a8_linear_prepacked(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     x_scale: torch.Tensor | None = None,
+    path: int = -1,
 ) -> torch.Tensor:
-    """``w8a8_linear`` on weights from ``int8_prepack``."""
-    return _ops.w8a8_linear_prepacked(x, packed, w_scale, bias, x_scale)
+    """``w8a8_linear`` on weights from ``int8_prepack``; ``path`` fixes the kernel path
+    (``lowbit.plan.INT8_PATHS``; -1: the kernel chooses)."""
+    return _ops.w8a8_linear_prepacked(x, packed, w_scale, bias, x_scale, path)
 
 
 @torch.library.register_fake("lowbit::w8a8_linear_prepacked")
-def _(x, packed, w_scale, bias, x_scale=None):
+def _(x, packed, w_scale, bias, x_scale=None, path=-1):
     checks.activation(x, "x")
     n, k = w_scale.shape[0], x.shape[-1]
     expected = (_round_up(n, _PANEL) // _PANEL, _round_up(k, _ALIGN_K) // _GROUP_K, _PANEL, _GROUP_K)
@@ -196,9 +198,11 @@ def w4a16_linear_prepacked(
     group_size: int,
     out_features: int,
     bias: torch.Tensor | None = None,
+    path: int = -1,
 ) -> torch.Tensor:
-    """``w4a16_linear`` on weights from ``w4a16_prepack``."""
-    return _ops.w4a16_linear_prepacked(x, w, params, group_size, out_features, bias)
+    """``w4a16_linear`` on weights from ``w4a16_prepack``; ``path`` fixes the kernel path
+    (``lowbit.plan.WEIGHT_ONLY_PATHS``; -1: the kernel chooses)."""
+    return _ops.w4a16_linear_prepacked(x, w, params, group_size, out_features, bias, path)
 
 
 def _check_wo_prepacked(x, w, wdtype, n, rows, bias):
@@ -209,7 +213,7 @@ def _check_wo_prepacked(x, w, wdtype, n, rows, bias):
 
 
 @torch.library.register_fake("lowbit::w4a16_linear_prepacked")
-def _(x, w, params, group_size, out_features, bias):
+def _(x, w, params, group_size, out_features, bias, path=-1):
     _check_wo_prepacked(x, w, torch.uint8, out_features, x.shape[-1] // 2, bias)
     checks.group_size(group_size, x.shape[-1])
     checks.shape(params, (w.shape[0], x.shape[-1] // group_size, 2, _PANEL), "params")
@@ -228,14 +232,14 @@ def _(w):
 
 
 def w8a16_linear_prepacked(
-    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, path: int = -1
 ) -> torch.Tensor:
-    """``w8a16_linear`` on weights from ``w8a16_prepack``."""
-    return _ops.w8a16_linear_prepacked(x, w, w_scale, bias)
+    """``w8a16_linear`` on weights from ``w8a16_prepack``; ``path`` as for w4a16."""
+    return _ops.w8a16_linear_prepacked(x, w, w_scale, bias, path)
 
 
 @torch.library.register_fake("lowbit::w8a16_linear_prepacked")
-def _(x, w, w_scale, bias):
+def _(x, w, w_scale, bias, path=-1):
     _check_wo_prepacked(x, w, torch.int8, w_scale.shape[0], x.shape[-1], bias)
     checks.dtype(w_scale, torch.float32, "w_scale")
     return _linear_out(x, w_scale.shape[0])

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from lowbit import ops
+from lowbit import ops, plan
 from lowbit.backends.native import NativeBackend
 from lowbit.formats import QuantizedWeight
 
@@ -54,6 +54,9 @@ class CpuPacked:
 
     canonical: QuantizedWeight
     tensors: tuple[torch.Tensor, ...]
+    # ((M bucket, kernel path), ...) from the tuned plan (lowbit.plan), or None: the kernel
+    # chooses by its built-in heuristics.
+    paths: tuple[tuple[int, int], ...] | None = None
 
 
 class CpuBackend(NativeBackend):
@@ -72,13 +75,17 @@ class CpuBackend(NativeBackend):
             tensors = (ops.w8a16_prepack(weight.qweight),)
         else:
             tensors = (ops.int8_prepack(weight.qweight),)
-        return CpuPacked(weight, tuple(tensors))
+        active = plan.active_plan()
+        paths = None if active is None else active.paths(str(weight.scheme), "cpu", weight.out_features,
+                                                         weight.in_features, kind)
+        return CpuPacked(weight, tuple(tensors), paths)
 
     def apply(self, x, weight: CpuPacked, bias):
         w, t = weight.canonical, weight.tensors
         kind = w.scheme.kind
+        path = -1 if weight.paths is None else plan.pick(weight.paths, x.numel() // x.shape[-1])
         if kind == "w4a16":
-            return ops.w4a16_linear_prepacked(x, t[0], t[1], w.group_size, w.out_features, bias)
+            return ops.w4a16_linear_prepacked(x, t[0], t[1], w.group_size, w.out_features, bias, path)
         if kind == "w8a16":
-            return ops.w8a16_linear_prepacked(x, t[0], w.scales, bias)
-        return ops.w8a8_linear_prepacked(x, t[0], w.scales, bias, w.act_scale)
+            return ops.w8a16_linear_prepacked(x, t[0], w.scales, bias, path)
+        return ops.w8a8_linear_prepacked(x, t[0], w.scales, bias, w.act_scale, path)

@@ -1,0 +1,173 @@
+"""Batch-aware kernel choice: which kernel path each quantized layer takes at each M.
+
+A plan maps (scheme, device, N, K) to a kernel path per M bucket (powers of two up to
+2048; an M takes the smallest bucket at or above it, the last one beyond). ``lowbit tune``
+measures every path on this machine and stores the plan as JSON in the user's cache
+directory (``$LOWBIT_CACHE``, default ``~/.cache/lowbit``; ``$LOWBIT_PLAN`` names another
+file); quantized layers look their shape up when they are built or moved (``prepack``)
+and pick the path by M in ``forward`` — a comparison of M against constants, which
+torch.compile turns into guards, not graph breaks. Without a plan entry the kernels'
+built-in heuristics apply (path -1).
+
+CPU paths (the ``path`` argument of the prepacked ops, csrc/cpu/isa.h):
+
+* int8 GEMM (w8a8, w8a8-static): ``scalar``, ``avx2``, ``avx512_vnni``, ``amx`` (AMX
+  below 16 rows runs VNNI);
+* weight-only (w4a16, w8a16): ``scalar``, ``gemm`` (AVX-512, weights dequantized to fp32
+  blocks, at every M), ``gemv`` (AVX-512, weights widened in registers, 8 rows at a time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+BUCKETS = tuple(2**i for i in range(12))  # 1 .. 2048
+INT8_PATHS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2, "amx": 3}
+WEIGHT_ONLY_PATHS = {"scalar": 0, "gemm": 2, "gemv": 4}
+
+
+def paths_for(scheme_kind: str) -> dict[str, int]:
+    """The CPU kernel paths of a scheme kind, by name."""
+    return WEIGHT_ONLY_PATHS if scheme_kind in ("w4a16", "w8a16") else INT8_PATHS
+
+
+def runnable_paths(scheme_kind: str) -> list[str]:
+    """The paths this CPU can run, slowest-first by design (scalar, then wider)."""
+    from lowbit.backends.cpu import best_cpu_isa
+
+    best = best_cpu_isa()
+    order = ["scalar", "avx2", "avx512_vnni", "amx"]
+    if scheme_kind in ("w4a16", "w8a16"):
+        return ["scalar"] + (["gemm", "gemv"] if order.index(best) >= 2 else [])
+    return order[: order.index(best) + 1]
+
+
+def bucket(m: int) -> int:
+    for b in BUCKETS:
+        if m <= b:
+            return b
+    return BUCKETS[-1]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
+
+
+def machine_id() -> dict:
+    """What a plan's measurements depend on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def default_path() -> Path:
+    if os.environ.get("LOWBIT_PLAN"):
+        return Path(os.environ["LOWBIT_PLAN"])
+    key = hashlib.sha256(json.dumps(machine_id(), sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / f"plan-{key}.json"
+
+
+def key(scheme: str, device: str, n: int, k: int) -> str:
+    return f"{scheme}|{device}|{n}|{k}"
+
+
+@dataclasses.dataclass
+class Plan:
+    """``entries[key(scheme, device, n, k)][bucket] = path name``; ``timings`` keeps what
+    ``lowbit tune`` measured (seconds per path), for the record."""
+
+    entries: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
+    machine: dict = dataclasses.field(default_factory=machine_id)
+    timings: dict[str, dict[int, dict[str, float]]] = dataclasses.field(default_factory=dict)
+
+    def paths(self, scheme: str, device: str, n: int, k: int, kind: str) -> tuple[tuple[int, int], ...] | None:
+        """``((bucket, path id), ...)`` ascending, for the layer, or None without an entry."""
+        entry = self.entries.get(key(scheme, device, n, k))
+        if not entry:
+            return None
+        ids = paths_for(kind)
+        return tuple((b, ids[entry[b]]) for b in sorted(entry))
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        path = Path(path) if path else default_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"format_version": FORMAT_VERSION, "machine": self.machine,
+                   "entries": {k: {str(b): p for b, p in v.items()} for k, v in self.entries.items()},
+                   "timings": {k: {str(b): t for b, t in v.items()} for k, v in self.timings.items()}}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        try:
+            payload = json.loads(Path(path).read_text())
+            if payload.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format version {payload.get('format_version')!r}, expected {FORMAT_VERSION}")
+            entries = {}
+            for k, v in payload["entries"].items():
+                scheme, device, n, kk = k.split("|")
+                kind = scheme.split("-")[0]
+                names = paths_for(kind)
+                row = {int(b): p for b, p in v.items()}
+                bad = [p for p in row.values() if p not in names]
+                if bad or not set(row) <= set(BUCKETS) or device not in ("cpu", "cuda"):
+                    raise ValueError(f"entry {k!r} names unknown paths {bad} or buckets {sorted(set(row) - set(BUCKETS))}")
+                int(n), int(kk)
+                entries[k] = row
+            timings = {k: {int(b): t for b, t in v.items()} for k, v in payload.get("timings", {}).items()}
+            return cls(entries, payload.get("machine", {}), timings)
+        except (OSError, KeyError, TypeError, json.JSONDecodeError, ValueError) as e:
+            raise ValueError(f"{path}: not a usable lowbit plan: {e}") from e
+
+
+_active: list = []  # [Plan | None] once loaded
+
+
+def active_plan() -> Plan | None:
+    """The plan quantized layers use: set with ``use_plan``/``set_plan``, else the cached
+    plan of this machine if ``lowbit tune`` wrote one (loaded once)."""
+    if not _active:
+        path = default_path()
+        _active.append(Plan.load(path) if path.exists() else None)
+    return _active[0]
+
+
+def set_plan(plan: Plan | None) -> None:
+    """Use ``plan`` (None: no plan, built-in heuristics) for layers built from now on."""
+    _active[:] = [plan]
+
+
+@contextlib.contextmanager
+def use_plan(plan: Plan | None):
+    previous = list(_active)
+    set_plan(plan)
+    try:
+        yield plan
+    finally:
+        _active[:] = previous
+
+
+def pick(paths: tuple[tuple[int, int], ...], m) -> int:
+    """The path id for ``m`` rows from ``Plan.paths``: the first bucket at or above m."""
+    for b, path in paths:
+        if m <= b:
+            return path
+    return paths[-1][1]
