@@ -1,0 +1,76 @@
+"""``lowbit.bench``: shapes, the runner on a tiny shape, tuning, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lowbit import bench, plan
+
+
+def test_shape_sets_csv_and_inline(tmp_path):
+    assert bench.parse_shapes("llama3-8b")[1] == (4096, 14336)
+    f = tmp_path / "s.csv"
+    f.write_text("k,n\n256,512\n512,256\n")
+    assert bench.parse_shapes(str(f)) == [(256, 512), (512, 256)]
+    assert bench.parse_shapes("64x32,128x64") == [(64, 32), (128, 64)]
+    with pytest.raises(ValueError, match="not a set"):
+        bench.parse_shapes("gpt-9")
+    (tmp_path / "bad.csv").write_text("k,n\n12\n")
+    with pytest.raises(ValueError, match="expected rows"):
+        bench.parse_shapes(str(tmp_path / "bad.csv"))
+
+
+@pytest.fixture(scope="module")
+def result():
+    return bench.run(["w8a8", "w4a16-g64"], [(128, 192)], [1, 16], progress=False)
+
+
+def test_run_times_every_backend_and_baseline(result):
+    impls = {(r.scheme, r.impl) for r in result.rows}
+    for scheme, name in [("w8a8", "lowbit:cpu"), ("w8a8", "lowbit:reference"), ("w8a8", "torch:fbgemm"),
+                         ("w8a8", "torch:bf16"), ("w4a16-g64", "torch:int4pack"), ("w4a16-g64", "torch:fp32")]:
+        assert (scheme, name) in impls
+    for p in plan.runnable_paths("w8a8"):
+        if p != "scalar":
+            assert ("w8a8", f"lowbit:cpu[{p}]") in impls
+    assert all(r.seconds > 0 and r.tflops > 0 and r.m in (1, 16) for r in result.rows)
+
+
+def test_outputs_table_json_plot_crossover(result, tmp_path):
+    text = result.table()
+    assert "w4a16-g64  K=128 N=192" in text and "beats bf16 at M" in text
+    result.write_json(tmp_path / "r.json")
+    payload = json.loads((tmp_path / "r.json").read_text())
+    assert payload["rows"] and payload["crossover"] and "int8_ops" in payload["ceilings"]
+    result.plot(tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    cross = result.crossover()
+    base = {(r.scheme, r.m): r.seconds for r in result.rows if r.impl == bench.BASELINE}
+    for (scheme, _, _, impl), ms in cross.items():
+        for r in result.rows:
+            if r.scheme == scheme and r.impl == impl:
+                assert (r.m in ms) == (r.seconds < base[(scheme, r.m)])
+
+
+def test_tune_picks_the_fastest_measured_path():
+    p = bench.tune(["w4a16-g64"], [(128, 192)], [1, 32], progress=False)
+    entry = p.entries[plan.key("w4a16-g64", "cpu", 192, 128)]
+    timings = p.timings[plan.key("w4a16-g64", "cpu", 192, 128)]
+    for m in (1, 32):
+        best = min(timings[m].values())
+        assert timings[m][entry[m]] <= 1.03 * best
+    with pytest.raises(ValueError, match="buckets"):
+        bench.tune(["w8a8"], [(128, 192)], [3], progress=False)
+
+
+def test_bad_requests_fail_clearly():
+    with pytest.raises(ValueError, match="unknown kernel paths"):
+        bench.run(["w8a8"], [(128, 64)], [1], paths=["gemv"], progress=False)
+    with pytest.raises(ValueError, match="cannot parse scheme"):
+        bench.run(["w3a3"], [(128, 64)], [1], progress=False)
+    with pytest.raises(ValueError, match="group size"):
+        bench.run(["w4a16-g128"], [(192, 64)], [1], progress=False)
+    torch.manual_seed(0)

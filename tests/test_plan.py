@@ -1,0 +1,93 @@
+"""The per-M kernel plan: paths through the ops, lookup, files, dispatch, compile."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lowbit import formats, ops, plan, reference
+from lowbit.nn import QuantLinear
+
+
+@pytest.mark.parametrize("m", [1, 7, 9, 33])
+def test_every_path_matches_the_reference(m):
+    g = torch.Generator().manual_seed(m)
+    x, w = torch.randn(m, 256, generator=g), torch.randn(72, 256, generator=g)
+    q, s = formats.quantize_int8_per_channel(w)
+    packed = ops.int8_prepack(q)
+    ref = reference.w8a8_linear(x, q, s, None)
+    for name in plan.runnable_paths("w8a8"):
+        assert torch.equal(ops.w8a8_linear_prepacked(x, packed, s, None, None, plan.INT8_PATHS[name]), ref), name
+    p4, s4, z4 = formats.quantize_int4_groupwise(w, 64, False)
+    wp, params = ops.w4a16_prepack(p4, s4, z4, 64)
+    ref4 = reference.w4a16_linear(x, p4, s4, z4, 64, None)
+    wp8 = ops.w8a16_prepack(q)
+    ref8 = reference.w8a16_linear(x, q, s, None)
+    for name in plan.runnable_paths("w4a16"):
+        path = plan.WEIGHT_ONLY_PATHS[name]
+        assert torch.allclose(ops.w4a16_linear_prepacked(x, wp, params, 64, 72, None, path), ref4, atol=1e-4), name
+        assert torch.allclose(ops.w8a16_linear_prepacked(x, wp8, s, None, path), ref8, atol=1e-4), name
+
+
+def test_bad_paths_are_refused_by_name():
+    x = torch.randn(2, 64)
+    q, s = formats.quantize_int8_per_channel(torch.randn(64, 64))
+    with pytest.raises(ValueError, match="unknown path 9"):
+        ops.w8a8_linear_prepacked(x, ops.int8_prepack(q), s, None, None, 9)
+    with pytest.raises(ValueError, match="weight-only kernels take"):
+        ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(q), s, None, 3)
+
+
+def test_buckets_and_pick():
+    assert [plan.bucket(m) for m in (1, 3, 4, 5, 2048, 5000)] == [1, 4, 4, 8, 2048, 2048]
+    paths = ((4, 2), (64, 4), (2048, 2))
+    assert [plan.pick(paths, m) for m in (1, 4, 5, 64, 65, 9999)] == [2, 2, 4, 4, 2, 2]
+
+
+def _plan(path_small="gemv", path_large="gemm"):
+    p = plan.Plan()
+    p.entries[plan.key("w4a16-g64", "cpu", 96, 128)] = {b: (path_small if b <= 16 else path_large)
+                                                         for b in plan.BUCKETS}
+    return p
+
+
+def test_layers_dispatch_through_the_plan_and_compile():
+    linear = torch.nn.Linear(128, 96)
+    with plan.use_plan(_plan()):
+        layer = QuantLinear.from_linear(linear, "w4a16-g64")
+    assert layer.packed.paths[0] == (1, plan.WEIGHT_ONLY_PATHS["gemv"])
+    with plan.use_plan(None):
+        plain = QuantLinear.from_linear(linear, "w4a16-g64")
+    assert plain.packed.paths is None
+    compiled = torch.compile(layer, fullgraph=True)
+    for m in (1, 16, 17, 300):
+        x = torch.randn(m, 128)
+        assert torch.allclose(layer(x), plain(x), atol=1e-4)
+        assert torch.allclose(compiled(x), plain(x), atol=1e-4)
+
+
+def test_plan_files_round_trip_and_bad_files_fail(tmp_path):
+    p = _plan()
+    path = p.save(tmp_path / "plan.json")
+    q = plan.Plan.load(path)
+    assert q.entries == p.entries
+    bad = json.loads(path.read_text())
+    bad["entries"][next(iter(bad["entries"]))]["1"] = "warp"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="unknown paths"):
+        plan.Plan.load(tmp_path / "bad.json")
+    (tmp_path / "junk.json").write_text("{")
+    with pytest.raises(ValueError, match="not a usable lowbit plan"):
+        plan.Plan.load(tmp_path / "junk.json")
+
+
+def test_the_cached_plan_is_found(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_PLAN", str(tmp_path / "p.json"))
+    _plan().save()
+    with plan.use_plan(None):
+        plan._active.clear()  # forget what was loaded: the next lookup reads the file
+        assert plan.active_plan() is not None
+        layer = QuantLinear.from_linear(torch.nn.Linear(128, 96), "w4a16-g64")
+    assert layer.packed.paths is not None
