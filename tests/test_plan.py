@@ -57,7 +57,7 @@ def test_layers_dispatch_through_the_plan_and_compile():
     linear = torch.nn.Linear(128, 96)
     with plan.use_plan(_plan()):
         layer = QuantLinear.from_linear(linear, "w4a16-g64")
-    assert layer.packed.paths[0] == (1, plan.WEIGHT_ONLY_PATHS["gemv"])
+    assert layer.packed.paths == ((16, plan.WEIGHT_ONLY_PATHS["gemv"]), (2048, plan.WEIGHT_ONLY_PATHS["gemm"]))
     with plan.use_plan(None):
         plain = QuantLinear.from_linear(linear, "w4a16-g64")
     assert plain.packed.paths is None

@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--impls", type=_list, help="keep implementations whose name contains one of these")
     bench.add_argument("--rotate", action="store_true", help="rotate weight copies through more than the LLC")
     bench.add_argument("--remeasure", action="store_true", help="measure the machine's ceilings again")
+    bench.add_argument("--rounds", type=int, default=3, help="round-robin timing rounds (the fastest is kept)")
     bench.add_argument("--json", help="write every measurement here")
     bench.add_argument("--plot", help="write a PNG of speedup over bf16 against M here")
 
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             from lowbit import bench
 
             result = bench.run(args.schemes, bench.parse_shapes(args.shapes), args.m or bench.DEFAULT_M,
-                               paths=args.paths, impls=args.impls, rotate=args.rotate, remeasure=args.remeasure)
+                               paths=args.paths, impls=args.impls, rotate=args.rotate, remeasure=args.remeasure,
+                               rounds=args.rounds)
             print(result.table())
             if args.json:
                 result.write_json(args.json)
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs, prev = [], None
                 for b in sorted(entry):
                     if entry[b] != prev:
-                        runs.append(f"M<={b}: {entry[b]}" if not runs else f"from {b}: {entry[b]}")
+                        runs.append(f"from M={b}: {entry[b]}")
                     prev = entry[b]
                 print(f"  {key}: {', '.join(runs)}")
         else:

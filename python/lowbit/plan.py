@@ -97,12 +97,19 @@ class Plan:
     timings: dict[str, dict[int, dict[str, float]]] = dataclasses.field(default_factory=dict)
 
     def paths(self, scheme: str, device: str, n: int, k: int, kind: str) -> tuple[tuple[int, int], ...] | None:
-        """``((bucket, path id), ...)`` ascending, for the layer, or None without an entry."""
+        """``((largest M, path id), ...)`` ascending, one pair per run of buckets that share a
+        path (so ``pick`` compares M with as few bounds as possible), or None without an entry."""
         entry = self.entries.get(key(scheme, device, n, k))
         if not entry:
             return None
         ids = paths_for(kind)
-        return tuple((b, ids[entry[b]]) for b in sorted(entry))
+        runs: list[tuple[int, int]] = []
+        for b in sorted(entry):
+            if runs and runs[-1][1] == ids[entry[b]]:
+                runs[-1] = (b, runs[-1][1])
+            else:
+                runs.append((b, ids[entry[b]]))
+        return tuple(runs)
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         path = Path(path) if path else default_path()

@@ -228,12 +228,14 @@ def run(
     impls: Sequence[str] | None = None,
     rotate: bool = False,
     remeasure: bool = False,
+    rounds: int = 3,
     progress: bool = True,
 ) -> BenchResult:
     """Time every implementation (see the module doc) on every (scheme, shape, M).
 
     ``paths``: the fixed CPU kernel paths to time (default: all this CPU runs but
-    ``scalar``); ``impls``: keep only implementations whose name contains one of these.
+    ``scalar``); ``impls``: keep only implementations whose name contains one of these;
+    ``rounds``: round-robin rounds per (shape, M), each implementation's fastest kept.
     """
     import lowbit
 
@@ -270,7 +272,7 @@ def run(
                 x32 = torch.randn(m, k, generator=gen)
                 inputs = {torch.float32: x32, torch.bfloat16: x32.to(torch.bfloat16)}
                 timed = interleaved_seconds({name: (lambda i, fns=fns, x=inputs[dtype]: fns[i % len(fns)](x))
-                                             for name, (fns, dtype) in table.items()})
+                                             for name, (fns, dtype) in table.items()}, rounds=rounds)
                 rows.extend(Row(str(scheme), k, n, m, name, s, weight_bytes, ceiling) for name, s in timed.items())
     meta = {"lowbit": lowbit.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": plan.machine_id()["cpu"] or platform.machine(), "isa": best_cpu_isa(), "rotate": rotate,
