@@ -25,7 +25,7 @@ def test_shape_sets_csv_and_inline(tmp_path):
 
 @pytest.fixture(scope="module")
 def result():
-    return bench.run(["w8a8", "w4a16-g64"], [(128, 192)], [1, 16], progress=False)
+    return bench.run(["w8a8", "w4a16-g64"], [(128, 192)], [1, 16], paths=["all"], progress=False)
 
 
 def test_run_times_every_backend_and_baseline(result):

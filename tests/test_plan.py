@@ -68,6 +68,14 @@ def test_layers_dispatch_through_the_plan_and_compile():
         assert torch.allclose(compiled(x), plain(x), atol=1e-4)
 
 
+def test_an_all_auto_entry_dispatches_nothing():
+    p = plan.Plan()
+    p.entries[plan.key("w8a8", "cpu", 96, 128)] = {b: "auto" for b in plan.BUCKETS}
+    p.entries[plan.key("w8a8", "cpu", 64, 128)] = {b: ("auto" if b < 16 else "amx") for b in plan.BUCKETS}
+    assert p.paths("w8a8", "cpu", 96, 128, "w8a8") is None
+    assert p.paths("w8a8", "cpu", 64, 128, "w8a8") == ((8, -1), (2048, 3))
+
+
 def test_plan_files_round_trip_and_bad_files_fail(tmp_path):
     p = _plan()
     path = p.save(tmp_path / "plan.json")

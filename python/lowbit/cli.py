@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--shapes", default="llama3-8b",
                        help="llama3-8b, mistral-7b, minilm, a CSV file of k,n rows, or KxN[,KxN]")
     bench.add_argument("--m", type=_ints, help="comma-separated M values (default 1,8,32,128,512,2048)")
-    bench.add_argument("--paths", type=_list, help="fixed CPU kernel paths to time (default: all but scalar)")
+    bench.add_argument("--paths", type=_list, help="fixed CPU kernel paths to time too ('all': every one but scalar)")
     bench.add_argument("--impls", type=_list, help="keep implementations whose name contains one of these")
     bench.add_argument("--rotate", action="store_true", help="rotate weight copies through more than the LLC")
     bench.add_argument("--remeasure", action="store_true", help="measure the machine's ceilings again")

@@ -31,8 +31,10 @@ import torch
 
 FORMAT_VERSION = 1
 BUCKETS = tuple(2**i for i in range(12))  # 1 .. 2048
-INT8_PATHS = {"scalar": 0, "avx2": 1, "avx512_vnni": 2, "amx": 3}
-WEIGHT_ONLY_PATHS = {"scalar": 0, "gemm": 2, "gemv": 4}
+# "auto" (-1): the kernel's own choice; a plan records it wherever that is (within noise)
+# the fastest, so that layers whose plan is all "auto" skip the per-call dispatch.
+INT8_PATHS = {"auto": -1, "scalar": 0, "avx2": 1, "avx512_vnni": 2, "amx": 3}
+WEIGHT_ONLY_PATHS = {"auto": -1, "scalar": 0, "gemm": 2, "gemv": 4}
 
 
 def paths_for(scheme_kind: str) -> dict[str, int]:
@@ -41,7 +43,7 @@ def paths_for(scheme_kind: str) -> dict[str, int]:
 
 
 def runnable_paths(scheme_kind: str) -> list[str]:
-    """The paths this CPU can run, slowest-first by design (scalar, then wider)."""
+    """The fixed paths this CPU can run, narrowest first."""
     from lowbit.backends.cpu import best_cpu_isa
 
     best = best_cpu_isa()
@@ -98,7 +100,8 @@ class Plan:
 
     def paths(self, scheme: str, device: str, n: int, k: int, kind: str) -> tuple[tuple[int, int], ...] | None:
         """``((largest M, path id), ...)`` ascending, one pair per run of buckets that share a
-        path (so ``pick`` compares M with as few bounds as possible), or None without an entry."""
+        path (so ``pick`` compares M with as few bounds as possible), or None without an
+        entry or when the entry is "auto" throughout."""
         entry = self.entries.get(key(scheme, device, n, k))
         if not entry:
             return None
@@ -109,7 +112,7 @@ class Plan:
                 runs[-1] = (b, runs[-1][1])
             else:
                 runs.append((b, ids[entry[b]]))
-        return tuple(runs)
+        return None if all(p == -1 for _, p in runs) else tuple(runs)
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         path = Path(path) if path else default_path()

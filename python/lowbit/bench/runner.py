@@ -5,7 +5,7 @@ activation) are:
 
 * ``lowbit:cpu`` — the CPU backend as it runs without a plan (the kernels' built-in
   choice), ``lowbit:cpu[plan]`` — through the tuned plan (when it has the shape),
-  ``lowbit:cpu[<path>]`` — each kernel path this CPU runs, fixed (``lowbit.plan``);
+  ``lowbit:cpu[<path>]`` — kernel paths fixed (``lowbit.plan``), when asked for;
 * ``lowbit:reference`` — the pure-PyTorch reference backend;
 * torch: ``torch:fp32`` / ``torch:bf16`` ``nn.Linear``, and per scheme its quantized
   counterpart: ``torch:fbgemm`` (dynamic int8 Linear) for w8a8, ``torch:int8pack``
@@ -74,8 +74,8 @@ def _lowbit_impls(scheme: Scheme, w: torch.Tensor, paths: Sequence[str], active:
     cpu = choose_backend(scheme, "cpu", "cpu")
     packed: CpuPacked = cpu.prepack(qw)
     impls = {"lowbit:cpu": ([lambda x, p=dataclasses.replace(packed, paths=None): cpu.apply(x, p, None)], dtype)}
-    entry = active.paths(str(scheme), "cpu", qw.out_features, qw.in_features, scheme.kind) if active else None
-    if entry:
+    if active and plan.key(str(scheme), "cpu", qw.out_features, qw.in_features) in active.entries:
+        entry = active.paths(str(scheme), "cpu", qw.out_features, qw.in_features, scheme.kind)
         impls["lowbit:cpu[plan]"] = ([lambda x, p=dataclasses.replace(packed, paths=entry): cpu.apply(x, p, None)],
                                      dtype)
     ids = plan.paths_for(scheme.kind)
@@ -187,13 +187,16 @@ class BenchResult:
         panels = list(dict.fromkeys((r.scheme, r.k, r.n) for r in self.rows))
         cols = min(3, len(panels))
         rows_ = (len(panels) + cols - 1) // cols
-        fig, axes = plt.subplots(rows_, cols, figsize=(5 * cols, 3.6 * rows_), squeeze=False)
+        fig, axes = plt.subplots(rows_, cols, figsize=(5 * cols, 3.6 * rows_ + 0.8), squeeze=False)
+        names = list(dict.fromkeys(r.impl for r in self.rows))
+        colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}  # one colour per impl
         for ax, (scheme, k, n) in zip(axes.flat, panels):
             rs = [r for r in self.rows if (r.scheme, r.k, r.n) == (scheme, k, n)]
             base = {r.m: r.seconds for r in rs if r.impl == BASELINE}
             for impl in dict.fromkeys(r.impl for r in rs):
                 pts = [(r.m, base[r.m] / r.seconds) for r in rs if r.impl == impl and r.m in base]
-                ax.plot(*zip(*pts), marker="o", label=impl, linestyle="--" if impl.startswith("torch") else "-")
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=impl, color=colors[impl],
+                        linestyle="--" if impl.startswith("torch") else "-")
             ax.axhline(1.0, color="gray", linewidth=0.8)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
@@ -202,8 +205,10 @@ class BenchResult:
             ax.set_ylabel(f"speedup over {BASELINE}")
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
-        axes.flat[0].legend(fontsize=6)
-        fig.tight_layout()
+        handles = [plt.Line2D([], [], color=colors[n], marker="o", linestyle="--" if n.startswith("torch") else "-")
+                   for n in names]
+        fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=7)
+        fig.tight_layout(rect=(0, 0.8 / (3.6 * rows_ + 0.8) + 0.02, 1, 1))
         fig.savefig(path, dpi=110)
         plt.close(fig)
 
@@ -233,8 +238,8 @@ def run(
 ) -> BenchResult:
     """Time every implementation (see the module doc) on every (scheme, shape, M).
 
-    ``paths``: the fixed CPU kernel paths to time (default: all this CPU runs but
-    ``scalar``); ``impls``: keep only implementations whose name contains one of these;
+    ``paths``: the fixed CPU kernel paths to time (default none; ``["all"]``: every path
+    this CPU runs but ``scalar``); ``impls``: keep only implementations whose name contains one of these;
     ``rounds``: round-robin rounds per (shape, M), each implementation's fastest kept.
     """
     import lowbit
@@ -251,7 +256,10 @@ def run(
         for scheme, k, n in tqdm(jobs, desc="lowbit bench", disable=not progress):
             if scheme.kind == "w4a16" and k % (scheme.group_size or k):
                 raise ValueError(f"{scheme} needs K divisible by its group size; got K={k}")
-            chosen = [p for p in plan.runnable_paths(scheme.kind) if p != "scalar"] if paths is None else list(paths)
+            if paths and list(paths) == ["all"]:
+                chosen = [p for p in plan.runnable_paths(scheme.kind) if p != "scalar"]
+            else:
+                chosen = list(paths or [])
             unknown = set(chosen) - set(plan.paths_for(scheme.kind))
             if unknown:
                 raise ValueError(f"{scheme}: unknown kernel paths {sorted(unknown)}; "

@@ -24,11 +24,12 @@ from lowbit.plan import cache_dir, machine_id
 
 def median_seconds(fn: Callable[[int], object], min_time: float = 0.3, min_reps: int = 3, max_reps: int = 50) -> float:
     """Median time of ``fn(i)`` (i = call index, for rotating inputs) after one warm-up;
-    calls slower than 0.2 s are repeated only twice."""
+    calls slower than 0.2 s are repeated only twice, slower than 1 s once."""
     t0 = time.perf_counter()
     fn(0)
-    if time.perf_counter() - t0 > 0.2:
-        min_reps = min(min_reps, 2)
+    warm = time.perf_counter() - t0
+    if warm > 0.2:
+        min_reps = min(min_reps, 1 if warm > 1.0 else 2)
     times: list[float] = []
     start = time.perf_counter()
     i = 1
@@ -40,14 +41,19 @@ def median_seconds(fn: Callable[[int], object], min_time: float = 0.3, min_reps:
     return statistics.median(times)
 
 
+LONG_CALL = 0.05  # seconds
+
+
 def interleaved_seconds(fns: dict[str, Callable[[int], object]], rounds: int = 3, min_time: float = 0.1) -> dict:
     """Time several implementations round-robin, ``rounds`` times each, and keep each
     one's fastest round median: interference from the rest of a shared machine only ever
     slows a round down, and round-robin spreads it over all candidates rather than
-    whichever ran during it."""
+    whichever ran during it. Calls longer than ``LONG_CALL`` get one round."""
     best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
+    for r in range(rounds):
         for name, fn in fns.items():
+            if r and best[name] > LONG_CALL:
+                continue  # long calls average the noise out within one round
             best[name] = min(best[name], median_seconds(fn, min_time=min_time))
     return best
 

@@ -4,8 +4,9 @@ the fastest in a plan (``lowbit.plan``).
 Each path is timed with the same inputs, one after another, at every bucket of M; a path
 more than 3x slower than the best at one bucket is not timed at larger ones (the paths'
 costs grow with M at different rates, never back). The plan records the fastest path per
-bucket (keeping the path of the bucket below when it is within 3% of the fastest, so
-that noise does not flip the choice back and forth) and every time it measured.
+bucket and every time it measured. Within 3% of the fastest, it prefers "auto" (the
+kernel's own choice, which costs no dispatch per call), then the path of the bucket
+below, so that noise does not flip the choice back and forth.
 Implementations are timed round-robin (``interleaved_seconds``).
 """
 
@@ -49,7 +50,7 @@ def tune(
             cpu = choose_backend(scheme, "cpu", "cpu")
             packed = cpu.prepack(qw)
             ids = plan.paths_for(scheme.kind)
-            live = [p for p in plan.runnable_paths(scheme.kind) if p != "scalar"] or ["scalar"]
+            live = ["auto"] + [p for p in plan.runnable_paths(scheme.kind) if p != "scalar"]
             dtype = torch.float32 if scheme.kind.startswith("w8a8") else torch.bfloat16
             key = plan.key(str(scheme), "cpu", n, k)
             entry, timings = result.entries.setdefault(key, {}), result.timings.setdefault(key, {})
@@ -60,8 +61,10 @@ def tune(
                 times = interleaved_seconds(fns)
                 best = min(times, key=times.get)
                 previous = entry.get(max([b for b in entry if b < m], default=0))
-                if previous in times and times[previous] <= (1 + HYSTERESIS) * times[best]:
-                    best = previous  # within noise of the best: keep the path of the bucket below
+                for keep in ("auto", previous):  # within noise of the fastest: prefer these
+                    if keep in times and times[keep] <= (1 + HYSTERESIS) * times[best]:
+                        best = keep
+                        break
                 entry[m], timings[m] = best, times
-                live = [p for p in live if times[p] <= PRUNE_FACTOR * times[best]]
+                live = [p for p in live if p == "auto" or times[p] <= PRUNE_FACTOR * times[best]]
     return result
