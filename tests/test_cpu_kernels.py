@@ -130,6 +130,42 @@ def test_w4a16_on_every_path(isa, m, n, groups, g, sym, dtype, with_bias, seed):
         assert_linear_close(ops.w4a16_linear_prepacked(x, w, params, gs, n, bias), expected, x, w_full, bias)
 
 
+AMX_BF16 = 3  # the w4a16 ops' path argument for the AMX-BF16 kernel (lowbit.plan.WEIGHT_ONLY_PATHS)
+
+
+@pytest.mark.skipif(best_cpu_isa() != "amx", reason="this CPU has no AMX")
+@given(lead=st.sampled_from([(1,), (15,), (16,), (17,), (33,), (100,), (2, 19), (3, 1, 16)]), n=cols,
+       groups=st.sampled_from([1, 2, 5]), g=st.sampled_from([32, 64, 128, None]), sym=st.booleans(),
+       with_bias=st.booleans(), nc=st.booleans(), seed=seeds)
+def test_w4a16_amx_bf16_path(lead, n, groups, g, sym, with_bias, nc, seed):
+    # Forced at every M (the automatic choice takes it from wo::kAmxMinRows rows on).
+    k = groups * (g or 32 * (seed % 9 + 1))
+    gs = g or k  # G = K only when K is a multiple of 32 (one AMX tile of k)
+    x = activation((*lead, k), torch.bfloat16, seed=seed, noncontiguous=nc)
+    packed, scales, zeros = int4_weight(n, k, g, sym, seed)
+    bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
+    expected = reference.w4a16_linear(x, packed, scales, zeros, gs, bias)
+    w_full = reference.dequantize_int4(packed, scales, zeros, gs, torch.float32)
+    w, params = ops.w4a16_prepack(packed, scales, zeros, gs)
+    assert_linear_close(ops.w4a16_linear_prepacked(x, w, params, gs, n, bias, AMX_BF16), expected, x, w_full, bias)
+
+
+@pytest.mark.skipif(best_cpu_isa() != "amx", reason="this CPU has no AMX")
+def test_w4a16_amx_path_refuses_other_activation_dtypes_group_sizes_and_w8a16():
+    packed, scales, zeros = int4_weight(64, 48, None, False)
+    w, params = ops.w4a16_prepack(packed, scales, zeros, 48)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ops.w4a16_linear_prepacked(torch.randn(4, 48).bfloat16(), w, params, 48, 64, None, AMX_BF16)
+    packed, scales, zeros = int4_weight(64, 128, 64, False)
+    w, params = ops.w4a16_prepack(packed, scales, zeros, 64)
+    with pytest.raises(TypeError, match="bf16 activations"):
+        ops.w4a16_linear_prepacked(torch.randn(4, 128), w, params, 64, 64, None, AMX_BF16)
+    q = torch.zeros(64, 128, dtype=torch.int8)
+    with pytest.raises(ValueError, match="3 = amx"):
+        ops.w8a16_linear_prepacked(torch.randn(4, 128).bfloat16(), ops.w8a16_prepack(q), torch.ones(64), None,
+                                   AMX_BF16)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @given(m=rows, n=cols, k=depth, dtype=st.sampled_from(FLOAT_DTYPES), with_bias=st.booleans(), seed=seeds)
 def test_w8a16_on_every_path(isa, m, n, k, dtype, with_bias, seed):

@@ -12,6 +12,11 @@ namespace {
 
 // AMX needs the CPU feature (cpuid leaf 7: AMX-TILE, AMX-INT8) and the kernel's permission
 // to use the tile state, which Linux grants per process on request (arch_prctl).
+bool amx_bf16_feature() {
+  unsigned eax, ebx, ecx, edx;
+  return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & (1u << 22));
+}
+
 bool amx_usable() {
   unsigned eax, ebx, ecx, edx;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
@@ -41,6 +46,11 @@ std::atomic<int>& forced() {
 Isa best_isa() {
   static const Isa isa = detect();
   return isa;
+}
+
+bool has_amx_bf16() {
+  static const bool ok = best_isa() == Isa::kAmx && amx_bf16_feature();
+  return ok;
 }
 
 Isa current_isa() { return static_cast<Isa>(forced().load(std::memory_order_relaxed)); }

@@ -157,8 +157,8 @@ template <typename PanelAt>
 at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, int64_t path,
                            PanelAt panel_at) {
   TORCH_CHECK_VALUE(path == kPathAuto || path == 0 || path == 2 || path == kPathGemv,
-                    "path: the weight-only kernels take -1 = auto, 0 = scalar, 2 = avx512 (blocked GEMM) or ",
-                    "4 = gemv (in registers), got ", path);
+                    "path: the weight-only kernels take -1 = auto, 0 = scalar, 2 = avx512 (blocked GEMM), ",
+                    "4 = gemv (in registers) or, for w4a16 with bf16 activations, 3 = amx; got ", path);
   if (path == 2 || path == kPathGemv)
     TORCH_CHECK_VALUE(has_avx512(best_isa()), "path: this CPU cannot run the AVX-512 weight-only kernels (best ",
                       "available: ", isa_name(best_isa()), ")");
@@ -201,6 +201,43 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
   });
 }
 
+// W4A16 through AMX BF16 tiles (wo_gemm_amx.cpp): one task per panel over all rows, so
+// that each panel is decoded once per call; rows padded to whole tiles of 16.
+template <typename PanelAt>
+at::Tensor run_int4_amx(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, PanelAt panel_at) {
+  const int64_t k = x.size(-1);
+  at::Tensor x2 = x.reshape({-1, k}).contiguous();
+  const int64_t m = x2.size(0), m16 = (m + 15) / 16 * 16;
+  if (m16 != m) {
+    at::Tensor padded = at::zeros({m16, k}, x2.options());
+    padded.narrow(0, 0, m).copy_(x2);
+    x2 = padded;
+  }
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.const_data_ptr<at::BFloat16>());
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  at::Tensor out = at::empty(out_shape, x.options());
+  at::BFloat16* op = out.mutable_data_ptr<at::BFloat16>();
+  const std::optional<at::Tensor> bf = bias ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous()) : std::nullopt;
+  const float* bp = bf ? bf->const_data_ptr<float>() : nullptr;
+  at::parallel_for(0, panels_for(n), 1, [&](int64_t p0, int64_t p1) {
+    std::vector<uint16_t> b(k * kPanel);
+    std::vector<float> c(m16 * kPanel);
+    for (int64_t p = p0; p < p1; ++p) {
+      const Panel panel = panel_at(p);
+      wo::decode_int4_panel_bf16(panel, b.data());
+      wo::gemm_int4_amx_bf16(xp, k, m16, b.data(), panel, c.data());
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t col = p * kPanel; col < std::min(n, (p + 1) * kPanel); ++col) {
+          float y = c[r * kPanel + col - p * kPanel];
+          if (bp) y = y + bp[col];
+          op[r * n + col] = static_cast<at::BFloat16>(y);
+        }
+    }
+  });
+  return out;
+}
+
 // pairs: the weight has one row per k pair (int4) rather than per k (int8).
 void check_prepacked_x(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& bias,
                        bool pairs) {
@@ -235,6 +272,18 @@ at::Tensor w4a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
   const auto panel_at = [&](int64_t p) {
     return Panel{Weights::kInt4, wp + p * k * kPanel / 2, pp + p * groups * 2 * kPanel, group_size, k};
   };
+  const int64_t m = k ? x.numel() / k : 0;
+  const bool amx_auto = path == kPathAuto && current_isa() == Isa::kAmx && has_amx_bf16() &&
+                        x.scalar_type() == at::kBFloat16 && m >= wo::kAmxMinRows && group_size % 32 == 0;
+  if (path == static_cast<int64_t>(Isa::kAmx)) {
+    TORCH_CHECK_VALUE(has_amx_bf16(), "path: this CPU cannot run the AMX-BF16 weight-only kernel (best available: ",
+                      isa_name(best_isa()), ")");
+    TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "path 3 (amx) multiplies bf16 activations; x is ",
+                     x.scalar_type());
+    TORCH_CHECK_VALUE(group_size % 32 == 0, "path 3 (amx) needs a group size that is a multiple of 32 (one AMX ",
+                      "tile of k), got ", group_size);
+  }
+  if (amx_auto || path == static_cast<int64_t>(Isa::kAmx)) return run_int4_amx(x, out_features, bias, panel_at);
   return run_weight_only(x, out_features, bias, path, panel_at);
 }
 

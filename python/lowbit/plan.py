@@ -14,7 +14,8 @@ CPU paths (the ``path`` argument of the prepacked ops, csrc/cpu/isa.h):
 * int8 GEMM (w8a8, w8a8-static): ``scalar``, ``avx2``, ``avx512_vnni``, ``amx`` (AMX
   below 16 rows runs VNNI);
 * weight-only (w4a16, w8a16): ``scalar``, ``gemm`` (AVX-512, weights dequantized to fp32
-  blocks, at every M), ``gemv`` (AVX-512, weights widened in registers, 8 rows at a time).
+  blocks, at every M), ``gemv`` (AVX-512, weights widened in registers, 8 rows at a time),
+  ``amx`` (w4a16 with bf16 activations only: AMX-BF16 tiles on (q - z), scales per block).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ BUCKETS = tuple(2**i for i in range(12))  # 1 .. 2048
 # "auto" (-1): the kernel's own choice; a plan records it wherever that is (within noise)
 # the fastest, so that layers whose plan is all "auto" skip the per-call dispatch.
 INT8_PATHS = {"auto": -1, "scalar": 0, "avx2": 1, "avx512_vnni": 2, "amx": 3}
-WEIGHT_ONLY_PATHS = {"auto": -1, "scalar": 0, "gemm": 2, "gemv": 4}
+WEIGHT_ONLY_PATHS = {"auto": -1, "scalar": 0, "gemm": 2, "amx": 3, "gemv": 4}
 
 
 def paths_for(scheme_kind: str) -> dict[str, int]:
@@ -49,7 +50,9 @@ def runnable_paths(scheme_kind: str) -> list[str]:
     best = best_cpu_isa()
     order = ["scalar", "avx2", "avx512_vnni", "amx"]
     if scheme_kind in ("w4a16", "w8a16"):
-        return ["scalar"] + (["gemm", "gemv"] if order.index(best) >= 2 else [])
+        # AMX-BF16 (w4a16 with bf16 activations): every AMX CPU so far has it beside AMX-INT8.
+        amx = ["amx"] if scheme_kind == "w4a16" and best == "amx" else []
+        return ["scalar"] + (["gemm", "gemv"] + amx if order.index(best) >= 2 else [])
     return order[: order.index(best) + 1]
 
 
