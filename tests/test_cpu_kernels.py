@@ -151,7 +151,20 @@ def test_w4a16_amx_bf16_path(lead, n, groups, g, sym, with_bias, nc, seed):
 
 
 @pytest.mark.skipif(best_cpu_isa() != "amx", reason="this CPU has no AMX")
-def test_w4a16_amx_path_refuses_other_activation_dtypes_group_sizes_and_w8a16():
+@given(lead=st.sampled_from([(1,), (16,), (17,), (50,), (2, 19)]), n=cols, k=st.sampled_from([32, 64, 96, 256, 704]),
+       with_bias=st.booleans(), nc=st.booleans(), seed=seeds)
+def test_w8a16_amx_bf16_path(lead, n, k, with_bias, nc, seed):
+    x = activation((*lead, k), torch.bfloat16, seed=seed, noncontiguous=nc)
+    w, sw = int8_weight(n, k, seed)
+    bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
+    expected = reference.w8a16_linear(x, w, sw, bias)
+    w_full = reference.dequantize_int8(w, sw, torch.float32)
+    assert_linear_close(ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(w), sw, bias, AMX_BF16), expected, x,
+                        w_full, bias)
+
+
+@pytest.mark.skipif(best_cpu_isa() != "amx", reason="this CPU has no AMX")
+def test_amx_path_refuses_other_activation_dtypes_and_group_sizes():
     packed, scales, zeros = int4_weight(64, 48, None, False)
     w, params = ops.w4a16_prepack(packed, scales, zeros, 48)
     with pytest.raises(ValueError, match="multiple of 32"):
@@ -160,9 +173,9 @@ def test_w4a16_amx_path_refuses_other_activation_dtypes_group_sizes_and_w8a16():
     w, params = ops.w4a16_prepack(packed, scales, zeros, 64)
     with pytest.raises(TypeError, match="bf16 activations"):
         ops.w4a16_linear_prepacked(torch.randn(4, 128), w, params, 64, 64, None, AMX_BF16)
-    q = torch.zeros(64, 128, dtype=torch.int8)
-    with pytest.raises(ValueError, match="3 = amx"):
-        ops.w8a16_linear_prepacked(torch.randn(4, 128).bfloat16(), ops.w8a16_prepack(q), torch.ones(64), None,
+    q = torch.zeros(64, 40, dtype=torch.int8)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ops.w8a16_linear_prepacked(torch.randn(4, 40).bfloat16(), ops.w8a16_prepack(q), torch.ones(64), None,
                                    AMX_BF16)
 
 

@@ -158,7 +158,7 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
                            PanelAt panel_at) {
   TORCH_CHECK_VALUE(path == kPathAuto || path == 0 || path == 2 || path == kPathGemv,
                     "path: the weight-only kernels take -1 = auto, 0 = scalar, 2 = avx512 (blocked GEMM), ",
-                    "4 = gemv (in registers) or, for w4a16 with bf16 activations, 3 = amx; got ", path);
+                    "4 = gemv (in registers) or, for bf16 activations, 3 = amx; got ", path);
   if (path == 2 || path == kPathGemv)
     TORCH_CHECK_VALUE(has_avx512(best_isa()), "path: this CPU cannot run the AVX-512 weight-only kernels (best ",
                       "available: ", isa_name(best_isa()), ")");
@@ -201,10 +201,28 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
   });
 }
 
-// W4A16 through AMX BF16 tiles (wo_gemm_amx.cpp): one task per panel over all rows, so
+// Whether a weight-only call runs on the AMX-BF16 kernel: asked for (path 3, checked), or
+// chosen (path -1) for bf16 activations from wo::kAmxMinRows rows when AMX is current.
+// group: the quantization group size (K for int8); AMX takes k in tiles of 32.
+bool takes_amx(const at::Tensor& x, int64_t path, int64_t group) {
+  if (path == static_cast<int64_t>(Isa::kAmx)) {
+    TORCH_CHECK_VALUE(has_amx_bf16(), "path: this CPU cannot run the AMX-BF16 weight-only kernel (best available: ",
+                      isa_name(best_isa()), ")");
+    TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "path 3 (amx) multiplies bf16 activations; x is ",
+                     x.scalar_type());
+    TORCH_CHECK_VALUE(group % 32 == 0, "path 3 (amx) needs a group size (K for int8 weights) that is a multiple ",
+                      "of 32 (one AMX tile of k), got ", group);
+    return true;
+  }
+  const int64_t k = x.size(-1), m = k ? x.numel() / k : 0;
+  return path == kPathAuto && current_isa() == Isa::kAmx && has_amx_bf16() && x.scalar_type() == at::kBFloat16 &&
+         m >= wo::kAmxMinRows && group % 32 == 0;
+}
+
+// Weight-only through AMX BF16 tiles (wo_gemm_amx.cpp): one task per panel over all rows, so
 // that each panel is decoded once per call; rows padded to whole tiles of 16.
 template <typename PanelAt>
-at::Tensor run_int4_amx(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, PanelAt panel_at) {
+at::Tensor run_amx(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, PanelAt panel_at) {
   const int64_t k = x.size(-1);
   at::Tensor x2 = x.reshape({-1, k}).contiguous();
   const int64_t m = x2.size(0), m16 = (m + 15) / 16 * 16;
@@ -225,8 +243,13 @@ at::Tensor run_int4_amx(const at::Tensor& x, int64_t n, const std::optional<at::
     std::vector<float> c(m16 * kPanel);
     for (int64_t p = p0; p < p1; ++p) {
       const Panel panel = panel_at(p);
-      wo::decode_int4_panel_bf16(panel, b.data());
-      wo::gemm_int4_amx_bf16(xp, k, m16, b.data(), panel, c.data());
+      if (panel.kind == Weights::kInt4) {
+        wo::decode_int4_panel_bf16(panel, b.data());
+        wo::gemm_amx_bf16(xp, k, m16, b.data(), k, panel.group_size, panel.params, 2 * kPanel, c.data());
+      } else {
+        wo::decode_int8_panel_bf16(panel, b.data());
+        wo::gemm_amx_bf16(xp, k, m16, b.data(), k, k, panel.params, 0, c.data());
+      }
       for (int64_t r = 0; r < m; ++r)
         for (int64_t col = p * kPanel; col < std::min(n, (p + 1) * kPanel); ++col) {
           float y = c[r * kPanel + col - p * kPanel];
@@ -272,18 +295,7 @@ at::Tensor w4a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
   const auto panel_at = [&](int64_t p) {
     return Panel{Weights::kInt4, wp + p * k * kPanel / 2, pp + p * groups * 2 * kPanel, group_size, k};
   };
-  const int64_t m = k ? x.numel() / k : 0;
-  const bool amx_auto = path == kPathAuto && current_isa() == Isa::kAmx && has_amx_bf16() &&
-                        x.scalar_type() == at::kBFloat16 && m >= wo::kAmxMinRows && group_size % 32 == 0;
-  if (path == static_cast<int64_t>(Isa::kAmx)) {
-    TORCH_CHECK_VALUE(has_amx_bf16(), "path: this CPU cannot run the AMX-BF16 weight-only kernel (best available: ",
-                      isa_name(best_isa()), ")");
-    TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "path 3 (amx) multiplies bf16 activations; x is ",
-                     x.scalar_type());
-    TORCH_CHECK_VALUE(group_size % 32 == 0, "path 3 (amx) needs a group size that is a multiple of 32 (one AMX ",
-                      "tile of k), got ", group_size);
-  }
-  if (amx_auto || path == static_cast<int64_t>(Isa::kAmx)) return run_int4_amx(x, out_features, bias, panel_at);
+  if (takes_amx(x, path, group_size)) return run_amx(x, out_features, bias, panel_at);
   return run_weight_only(x, out_features, bias, path, panel_at);
 }
 
@@ -300,7 +312,9 @@ at::Tensor w8a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
   scales.narrow(0, 0, n).copy_(w_scale);
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.const_data_ptr<int8_t>());
   const float* sp = scales.const_data_ptr<float>();
-  return run_weight_only(x, n, bias, path, [&](int64_t p) { return Panel{Weights::kInt8, wp + p * k * kPanel, sp + p * kPanel, 0, k}; });
+  const auto panel_at = [&](int64_t p) { return Panel{Weights::kInt8, wp + p * k * kPanel, sp + p * kPanel, 0, k}; };
+  if (takes_amx(x, path, k)) return run_amx(x, n, bias, panel_at);
+  return run_weight_only(x, n, bias, path, panel_at);
 }
 
 at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,

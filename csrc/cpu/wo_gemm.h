@@ -62,15 +62,16 @@ void gemv_int8_avx512(const float* x, int64_t ldx, int64_t rows, const Panel& pa
 // k / group_size), for the zero points.
 void gemv_int4_avx512(const float* x, int64_t ldx, int64_t rows, const float* xsum, const Panel& panel, float* c);
 
-// AMX BF16 path (wo_gemm_amx.cpp): W4A16 with bf16 activations, from kAmxMinRows rows
-// by default. decode writes the panel's (q - z) as bf16 in AMX's B layout
-// (b[k / 2][64][2]); gemm computes c[rows][64] = x[rows][K] (bf16, row stride ldx
-// elements, rows a multiple of 16) times the panel, with the group scales applied per
-// block of at most kAmxBlockK k.
+// AMX BF16 path (wo_gemm_amx.cpp): bf16 activations, from kAmxMinRows rows by default.
+// decode writes the panel's (q - z) (int4) or q (int8) as bf16 in AMX's B layout
+// (b[k / 2][64][2]); gemm computes c[rows][64] = x[rows][k] (bf16, row stride ldx
+// elements, rows a multiple of 16) times b, group g's 64 scales at scales + g *
+// scale_stride applied per block of at most kAmxBlockK k (group_size a multiple of 32).
 constexpr int64_t kAmxMinRows = 32;
 constexpr int64_t kAmxBlockK = 128;
 void decode_int4_panel_bf16(const Panel& panel, uint16_t* b);
-void gemm_int4_amx_bf16(const uint16_t* x, int64_t ldx, int64_t rows, const uint16_t* b, const Panel& panel,
-                        float* c);
+void decode_int8_panel_bf16(const Panel& panel, uint16_t* b);
+void gemm_amx_bf16(const uint16_t* x, int64_t ldx, int64_t rows, const uint16_t* b, int64_t k, int64_t group_size,
+                   const float* scales, int64_t scale_stride, float* c);
 
 }  // namespace lowbit::cpu::wo

@@ -1,8 +1,10 @@
-// AMX BF16 weight-only GEMM for W4A16 with bf16 activations (Sapphire Rapids and newer).
+// AMX BF16 weight-only GEMM for W4A16 and W8A16 with bf16 activations (Sapphire Rapids
+// and newer).
 //
-// Algorithm. Per 64-column panel, the int4 codes are decoded once into bf16 values of
-// (q - z): integers in [-15, 15], exact in bf16, in AMX's B layout (k pairs x 64 columns
-// x 2). Per 16 activation rows and per block of at most kAmxBlockK k inside one
+// Algorithm. Per 64-column panel, the codes are decoded once into bf16 values of (q - z)
+// (int4: integers in [-15, 15]) or q (int8: [-127, 127]), exact in bf16, in AMX's B layout
+// (k pairs x 64 columns x 2). For int8 the "group" is all of K and the scales are the
+// per-column ones. Per 16 activation rows and per block of at most kAmxBlockK k inside one
 // quantization group (the largest of 128, 64, 32 dividing the group size), four C tiles (16 x 16 fp32) accumulate sum_k x (q - z) with
 // tdpbf16ps; after the block they are stored and added to fp32 accumulators times the
 // group's scales: y = sum_g s_g sum_{k in g} x_k (q_k - z_g). The product of a bf16
@@ -84,15 +86,40 @@ void decode_int4_panel_bf16(const Panel& panel, uint16_t* b) {
   }
 }
 
-void gemm_int4_amx_bf16(const uint16_t* x, int64_t ldx, int64_t rows, const uint16_t* b, const Panel& panel,
-                        float* c) {
+void decode_int8_panel_bf16(const Panel& panel, uint16_t* b) {
+  // Output entry 2c + t of a pair row is column c of k row t: interleave the two rows.
+  alignas(64) uint16_t lo_idx[32], hi_idx[32];
+  for (int e = 0; e < 32; ++e) {
+    lo_idx[e] = static_cast<uint16_t>(e / 2 + (e % 2) * 32);
+    hi_idx[e] = static_cast<uint16_t>(16 + e / 2 + (e % 2) * 32);
+  }
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  const int8_t* w = reinterpret_cast<const int8_t*>(panel.w);
+  for (int64_t i = 0; i < panel.k / 2; ++i) {
+    uint16_t* dst = b + i * kPanel * 2;
+    for (int h = 0; h < 2; ++h) {  // columns 32h .. 32h + 31
+      const __m512i r0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2 * i * kPanel + 32 * h)));
+      const __m512i r1 =
+          _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (2 * i + 1) * kPanel + 32 * h)));
+      for (int part = 0; part < 2; ++part) {  // 16 columns x 2 k = 32 int16, widened to bf16
+        const __m512i v = _mm512_permutex2var_epi16(r0, part ? hi : lo, r1);
+        const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
+        const __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
+        _mm512_storeu_si512(dst + 64 * h + 32 * part, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
+      }
+    }
+  }
+}
+
+void gemm_amx_bf16(const uint16_t* x, int64_t ldx, int64_t rows, const uint16_t* b, int64_t k, int64_t group_size,
+                   const float* scales, int64_t scale_stride, float* c) {
   configure();
   alignas(64) float tmp[kTileRows * kPanel];
   // The largest of 128, 64, 32 k that divides the group: blocks never straddle groups.
-  const int64_t block = std::gcd(panel.group_size, kAmxBlockK);
+  const int64_t block = std::gcd(group_size, kAmxBlockK);
   std::fill(c, c + rows * kPanel, 0.0f);
   for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-    for (int64_t k0 = 0; k0 < panel.k; k0 += block) {
+    for (int64_t k0 = 0; k0 < k; k0 += block) {
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
@@ -113,7 +140,7 @@ void gemm_int4_amx_bf16(const uint16_t* x, int64_t ldx, int64_t rows, const uint
       _tile_stored(1, tmp + 16, kPanel * 4);
       _tile_stored(2, tmp + 32, kPanel * 4);
       _tile_stored(3, tmp + 48, kPanel * 4);
-      const float* s = panel.params + (k0 / panel.group_size) * 2 * kPanel;
+      const float* s = scales + (k0 / group_size) * scale_stride;
       for (int64_t r = 0; r < kTileRows; ++r) {
         float* cr = c + (r0 + r) * kPanel;
         for (int v = 0; v < 4; ++v) {

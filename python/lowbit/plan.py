@@ -15,7 +15,7 @@ CPU paths (the ``path`` argument of the prepacked ops, csrc/cpu/isa.h):
   below 16 rows runs VNNI);
 * weight-only (w4a16, w8a16): ``scalar``, ``gemm`` (AVX-512, weights dequantized to fp32
   blocks, at every M), ``gemv`` (AVX-512, weights widened in registers, 8 rows at a time),
-  ``amx`` (w4a16 with bf16 activations only: AMX-BF16 tiles on (q - z), scales per block).
+  ``amx`` (bf16 activations only: AMX-BF16 tiles on (q - z) or q, scales per block).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def runnable_paths(scheme_kind: str) -> list[str]:
     best = best_cpu_isa()
     order = ["scalar", "avx2", "avx512_vnni", "amx"]
     if scheme_kind in ("w4a16", "w8a16"):
-        # AMX-BF16 (w4a16 with bf16 activations): every AMX CPU so far has it beside AMX-INT8.
-        amx = ["amx"] if scheme_kind == "w4a16" and best == "amx" else []
+        # AMX-BF16 (bf16 activations only): every AMX CPU so far has it beside AMX-INT8.
+        amx = ["amx"] if best == "amx" else []
         return ["scalar"] + (["gemm", "gemv"] + amx if order.index(best) >= 2 else [])
     return order[: order.index(best) + 1]
 
