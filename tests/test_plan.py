@@ -48,10 +48,23 @@ def test_bad_paths_are_refused_by_name():
         ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(q), s, None, 1)
 
 
-def test_buckets_and_pick():
-    assert [plan.bucket(m) for m in (1, 3, 4, 5, 2048, 5000)] == [1, 4, 4, 8, 2048, 2048]
-    paths = ((4, 2), (64, 4), (2048, 2))
-    assert [plan.pick(paths, m) for m in (1, 4, 5, 64, 65, 9999)] == [2, 2, 4, 4, 2, 2]
+def test_dispatch_takes_the_bucket_at_or_above_m():
+    # The "amx" path refuses fp32 activations, which shows exactly where dispatch takes it.
+    if "amx" not in plan.runnable_paths("w8a16"):
+        pytest.skip("this CPU has no AMX")
+    p = plan.Plan()
+    p.entries[plan.key("w8a16", "cpu", 64, 128)] = {b: ("amx" if 16 < b <= 64 else "gemm") for b in plan.BUCKETS}
+    with plan.use_plan(p):
+        layer = QuantLinear.from_linear(torch.nn.Linear(128, 64), "w8a16")
+    assert layer.packed.paths == ((16, 2), (64, 3), (2048, 2))
+    for m in (1, 16, 65, 5000):
+        layer(torch.randn(m, 128))
+    for m in (17, 64):
+        with pytest.raises(TypeError, match="bf16 activations"):
+            layer(torch.randn(m, 128))
+    assert layer(torch.randn(2, 8, 128)).shape == (2, 8, 64)  # M counts every row of a 3-D input:
+    with pytest.raises(TypeError, match="bf16 activations"):  # 2 x 8 = 16 rows, then 2 x 9 = 18
+        layer(torch.randn(2, 9, 128))
 
 
 def _plan(path_small="gemv", path_large="gemm"):

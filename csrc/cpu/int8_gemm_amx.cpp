@@ -16,30 +16,16 @@
 
 #include <cstring>
 
+#include "cpu/amx_tiles.h"
 #include "cpu/int8_gemm.h"
 
 namespace lowbit::cpu::int8 {
 namespace {
 
-constexpr int kTileRows = 16;
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+using amx::kTileRows;
 
 // Tiles 0-3: C (16 x 16 int32), 4: A (16 x 64 int8), 5: B (16 x 64 uint8).
-void configure() {
-  TileConfig cfg;
-  for (int t = 0; t < 6; ++t) {
-    cfg.rows[t] = kTileRows;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
+void configure() { amx::configure_full_tiles(6); }
 
 }  // namespace
 

@@ -25,30 +25,16 @@
 #include <cstring>
 #include <numeric>
 
+#include "cpu/amx_tiles.h"
 #include "cpu/wo_gemm.h"
 
 namespace lowbit::cpu::wo {
 namespace {
 
-constexpr int kTileRows = 16;
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+using amx::kTileRows;
 
 // Tiles 0-3: C (16 x 16 fp32), 4: A (16 rows x 32 bf16), 5: B (16 k pairs x 16 columns x 2).
-void configure() {
-  TileConfig cfg;
-  for (int t = 0; t < 6; ++t) {
-    cfg.rows[t] = kTileRows;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
+void configure() { amx::configure_full_tiles(6); }
 
 uint16_t bf16_bits(float v) {
   uint32_t bits;

@@ -56,13 +56,6 @@ def runnable_paths(scheme_kind: str) -> list[str]:
     return order[: order.index(best) + 1]
 
 
-def bucket(m: int) -> int:
-    for b in BUCKETS:
-        if m <= b:
-            return b
-    return BUCKETS[-1]
-
-
 def cache_dir() -> Path:
     return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
 
@@ -103,8 +96,9 @@ class Plan:
 
     def paths(self, scheme: str, device: str, n: int, k: int, kind: str) -> tuple[tuple[int, int], ...] | None:
         """``((largest M, path id), ...)`` ascending, one pair per run of buckets that share a
-        path (so ``pick`` compares M with as few bounds as possible), or None without an
-        entry or when the entry is "auto" throughout."""
+        path (so that dispatch compares M with as few bounds as possible; an M beyond the
+        last bound takes the last path), or None without an entry or when the entry is
+        "auto" throughout."""
         entry = self.entries.get(key(scheme, device, n, k))
         if not entry:
             return None
@@ -177,10 +171,3 @@ def use_plan(plan: Plan | None):
     finally:
         _active[:] = previous
 
-
-def pick(paths: tuple[tuple[int, int], ...], m) -> int:
-    """The path id for ``m`` rows from ``Plan.paths``: the first bucket at or above m."""
-    for b, path in paths:
-        if m <= b:
-            return path
-    return paths[-1][1]

@@ -1,0 +1,32 @@
+// AMX tile configuration shared by the AMX kernels (int8_gemm_amx.cpp, wo_gemm_amx.cpp).
+// Include only from files compiled with -mamx-tile.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace lowbit::cpu::amx {
+
+constexpr int kTileRows = 16;
+
+// The 64-byte operand of ldtilecfg (palette 1).
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0 .. count-1 as full tiles: 16 rows of 64 bytes (both kernels use only these).
+inline void configure_full_tiles(int count) {
+  TileConfig cfg;
+  for (int t = 0; t < count; ++t) {
+    cfg.rows[t] = kTileRows;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+}  // namespace lowbit::cpu::amx
