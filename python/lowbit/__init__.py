@@ -22,6 +22,7 @@ from lowbit.checkpoint import CheckpointError, load, save  # noqa: E402
 from lowbit.formats import QuantizedWeight, Scheme, quantize_weight  # noqa: E402
 from lowbit.nn import QuantLinear, W4A16Linear, W8A8Linear, W8A8StaticLinear, W8A16Linear  # noqa: E402
 from lowbit.quantize import QuantConfig, QuantizeReport, dequantize, quantize  # noqa: E402
+from lowbit import calibrate, plan  # noqa: E402  (lowbit.calibrate.GPTQ, lowbit.plan.Plan, ...)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -36,11 +37,13 @@ __all__ = [
     "W8A8StaticLinear",
     "W8A16Linear",
     "backends",
+    "calibrate",
     "choose_backend",
     "cpu_isa",
     "dequantize",
     "load",
     "ops",
+    "plan",
     "quantize",
     "quantize_weight",
     "save",
