@@ -190,9 +190,9 @@ class _Stage:
 
 
 class _Calibrator:
-    def __init__(self, model, method: Method, observer, propagate: str, progress: bool,
+    def __init__(self, method: Method, observer, propagate: str, progress: bool,
                  replace: Callable[[Entry, QuantizedWeight], None], summary: CalibrationSummary):
-        self.model, self.method, self.observer = model, method, observer
+        self.method, self.observer = method, observer
         self.propagate, self.progress, self.replace, self.summary = propagate, progress, replace, summary
         self.state_bytes = 0
         self.deferred: list[tuple[Entry, QuantizedWeight]] = []
@@ -208,8 +208,9 @@ class _Calibrator:
 
     # --- running a stage with hooks ----------------------------------------------------------
 
-    def run_pass(self, stage: _Stage, on_input: dict[Entry, Callable[[torch.Tensor], None]], desc: str,
-                 collect_outputs: bool = False) -> list:
+    def run_pass(self, stage: _Stage, on_input: dict[Entry, Callable[[torch.Tensor], None]], desc: str) -> None:
+        """Run the stage on every input with ``on_input[entry](x)`` called on each selected
+        layer's input (as float32 ``[tokens, K]``)."""
         batch = [0]
 
         def pre_hook(entry, fn):
@@ -221,18 +222,14 @@ class _Calibrator:
             return hook
 
         handles = [e.linear.register_forward_pre_hook(pre_hook(e, fn)) for e, fn in on_input.items()]
-        outputs = []
         try:
             for i, inp in enumerate(tqdm(stage.inputs, desc=f"{stage.name}: {desc}", leave=False,
                                          disable=not self.progress)):
                 batch[0] = i
-                out = stage.run(inp)
-                if collect_outputs:
-                    outputs.append(out)
+                stage.run(inp)
         finally:
             for h in handles:
                 h.remove()
-        return outputs
 
     def probe(self, stage: _Stage) -> list[tuple[list[Entry], tuple[str, nn.Module] | None]]:
         """Groups of layers reading one tensor, each with the module that produced it."""
@@ -530,7 +527,7 @@ def run(
         resolved = _resolve_blocks(model, blocks)
         if resolved is None and sequential:
             raise ValueError("sequential calibration needs blocks: none found (pass blocks=)")
-    cal = _Calibrator(model, method, observer, propagate, progress, replace, summary)
+    cal = _Calibrator(method, observer, propagate, progress, replace, summary)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
