@@ -80,6 +80,10 @@ constexpr TileFn kTiles[kMaxRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, til
 // Few rows against an int8 panel, straight from the packed bytes: per k, widen the 64
 // weights to float once and FMA them into every row; the column scale multiplies the
 // finished sums (so no fp32 block is written and read back).
+// How far ahead of the weight row in use the small-M kernels prefetch: the weight stream
+// is their only DRAM traffic when the weights are not in cache.
+constexpr int64_t kPrefetchBytes = 1024;
+
 template <int MR>
 void gemv_int8_tile(const float* x, int64_t ldx, const Panel& panel, float* c) {
   __m512 acc[MR][4];
@@ -89,6 +93,7 @@ void gemv_int8_tile(const float* x, int64_t ldx, const Panel& panel, float* c) {
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
   const int8_t* w = reinterpret_cast<const int8_t*>(panel.w);
   for (int64_t k = 0; k < panel.k; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k * kPanel + kPrefetchBytes), _MM_HINT_T0);
     __m512 wk[4];
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j)
@@ -134,6 +139,7 @@ void gemv_int4_tile(const float* x, int64_t ldx, const float* xsum, const Panel&
       for (int j = 0; j < 4; ++j) acc[r][j] = odd[r][j] = _mm512_setzero_ps();
     for (int64_t i = g * pairs_per_group; i < (g + 1) * pairs_per_group; ++i) {
       const uint8_t* b = panel.w + i * kPanel;
+      _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes), _MM_HINT_T0);
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * h)));
