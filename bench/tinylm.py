@@ -16,13 +16,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from lowbit import plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +92,6 @@ def windows(data: torch.Tensor, count: int, length: int, seed: int) -> torch.Ten
     return torch.stack([data[s : s + length + 1] for s in starts.tolist()])
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
-
-
 def train(cfg: Config, progress: bool = True) -> TinyLM:
     torch.manual_seed(cfg.seed)
     model = TinyLM(cfg)
@@ -120,7 +116,7 @@ def train(cfg: Config, progress: bool = True) -> TinyLM:
 
 
 def load_or_train(cfg: Config = Config(), progress: bool = True) -> TinyLM:
-    path = cache_dir() / f"tinylm-{cfg.key()}.pt"
+    path = plan.cache_dir() / f"tinylm-{cfg.key()}.pt"
     if path.exists():
         model = TinyLM(cfg)
         model.load_state_dict(torch.load(path, weights_only=True))

@@ -164,3 +164,11 @@ def test_quantize_weight_records_the_canonical_tensors():
         formats.quantize_weight(w, Scheme("w8a8-static"))
     with pytest.raises(ValueError, match="activation scale"):
         formats.quantize_weight(w, Scheme("w8a8"), act_scale=torch.tensor([0.1]))
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a16", "w4a16-g32", "w4a16-g128-sym", "w4a16-gK"])
+def test_fake_quantize_is_quantize_then_dequantize(scheme):
+    w = torch.randn(24, 256, generator=torch.Generator().manual_seed(7)) * 3
+    s = formats.Scheme.parse(scheme)
+    act = torch.tensor([0.1]) if s.kind == "w8a8-static" else None
+    assert torch.equal(formats.fake_quantize(w, s), formats.quantize_weight(w, s, act_scale=act).dequantize())

@@ -118,11 +118,12 @@ at::Tensor w8a16_prepack(const at::Tensor& w) {
 }
 
 // out = (x @ dequant(w)^T + bias) as x's dtype; panel_fn(p, m0, rows, c) writes the
-// fp32 product of activation rows [m0, m0 + rows) and panel p into c[rows][64].
+// fp32 product of activation rows [m0, m0 + rows) and panel p into c[rows][64]. Tasks are
+// (panel, row_chunk rows); c holds row_chunk rows, which may exceed rows (padding).
 template <typename PanelFn>
 at::Tensor run_panels(const at::Tensor& x, int64_t m, int64_t n, const std::optional<at::Tensor>& bias,
-                      PanelFn panel_fn) {
-  const int64_t panels = panels_for(n), chunks = (m + kRowChunk - 1) / kRowChunk;
+                      PanelFn panel_fn, int64_t row_chunk = kRowChunk) {
+  const int64_t panels = panels_for(n), chunks = (m + row_chunk - 1) / row_chunk;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   at::Tensor out = at::empty(out_shape, x.options());
@@ -131,9 +132,9 @@ at::Tensor run_panels(const at::Tensor& x, int64_t m, int64_t n, const std::opti
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "weight_only_linear", [&] {
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, panels * chunks, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> c(kRowChunk * kPanel);
+      std::vector<float> c(row_chunk * kPanel);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t p = t % panels, m0 = (t / panels) * kRowChunk, rows = std::min(m, m0 + kRowChunk) - m0;
+        const int64_t p = t % panels, m0 = (t / panels) * row_chunk, rows = std::min(m, m0 + row_chunk) - m0;
         panel_fn(p, m0, rows, c.data());
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t col = p * kPanel; col < std::min(n, (p + 1) * kPanel); ++col) {
@@ -232,33 +233,19 @@ at::Tensor run_amx(const at::Tensor& x, int64_t n, const std::optional<at::Tenso
     x2 = padded;
   }
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.const_data_ptr<at::BFloat16>());
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = n;
-  at::Tensor out = at::empty(out_shape, x.options());
-  at::BFloat16* op = out.mutable_data_ptr<at::BFloat16>();
-  const std::optional<at::Tensor> bf = bias ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous()) : std::nullopt;
-  const float* bp = bf ? bf->const_data_ptr<float>() : nullptr;
-  at::parallel_for(0, panels_for(n), 1, [&](int64_t p0, int64_t p1) {
-    std::vector<uint16_t> b(k * kPanel);
-    std::vector<float> c(m16 * kPanel);
-    for (int64_t p = p0; p < p1; ++p) {
-      const Panel panel = panel_at(p);
-      if (panel.kind == Weights::kInt4) {
-        wo::decode_int4_panel_bf16(panel, b.data());
-        wo::gemm_amx_bf16(xp, k, m16, b.data(), k, panel.group_size, panel.params, 2 * kPanel, c.data());
-      } else {
-        wo::decode_int8_panel_bf16(panel, b.data());
-        wo::gemm_amx_bf16(xp, k, m16, b.data(), k, k, panel.params, 0, c.data());
-      }
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t col = p * kPanel; col < std::min(n, (p + 1) * kPanel); ++col) {
-          float y = c[r * kPanel + col - p * kPanel];
-          if (bp) y = y + bp[col];
-          op[r * n + col] = static_cast<at::BFloat16>(y);
-        }
+  // One task per panel over all m16 rows (the padding rows land in c and are not written).
+  return run_panels(x, m, n, bias, [&](int64_t p, int64_t, int64_t, float* c) {
+    thread_local std::vector<uint16_t> b;  // the decoded panel, reused across calls
+    b.resize(k * kPanel);
+    const Panel panel = panel_at(p);
+    if (panel.kind == Weights::kInt4) {
+      wo::decode_int4_panel_bf16(panel, b.data());
+      wo::gemm_amx_bf16(xp, k, m16, b.data(), k, panel.group_size, panel.params, 2 * kPanel, c);
+    } else {
+      wo::decode_int8_panel_bf16(panel, b.data());
+      wo::gemm_amx_bf16(xp, k, m16, b.data(), k, k, panel.params, 0, c);
     }
-  });
-  return out;
+  }, std::max<int64_t>(m16, 16));
 }
 
 // pairs: the weight has one row per k pair (int4) rather than per k (int8).

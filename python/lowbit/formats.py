@@ -145,13 +145,23 @@ def int4_params(wg: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.
     return scale, torch.clamp(torch.round(-lo / scale), 0, 15)
 
 
+def _int8_codes(wf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``w[N, K]`` -> (integer-valued float codes, scales float32[N])."""
+    scale = int8_scale(wf)
+    return torch.clamp(torch.round(wf / scale.unsqueeze(1)), -127, 127), scale
+
+
+def _int4_codes(wg: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 groups ``wg[N, K/G, G]`` -> (integer-valued float codes 0..15, scales, zero points)."""
+    scale, zero = int4_params(wg, symmetric)
+    return torch.clamp(torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, 15), scale, zero
+
+
 def quantize_int8_per_channel(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """``s[n] = max|w[n]|/127``, ``q = clamp(round(w/s), -127, 127)`` -> (int8[N, K], float32[N])."""
     _check_weight(w, name)
-    wf = w.float()
-    scale = int8_scale(wf)
-    q = torch.clamp(torch.round(wf / scale.unsqueeze(1)), -127, 127).to(torch.int8)
-    return q, scale
+    q, scale = _int8_codes(w.float())
+    return q.to(torch.int8), scale
 
 
 def quantize_int4_groupwise(
@@ -169,9 +179,7 @@ def quantize_int4_groupwise(
     if k % 2:
         raise ValueError(f"{name}: int4 needs an even in_features, got {k}")
     checks.group_size(g, k)
-    wg = w.float().reshape(n, k // g, g)
-    scale, zero = int4_params(wg, symmetric)
-    q = torch.clamp(torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, 15)
+    q, scale, zero = _int4_codes(w.float().reshape(n, k // g, g), symmetric)
     packed = reference.pack_int4(q.reshape(n, k).to(torch.uint8))
     zeros = None if symmetric else zero.to(torch.uint8)
     return packed, scale, zeros
@@ -231,15 +239,12 @@ def fake_quantize(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     ``quantize_weight(w, scheme).dequantize()`` returns, without packing (for searches)."""
     wf = w.float()
     if scheme.kind != "w4a16":
-        scale = int8_scale(wf).unsqueeze(1)
-        return torch.clamp(torch.round(wf / scale), -127, 127) * scale
+        q, scale = _int8_codes(wf)
+        return q * scale.unsqueeze(1)
     n, k = wf.shape
     g = k if scheme.group_size is None else scheme.group_size
-    wg = wf.reshape(n, k // g, g)
-    scale, zero = int4_params(wg, scheme.symmetric)
-    scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    q = torch.clamp(torch.round(wg / scale) + zero, 0, 15)
-    return ((q - zero) * scale).reshape(n, k)
+    q, scale, zero = _int4_codes(wf.reshape(n, k // g, g), scheme.symmetric)
+    return ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(n, k)
 
 
 def from_codes(
