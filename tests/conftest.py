@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter. The variable
+# is read when a kernel is defined, so it is set before anything imports lowbit.kernels.
+TRITON_INTERPRETED = not torch.cuda.is_available()
+if TRITON_INTERPRETED:
+    os.environ["TRITON_INTERPRET"] = "1"
 from hypothesis import settings
 
 import lowbit  # noqa: F401  (registers the ops)
@@ -12,6 +20,7 @@ settings.register_profile("lowbit", deadline=None, max_examples=25, derandomize=
 settings.load_profile("lowbit")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TRITON_DEVICE = "cpu" if TRITON_INTERPRETED else "cuda"
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

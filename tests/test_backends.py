@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from conftest import activation, weight
+from conftest import TRITON_DEVICE, activation, weight
 from test_ops import assert_linear_close
 
 import lowbit
@@ -18,7 +20,7 @@ SCHEMES = ["w8a8", "w8a8-static", "w8a16", "w4a16-g32", "w4a16-g128-sym", "w4a16
 def test_report_lists_every_backend_with_a_reason():
     report = lowbit.backends()
     names = [s.name for s in report]
-    assert names == ["cuda", "cpu", "reference"]
+    assert names == ["cuda", "cpu", "triton", "reference"]
     assert all(s.reason for s in report)
     assert {s.name: s.available for s in report}["reference"] is True
     assert {s.name: s.available for s in report}["cpu"] is True
@@ -56,7 +58,7 @@ def test_prefer_names_one_backend_and_is_checked():
         get_backend("tpu")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_apply_matches_the_reference_linear(backend, scheme):
     s = Scheme.parse(scheme)
@@ -64,7 +66,9 @@ def test_apply_matches_the_reference_linear(backend, scheme):
     x, bias = activation((3, 256), seed=6), torch.randn(24)
     act = (x.abs().amax() / 127).reshape(1) if s.kind == "w8a8-static" else None
     qw = quantize_weight(w, s, act_scale=act)
-    y = get_backend(backend).apply(x, get_backend(backend).prepack(qw), bias)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    on_device = dataclasses.replace(qw, **{k: v.to(device) for k, v in qw.tensors().items()})
+    y = get_backend(backend).apply(x.to(device), get_backend(backend).prepack(on_device), bias.to(device)).cpu()
     if s.kind.startswith("w8a8"):  # integer GEMM and the reference's epilogue: bit-exact
         assert torch.equal(y, reference.w8a8_linear(x, qw.qweight, qw.scales, bias, act))
     else:  # fp32 sums in another order: within the summation bound

@@ -1,6 +1,7 @@
 """Backends: who runs a quantized linear layer, chosen once per layer (see base.py).
 
-Priority order: the CUDA kernels, the C++ CPU kernels, then the pure-PyTorch reference.
+Priority order: the CUDA kernels, the C++ CPU kernels, the Triton kernels (on CUDA tensors;
+they take whatever the CUDA kernels do not), then the pure-PyTorch reference.
 """
 
 from lowbit.backends.base import (
@@ -16,9 +17,11 @@ from lowbit.backends.base import (
 from lowbit.backends.cpu import CpuBackend, best_cpu_isa, cpu_isa, set_cpu_isa, use_cpu_isa
 from lowbit.backends.native import NativeBackend
 from lowbit.backends.reference import ReferenceBackend
+from lowbit.backends.triton import TritonBackend
 
 register(NativeBackend("cuda", "cuda", "CUDA"))
 register(CpuBackend())
+register(TritonBackend())
 register(ReferenceBackend())
 
 __all__ = [

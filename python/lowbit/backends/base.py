@@ -38,6 +38,10 @@ class Backend:
         """Whether this backend runs ``scheme`` on ``device``; the reason when it does not."""
         raise NotImplementedError
 
+    def chosen_by_priority(self, device: torch.device) -> bool:
+        """False where the backend runs only when asked for by name (``prefer``)."""
+        return True
+
     def prepack(self, weight: QuantizedWeight) -> QuantizedWeight:
         """The weight in this backend's layout (the canonical layout unless overridden)."""
         return weight
@@ -98,6 +102,8 @@ def choose_backend(scheme: Scheme, device: torch.device | str, prefer: str | Non
         ok, why = _status(backend)
         if ok:
             ok, why = backend.can_implement(scheme, device)
+        if ok and prefer is None and not backend.chosen_by_priority(device):
+            ok, why = False, f"runs {device.type} tensors only when asked for by name"
         if ok:
             return backend
         reasons.append(f"  {backend.name}: {why}")

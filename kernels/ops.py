@@ -1,0 +1,122 @@
+"""The Triton kernels as ``torch.ops.lowbit_triton`` ops.
+
+Registered with ``torch.library.triton_op``: the launchers call their kernels through
+``wrap_triton``, so on a GPU torch.compile (Inductor) sees into the kernels instead of
+treating each op as opaque. Each op also has an explicit fake implementation (shapes and
+dtypes, with the argument checks of ``lowbit.checks``): ``triton_op`` would otherwise trace
+its body with fake tensors, which works on a GPU but not under TRITON_INTERPRET=1, where
+the interpreter reads data pointers. With the explicit fakes, fake-tensor tracing (Dynamo,
+``opcheck``'s fake test) works in the interpreter too; the functionalized (AOT) trace still
+decomposes the op into its kernels, which only a GPU can run (tests/test_triton_kernels.py
+checks that on CUDA and says so when it is skipped).
+
+The semantics of every op are those of the same-named function in ``lowbit.reference``;
+``weight_only_linear`` runs W4A16 and W8A16 on weights from ``weight_only.prepack_*``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op
+
+from lowbit import checks
+from lowbit.kernels import int8_mm, quantize, weight_only
+
+
+
+@triton_op("lowbit_triton::quantize_per_token", mutates_args=())
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize.quantize_per_token(x)
+
+
+@quantize_per_token.register_fake
+def _(x):
+    checks.activation(x, "x")
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@triton_op("lowbit_triton::quantize_per_tensor", mutates_args=())
+def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return quantize.quantize_per_tensor(x, scale)
+
+
+@quantize_per_tensor.register_fake
+def _(x, scale):
+    checks.activation(x, "x")
+    checks.per_tensor_scale(scale, "x_scale")
+    return torch.empty_like(x, dtype=torch.int8)
+
+
+@triton_op("lowbit_triton::int8_scaled_mm", mutates_args=())
+def int8_scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return int8_mm.int8_scaled_mm(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+@int8_scaled_mm.register_fake
+def _(a, b, a_scale, b_scale, bias, out_dtype):
+    checks.int8_scaled_mm(a, b, a_scale, b_scale, bias, out_dtype)
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+@triton_op("lowbit_triton::w8a8_linear", mutates_args=())
+def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                x_scale: torch.Tensor | None) -> torch.Tensor:
+    checks.weight_linear(x, w, w_scale, bias, torch.int8)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x_scale is None:
+        qx, sx = quantize.quantize_per_token(x2)
+    else:
+        qx, sx = quantize.quantize_per_tensor(x2, x_scale), x_scale.reshape(1)
+    y = int8_mm.int8_scaled_mm(qx, w, sx, w_scale, bias, x.dtype)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+@w8a8_linear.register_fake
+def _(x, w, w_scale, bias, x_scale):
+    checks.weight_linear(x, w, w_scale, bias, torch.int8)
+    if x_scale is not None:
+        checks.per_tensor_scale(x_scale, "x_scale")
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@triton_op("lowbit_triton::weight_only_linear", mutates_args=())
+def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                       bias: torch.Tensor | None, group_size: int, bits: int, out_features: int,
+                       in_features: int) -> torch.Tensor:
+    packed = weight_only.Packed(codes, scales, zeros, group_size, bits, out_features, in_features)
+    return weight_only.linear(x, packed, bias)
+
+
+@weight_only_linear.register_fake
+def _(x, codes, scales, zeros, bias, group_size, bits, out_features, in_features):
+    checks.activation(x, "x")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has K = {x.shape[-1]} features but the weight has K = {in_features}")
+    checks.bias(bias, out_features)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@triton_op("lowbit_triton::dequantize_int8", mutates_args=())
+def dequantize_int8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return quantize.dequantize_int8(w, scale, dtype)
+
+
+@dequantize_int8.register_fake
+def _(w, scale, dtype):
+    checks.int8_weight(w, scale)
+    checks.float_dtype(dtype, "dtype")
+    return w.new_empty(w.shape, dtype=dtype)
+
+
+@triton_op("lowbit_triton::dequantize_int4", mutates_args=())
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    return quantize.dequantize_int4(packed, scales, zeros, group_size, dtype)
+
+
+@dequantize_int4.register_fake
+def _(packed, scales, zeros, group_size, dtype):
+    checks.int4_weight(packed, scales, zeros, group_size)
+    checks.float_dtype(dtype, "dtype")
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=dtype)
