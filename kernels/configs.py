@@ -13,7 +13,9 @@ Why these lists:
   flight per stage; tiles of 128x128..256x128 give the arithmetic intensity int8 needs on
   A100/H100 (Hopper lowers ``tl.dot`` to ``wgmma``, which wants BLOCK_M >= 64 per warpgroup).
 - weight-only GEMM: small M is bound by weight bytes, so the small-M configs have narrow M
-  tiles, wide N tiles, deep pipelines (stages) and split-K; large M wants the int8-like tiles.
+  tiles, wide N tiles, deep pipelines (stages) and split-K. Large M wants big tiles, but
+  the kernel holds two fp32 tiles (weight_only.py), so 128x128 takes 8 warps and nothing is
+  larger: 128x256 and 4-warp 128x128 spilled on sm_80 and sm_90 (kernels/aot.py).
 - GEMV (M <= 4): no tensor cores and no BLOCK_M (every row of x is one program's); BLOCK_N x
   BLOCK_K dequantized weights per program.
 """
@@ -29,6 +31,9 @@ import triton
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+SPLIT_K_MAX_M = 64  # split-K only below this M; above it the output tiles fill the GPU
 
 
 def _cfg(bm, bn, bk, warps, stages, **extra):
@@ -56,17 +61,17 @@ CONFIGS = {
     "wo_gemm": {
         "ampere": [
             _cfg(16, 64, 128, 4, 4, GROUP_M=8), _cfg(16, 128, 64, 4, 4, GROUP_M=8),
-            _cfg(16, 256, 64, 8, 3, GROUP_M=8), _cfg(32, 128, 128, 4, 4, GROUP_M=8),
-            _cfg(64, 128, 64, 4, 4, GROUP_M=8), _cfg(128, 128, 64, 8, 3, GROUP_M=8),
-            _cfg(128, 256, 64, 8, 3, GROUP_M=8), _cfg(128, 128, 32, 4, 4, GROUP_M=8),
-            _cfg(16, 128, 32, 4, 4, GROUP_M=8), _cfg(64, 64, 32, 4, 4, GROUP_M=8),
+            _cfg(16, 256, 64, 8, 3, GROUP_M=8), _cfg(16, 128, 32, 4, 4, GROUP_M=8),
+            _cfg(32, 128, 64, 4, 4, GROUP_M=8), _cfg(64, 128, 64, 8, 4, GROUP_M=8),
+            _cfg(128, 64, 64, 8, 4, GROUP_M=8), _cfg(128, 128, 64, 8, 3, GROUP_M=8),
+            _cfg(128, 128, 32, 8, 4, GROUP_M=8), _cfg(64, 64, 32, 4, 4, GROUP_M=8),
         ],
         "hopper": [
-            _cfg(16, 64, 128, 4, 5, GROUP_M=8), _cfg(16, 128, 128, 4, 4, GROUP_M=8),
-            _cfg(16, 256, 64, 8, 4, GROUP_M=8), _cfg(32, 128, 128, 4, 4, GROUP_M=8),
-            _cfg(64, 128, 128, 4, 4, GROUP_M=8), _cfg(128, 128, 64, 8, 4, GROUP_M=8),
-            _cfg(128, 256, 64, 8, 3, GROUP_M=8), _cfg(128, 128, 32, 8, 4, GROUP_M=8),
-            _cfg(16, 128, 32, 4, 5, GROUP_M=8), _cfg(64, 64, 32, 4, 4, GROUP_M=8),
+            _cfg(16, 64, 128, 4, 4, GROUP_M=8), _cfg(16, 128, 128, 4, 4, GROUP_M=8),
+            _cfg(16, 256, 64, 8, 4, GROUP_M=8), _cfg(16, 128, 32, 4, 5, GROUP_M=8),
+            _cfg(32, 128, 64, 4, 4, GROUP_M=8), _cfg(64, 128, 64, 8, 4, GROUP_M=8),
+            _cfg(128, 64, 64, 8, 4, GROUP_M=8), _cfg(128, 128, 64, 8, 4, GROUP_M=8),
+            _cfg(128, 128, 32, 8, 4, GROUP_M=8), _cfg(64, 64, 32, 4, 4, GROUP_M=8),
         ],
     },
     "wo_gemv": {
@@ -103,6 +108,8 @@ def fits(config: triton.Config, m: int, n: int, k: int, group_size: int | None =
     and stay inside one quantization group (the kernels scale per K block)."""
     if group_size is None:
         return True
+    if split_k > 1 and config.kwargs.get("BLOCK_M", 1) > SPLIT_K_MAX_M:
+        return False  # split-K runs only for M <= SPLIT_K_MAX_M (split_k below)
     bk = config.kwargs["BLOCK_K"]
     one_group = group_size >= k
     return (one_group or group_size % bk == 0) and (kp or k) % (bk * split_k) == 0
@@ -159,7 +166,7 @@ def split_k(m: int, n: int, k: int, group_size: int, block_m: int = 16, block_n:
     """Split-K factor for a weight-only GEMM, chosen by shape: when the output tiles alone
     leave SMs idle (small M), split K so that about two waves of programs run; each split's
     K range stays a multiple of 128 so every config's BLOCK_K tiles it."""
-    if m > 64:
+    if m > SPLIT_K_MAX_M:
         return 1
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     s = 1

@@ -14,7 +14,10 @@ block's codes minus the zero point are small integers, exact in fp16/bf16; the k
 multiplies x by them on the tensor cores with fp32 accumulation and scales the block's
 partial sum by the group's scale in fp32: acc += (x @ (q - z)) * s. This is more accurate
 than dequantizing w' = (q - z) * s to 16 bits (w' is never rounded), and the per-block scale
-costs one FMA per output per BLOCK_K products.
+costs one FMA per output per BLOCK_K products — but it holds two fp32 tiles (the block's
+product and the sum), which bounds the tile size (kernels/aot.py checks for spills). With
+one group per row (G = K, so every W8A16 layer) the products accumulate in place and the
+scale is applied once at the end.
   - ``wo_gemm_kernel``: tiles of [BLOCK_M, BLOCK_N] on ``tl.dot``; for small M the launcher
     splits K (``SPLIT_K`` programs per tile, chosen by shape in ``configs.split_k``) and the
     splits add their fp32 partial tiles atomically into a zeroed buffer, which
@@ -106,7 +109,7 @@ def _codes_minus_zero(w_ptr, z_ptr, k0, g, n_cols, N, BITS: tl.constexpr, HAS_ZE
 @triton.jit
 def wo_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, acc_ptr, M, N, K, KP, G, stride_xm, M_BUCKET,
                    BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                   EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   EVEN_K: tl.constexpr, ONE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k_len = KP // SPLIT_K
@@ -126,12 +129,24 @@ def wo_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, acc_ptr, M, N,
             x = tl.load(x_ptr + x_rows[:, None] * stride_xm + (k0 + rk)[None, :], mask=(k0 + rk)[None, :] < K,
                         other=0.0)
         q = _codes_minus_zero(w_ptr, z_ptr, k0, g, n_cols, N, BITS, HAS_ZEROS, BLOCK_K, BLOCK_N)
-        s = tl.load(s_ptr + g * N + n_cols)
         if DOT_FP32:
-            part = tl.dot(x.to(tl.float32), q.to(tl.float32), input_precision="ieee")
+            x = x.to(tl.float32)
+        if ONE_GROUP:
+            # One scale per column: accumulate in place (one accumulator tile, not two)
+            # and scale once after the loop.
+            if DOT_FP32:
+                acc = tl.dot(x, q.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, q.to(x.dtype), acc)
         else:
-            part = tl.dot(x, q.to(x.dtype))
-        acc += part * s[None, :]
+            s = tl.load(s_ptr + g * N + n_cols)
+            if DOT_FP32:
+                part = tl.dot(x, q.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(x, q.to(x.dtype))
+            acc += part * s[None, :]
+    if ONE_GROUP:
+        acc *= tl.load(s_ptr + n_cols)[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     offs = rm[:, None].to(tl.int64) * N + rn[None, :]
     if SPLIT_K == 1:
@@ -228,6 +243,7 @@ def linear(x: torch.Tensor, w: Packed, bias: torch.Tensor | None = None, config:
             return (triton.cdiv(n, cfg["BLOCK_N"]), s)
     else:
         kernel, family = wo_gemm_kernel, "wo_gemm"
+        meta["ONE_GROUP"] = w.group_size >= k
         meta["DOT_FP32"] = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and configs.interpreting())
 
         def grid(cfg):
