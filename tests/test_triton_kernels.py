@@ -333,3 +333,24 @@ def test_backend_listing():
 def test_m_bucket_and_interpreter_switch():
     assert [configs.m_bucket(m) for m in (1, 3, 16, 17, 10000)] == [1, 4, 16, 32, 4096]
     assert configs.interpreting() == TRITON_INTERPRETED
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="on a GPU bench/gpu_check.sh runs the full benchmark")
+def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
+    """bench/gpu.py checks each kernel against the reference before timing it; its smoke
+    mode runs that path on tiny shapes here, so the GPU check is not the first run."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[1] / "bench" / "gpu.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_bench.json").read_text())
+    kernels = {r["kernel"] for r in result["gemm"]}
+    assert {"triton int8_scaled_mm", "triton w8a8 (quant+mm)", "triton w4a16 g128", "triton w8a16"} <= kernels
+    assert all(r["ms"] > 0 for r in result["gemm"] + result["memory"])
+    assert "| memory-bound kernel |" in proc.stdout
