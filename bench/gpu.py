@@ -8,7 +8,8 @@ Per Llama-3-8B shape (K x N = 4096x4096, 4096x14336, 14336x4096) and M in {1, 16
   - bf16 ``torch.matmul`` (cuBLAS), ``torch._int_mm`` plus a separate fp32 epilogue (M > 16,
     its limit), tinygemm ``torch._weight_int4pack_mm`` (g128);
   - lowbit triton: int8 scaled matmul on pre-quantized activations, W8A8 (quantize + GEMM),
-    W4A16 g128 asymmetric, W8A16.
+    W4A16 g128 asymmetric, W8A16;
+  - lowbit cuda: the int8 tensor-core GEMM (csrc/cuda) on pre-quantized activations and W8A8.
 Every implementation's output is checked against a float reference before it is timed.
 Weights are rotated through enough copies to exceed twice the L2 cache, so small-M
 timings read weights from HBM as a real model's layers do. The memory-bound kernels
@@ -125,6 +126,9 @@ def gemm_rows(dev, cuda: bool, smoke: bool, ceil: dict) -> list[dict]:
             impls = {
                 "bf16 matmul (cuBLAS)": (lambda: x @ bf_next().t(), x @ w_bf16[0].t(), 0.02),
                 "triton int8_scaled_mm": (lambda: tops.int8_scaled_mm(xq, i8_next(), sx, s8, None, xdtype), ref8, 1e-3),
+                "cuda int8_scaled_mm": (lambda: lowbit.ops.int8_scaled_mm(xq, i8_next(), sx, s8, None, xdtype), ref8,
+                                        1e-3),
+                "cuda w8a8 (quant+mm)": (lambda: lowbit.ops.w8a8_linear(x, i8_next(), s8, None, None), ref8, 1e-3),
                 "triton w8a8 (quant+mm)": (lambda: tops.w8a8_linear(x, i8_next(), s8, None, None), ref8, 1e-3),
                 "triton w4a16 g128": (lambda: _wo(x, w4_next()), ref4, 1e-2),
                 "triton w8a16": (lambda: _wo(x, w8_next()), ref_w8, 1e-2),
@@ -133,6 +137,8 @@ def gemm_rows(dev, cuda: bool, smoke: bool, ceil: dict) -> list[dict]:
                 impls["torch._int_mm + epilogue"] = (
                     lambda: (torch._int_mm(xq, i8_next().t()).float() * sx[:, None] * s8[None, :]).to(xdtype),
                     ref8, 1e-3)
+            if not cuda:  # no CUDA kernels to run on CPU tensors
+                del impls["cuda int8_scaled_mm"], impls["cuda w8a8 (quant+mm)"]
             if cuda:
                 impls["tinygemm _weight_int4pack_mm"] = (
                     lambda: torch._weight_int4pack_mm(x, *_tg(tg_next(), 128)), None, None)

@@ -33,7 +33,13 @@ def main() -> None:
         close(impl.dequantize_int8(qw8, s8, torch.bfloat16), reference.dequantize_int8(qw8, s8, torch.bfloat16), 1e-2)
         close(impl.dequantize_int4(p4, sc4, z4, 32, torch.float16),
               reference.dequantize_int4(p4, sc4, z4, 32, torch.float16), 1e-3)
-    close(tops.w8a8_linear(x, qw8, s8, None, None), reference.w8a8_linear(x, qw8, s8, None), 1e-2)
+    for impl in (lowbit.ops, tops):  # the CUDA int8 tensor-core GEMM and the Triton one
+        close(impl.w8a8_linear(x, qw8, s8, None, None), reference.w8a8_linear(x, qw8, s8, None), 1e-2)
+        for rows in (1, 17, 130):  # every tile size of the CUDA GEMM, with tails
+            a = torch.randint(-127, 128, (rows, k), device=dev, dtype=torch.int8)
+            sa = torch.rand(rows, device=dev)
+            assert torch.equal(impl.int8_scaled_mm(a, qw8, sa, s8, None, torch.float32),
+                               reference.int8_scaled_mm(a, qw8, sa, s8, None, torch.float32))
     for rows in (1, 3, 5, 40):  # GEMV, GEMM with split-K, GEMM
         xr = torch.randn(rows, k, device=dev, dtype=torch.float16)
         for p, ref in ((weight_only.prepack_int4(p4, sc4, z4, 32), reference.w4a16_linear(xr, p4, sc4, z4, 32, None)),

@@ -103,6 +103,13 @@ inline void check_int8_weight(const at::Tensor& w, const at::Tensor& scale) {
   check_same_device({{"w", &w}, {"w_scale", &scale}});
 }
 
+// A calibrated (static) activation scale: one float32 on x's device.
+inline void check_per_tensor_scale(const at::Tensor& x, const at::Tensor& x_scale) {
+  check_dtype(x_scale, at::kFloat, "x_scale");
+  TORCH_CHECK_VALUE(x_scale.numel() == 1, "x_scale must hold one per-tensor scale, got shape ", x_scale.sizes());
+  check_same_device({{"x", &x}, {"x_scale", &x_scale}});
+}
+
 inline void check_int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                               const std::optional<at::Tensor>& bias) {
   check_activation(x, "x");

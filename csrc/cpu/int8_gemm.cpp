@@ -158,9 +158,7 @@ std::vector<int64_t> linear_out_shape(const at::Tensor& x, int64_t n) {
 
 std::optional<float> static_scale(const at::Tensor& x, const std::optional<at::Tensor>& x_scale) {
   if (!x_scale) return std::nullopt;
-  check_dtype(*x_scale, at::kFloat, "x_scale");
-  TORCH_CHECK_VALUE(x_scale->numel() == 1, "x_scale must hold one per-tensor scale, got shape ", x_scale->sizes());
-  check_same_device({{"x", &x}, {"x_scale", &*x_scale}});
+  check_per_tensor_scale(x, *x_scale);
   return x_scale->item<float>();
 }
 

@@ -4,43 +4,18 @@
 // shuffles and shared memory, then every element is divided by the scale (IEEE division,
 // as the reference does; fast-math is never enabled for this file) and rounded half to
 // even with rintf.
-// dequantize_int8 / dequantize_int4: a grid-stride loop, each thread producing the
-// elements of one packed byte (int4) or one int8 element; the CUDA issue (#5) replaces
-// them with 16-byte vectorized versions.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+// dequantize_int8 / dequantize_int4: grid-stride loops. When rows are whole 16-byte
+// vectors (int8: K % 16 == 0; int4: K % 32 == 0 and G % 32 == 0, so a vector never
+// leaves its row or group) and the buffers are 16-byte aligned, each thread reads one
+// 16-byte vector of codes (16 int8 or 32 int4 values) and writes its outputs as 16-byte
+// vectors; other shapes take the element-wise kernels.
+#include "cuda/float_convert.cuh"
 #include "cuda/quantize_kernels.cuh"
 
 namespace lowbit::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-
-// Calls f with a typed null pointer of the element type that `type` names.
-template <typename F>
-void dispatch_float(FloatType type, F&& f) {
-  switch (type) {
-    case FloatType::kFloat32: f(static_cast<float*>(nullptr)); break;
-    case FloatType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-    case FloatType::kFloat16: f(static_cast<__half*>(nullptr)); break;
-  }
-}
 
 int blocks_for(int64_t work) {
   const int64_t blocks = (work + kThreads - 1) / kThreads;
@@ -79,6 +54,17 @@ __global__ void quantize_per_token_kernel(const T* __restrict__ x, int64_t k,
 }
 
 template <typename T>
+__global__ void quantize_per_tensor_kernel(const T* __restrict__ x, int64_t count, const float* __restrict__ scale,
+                                           int8_t* __restrict__ q) {
+  const float s = *scale;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const float r = rintf(to_float(x[i]) / s);
+    q[i] = isnan(r) ? 0 : static_cast<int8_t>(fminf(fmaxf(r, -127.0f), 127.0f));
+  }
+}
+
+template <typename T>
 __global__ void dequantize_int8_kernel(const int8_t* __restrict__ w, const float* __restrict__ scale,
                                        int64_t n, int64_t k, T* __restrict__ out) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n * k;
@@ -105,6 +91,61 @@ __global__ void dequantize_int4_kernel(const uint8_t* __restrict__ packed,
   }
 }
 
+// kVec codes per thread: int8 16 (one 16-byte load), int4 32 (16 packed bytes).
+template <typename T, int N>
+__device__ __forceinline__ void store_vectors(T* dst, const float (&v)[N]) {
+  static_assert((N * sizeof(T)) % 16 == 0, "whole 16-byte vectors");
+  union {
+    T t[N];
+    uint4 u[N * sizeof(T) / 16];
+  } out;
+#pragma unroll
+  for (int j = 0; j < N; ++j) out.t[j] = from_float<T>(v[j]);
+  uint4* d = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+  for (int j = 0; j < static_cast<int>(N * sizeof(T) / 16); ++j) d[j] = out.u[j];
+}
+
+template <typename T>
+__global__ void dequantize_int8_vec_kernel(const int8_t* __restrict__ w, const float* __restrict__ scale,
+                                           int64_t k, int64_t vectors, T* __restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < vectors;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const uint4 raw = reinterpret_cast<const uint4*>(w)[i];
+    const int8_t* q = reinterpret_cast<const int8_t*>(&raw);
+    const float s = scale[i * 16 / k];
+    float v[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) v[j] = static_cast<float>(q[j]) * s;
+    store_vectors(out + i * 16, v);
+  }
+}
+
+template <typename T>
+__global__ void dequantize_int4_vec_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ scales,
+                                           const uint8_t* __restrict__ zeros, int64_t k, int64_t group_size,
+                                           int64_t vectors, T* __restrict__ out) {
+  const int64_t groups = k / group_size;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < vectors;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const uint4 raw = reinterpret_cast<const uint4*>(packed)[i];
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw);
+    const int64_t first = i * 32, row = first / k, col = first % k;
+    const int64_t g = row * groups + col / group_size;  // 32 codes, one group (G % 32 == 0)
+    const float s = scales[g];
+    const float z = zeros ? static_cast<float>(zeros[g]) : 8.0f;
+    float v[32];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      v[2 * j] = (static_cast<float>(bytes[j] & 0x0F) - z) * s;
+      v[2 * j + 1] = (static_cast<float>(bytes[j] >> 4) - z) * s;
+    }
+    store_vectors(out + first, v);
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 }  // namespace
 
 void launch_quantize_per_token(const void* x, FloatType x_type, int64_t rows, int64_t k,
@@ -117,13 +158,28 @@ void launch_quantize_per_token(const void* x, FloatType x_type, int64_t rows, in
   });
 }
 
+void launch_quantize_per_tensor(const void* x, FloatType x_type, int64_t rows, int64_t k,
+                                const float* scale, int8_t* q, cudaStream_t stream) {
+  if (rows * k == 0) return;
+  dispatch_float(x_type, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    quantize_per_tensor_kernel<T><<<blocks_for(rows * k), kThreads, 0, stream>>>(static_cast<const T*>(x), rows * k,
+                                                                                scale, q);
+  });
+}
+
 void launch_dequantize_int8(const int8_t* w, const float* scale, int64_t n, int64_t k, void* out,
                             FloatType out_type, cudaStream_t stream) {
   if (n * k == 0) return;
+  const bool vec = k % 16 == 0 && aligned16(w) && aligned16(out);
   dispatch_float(out_type, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dequantize_int8_kernel<T><<<blocks_for(n * k), kThreads, 0, stream>>>(w, scale, n, k,
-                                                                          static_cast<T*>(out));
+    if (vec) {
+      dequantize_int8_vec_kernel<T><<<blocks_for(n * k / 16), kThreads, 0, stream>>>(w, scale, k, n * k / 16,
+                                                                                     static_cast<T*>(out));
+    } else {
+      dequantize_int8_kernel<T><<<blocks_for(n * k), kThreads, 0, stream>>>(w, scale, n, k, static_cast<T*>(out));
+    }
   });
 }
 
@@ -131,10 +187,16 @@ void launch_dequantize_int4(const uint8_t* packed, const float* scales, const ui
                             int64_t n, int64_t k, int64_t group_size, void* out,
                             FloatType out_type, cudaStream_t stream) {
   if (n * k == 0) return;
+  const bool vec = k % 32 == 0 && group_size % 32 == 0 && aligned16(packed) && aligned16(out);
   dispatch_float(out_type, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dequantize_int4_kernel<T><<<blocks_for(n * k / 2), kThreads, 0, stream>>>(
-        packed, scales, zeros, n, k, group_size, static_cast<T*>(out));
+    if (vec) {
+      dequantize_int4_vec_kernel<T><<<blocks_for(n * k / 32), kThreads, 0, stream>>>(
+          packed, scales, zeros, k, group_size, n * k / 32, static_cast<T*>(out));
+    } else {
+      dequantize_int4_kernel<T><<<blocks_for(n * k / 2), kThreads, 0, stream>>>(
+          packed, scales, zeros, n, k, group_size, static_cast<T*>(out));
+    }
   });
 }
 

@@ -8,15 +8,19 @@
 
 #include <cstdint>
 
-namespace lowbit::cuda {
+#include "cuda/float_type.h"
 
-// The floating-point element types the kernels read and write.
-enum class FloatType { kFloat32, kBFloat16, kFloat16 };
+namespace lowbit::cuda {
 
 // Per-row int8 quantization of a contiguous [rows, k] matrix: scale[r] = max|x[r]|/127
 // (0 -> 1), q = clamp(rint(x / scale), -127, 127).
 void launch_quantize_per_token(const void* x, FloatType x_type, int64_t rows, int64_t k,
                                int8_t* q, float* scale, cudaStream_t stream);
+
+// int8 quantization with one calibrated scale read from device memory:
+// q = clamp(rint(x / *scale), -127, 127).
+void launch_quantize_per_tensor(const void* x, FloatType x_type, int64_t rows, int64_t k,
+                                const float* scale, int8_t* q, cudaStream_t stream);
 
 // out[n, k] = w[n, k] * scale[n].
 void launch_dequantize_int8(const int8_t* w, const float* scale, int64_t n, int64_t k, void* out,

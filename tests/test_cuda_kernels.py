@@ -1,0 +1,129 @@
+"""The CUDA kernels (csrc/cuda): their index math on the CPU, their binaries, and — on a
+GPU — their results against the reference.
+
+Without a GPU two checks still run: the CPU model of the int8 tensor-core GEMM
+(csrc/cuda/int8_gemm_model.cpp, which replays the kernel's shared-memory layout, ldmatrix
+addresses and fragment mapping with the PTX ISA's definitions) must equal a @ b^T exactly
+for every tile configuration; and the built extension's cubins (sm_80 and sm_90a) must hold
+the GEMM with tensor-core IMMA instructions and without spills or stack frames.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+
+import pytest
+import torch
+from conftest import FLOAT_DTYPES, activation, int8_values, int8_weight
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lowbit
+from lowbit import ops, reference
+
+NUM_TILES = 3  # LOWBIT_INT8_GEMM_TILES in csrc/cuda/int8_gemm_layout.h
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh)")
+
+
+# --- the CPU model of the int8 GEMM ---------------------------------------------------------
+
+
+@given(m=st.integers(1, 140), n=st.integers(1, 140), k16=st.integers(1, 20), tile=st.integers(0, NUM_TILES - 1),
+       seed=st.integers(0, 2**31 - 1))
+def test_int8_gemm_model_is_exact(m, n, k16, tile, seed):
+    a, b = int8_values((m, 16 * k16), seed), int8_values((n, 16 * k16), seed + 1)
+    out = torch.ops.lowbit_model.int8_gemm(a, b, tile)
+    assert torch.equal(out, (a.double() @ b.double().t()).to(torch.int32))
+
+
+def test_int8_gemm_model_covers_full_tiles_and_extremes():
+    for tile in range(NUM_TILES):
+        a = torch.full((130, 256), -127, dtype=torch.int8)
+        b = int8_values((260, 256), 7)
+        b[::3] = 127
+        assert torch.equal(torch.ops.lowbit_model.int8_gemm(a, b, tile), (a.double() @ b.double().t()).int())
+
+
+def test_int8_gemm_model_rejects_bad_input():
+    a = int8_values((4, 32), 0)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        torch.ops.lowbit_model.int8_gemm(a[:, :24].contiguous(), a[:, :24].contiguous(), 0)
+    with pytest.raises(ValueError, match="tile must be"):
+        torch.ops.lowbit_model.int8_gemm(a, a, NUM_TILES)
+
+
+# --- the built binaries -----------------------------------------------------------------------
+
+
+def _extension() -> pathlib.Path:
+    return pathlib.Path(lowbit._C.__file__)
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+built_with_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("lowbit::int8_scaled_mm", "CUDA")
+
+
+@pytest.mark.skipif(not built_with_cuda, reason="this build has no CUDA kernels (no nvcc)")
+def test_cuda_binaries_have_tensor_core_gemms_without_spills():
+    so = str(_extension())
+    cubins = subprocess.run([_cuobjdump(), "-lelf", so], capture_output=True, text=True, check=True).stdout
+    for arch in ("sm_80", "sm_90a"):
+        assert f"int8_gemm_kernels.{arch}.cubin" in cubins
+    usage = subprocess.run([_cuobjdump(), "-res-usage", so], capture_output=True, text=True, check=True).stdout
+    kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    gemms = [k for k in kernels if "int8_gemm_kernel" in k[0]]
+    assert len(gemms) == 2 * NUM_TILES * len(FLOAT_DTYPES)  # two architectures, every tile and output type
+    for name, regs, stack, local in kernels:
+        assert stack == "0" and local == "0", f"{name}: {stack} B stack, {local} B local memory"
+    sass = subprocess.run([_cuobjdump(), "-sass", "-fun", gemms[0][0], so], capture_output=True, text=True,
+                          check=True).stdout
+    assert "IMMA" in sass and "LDSM" in sass and "LDGSTS" in sass  # mma, ldmatrix, cp.async
+
+
+# --- on a GPU -----------------------------------------------------------------------------------
+
+
+@needs_gpu
+@given(m=st.integers(1, 300), n=st.integers(1, 300), k=st.integers(1, 600), out_dtype=st.sampled_from(FLOAT_DTYPES),
+       bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_int8_scaled_mm_on_cuda_is_bitwise_the_reference(m, n, k, out_dtype, bias, seed):
+    a, b = int8_values((m, k), seed, "cuda"), int8_values((n, k), seed + 1, "cuda")
+    sa, sb = torch.rand(m, device="cuda") * 1e-3, torch.rand(n, device="cuda") * 1e-3
+    bv = torch.randn(n, device="cuda").to(out_dtype) if bias else None
+    out = ops.int8_scaled_mm(a, b, sa, sb, bv, out_dtype)
+    assert torch.equal(out, reference.int8_scaled_mm(a, b, sa, sb, bv, out_dtype))
+
+
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 16, 17, 64, 129, 1000])
+def test_int8_scaled_mm_on_cuda_every_tile_size(m):
+    a, b = int8_values((m, 4096), m, "cuda"), int8_values((384, 4096), m + 1, "cuda")
+    sa, sb = torch.rand(m, device="cuda") * 1e-4, torch.rand(384, device="cuda") * 1e-4
+    assert torch.equal(ops.int8_scaled_mm(a, b, sa, sb, None, torch.bfloat16),
+                       reference.int8_scaled_mm(a, b, sa, sb, None, torch.bfloat16))
+
+
+@needs_gpu
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_linear_on_cuda_is_bitwise_the_reference(static):
+    x = activation((3, 7, 512), torch.bfloat16, "cuda", seed=1, noncontiguous=True)
+    w, s = int8_weight(200, 512, device="cuda")
+    bias = torch.randn(200, device="cuda")
+    xs = torch.tensor([0.04], device="cuda") if static else None
+    assert torch.equal(ops.w8a8_linear(x, w, s, bias, xs), reference.w8a8_linear(x, w, s, bias, xs))
+
+
+@needs_gpu
+def test_unaligned_operands_are_copied_not_misread():
+    a = int8_values((9, 200), 3, "cuda")[:, 1:]  # K = 199 and an odd base address
+    b = int8_values((33, 199), 4, "cuda")
+    sa, sb = torch.rand(9, device="cuda"), torch.rand(33, device="cuda")
+    assert torch.equal(ops.int8_scaled_mm(a, b, sa, sb, None, torch.float32),
+                       reference.int8_scaled_mm(a, b, sa, sb, None, torch.float32))
