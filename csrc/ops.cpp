@@ -50,6 +50,12 @@ TORCH_LIBRARY(lowbit, m) {
       "Tensor? bias, int path=-1) -> Tensor");
   m.def("w8a16_prepack(Tensor w) -> Tensor");
   m.def("w8a16_linear_prepacked(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, int path=-1) -> Tensor");
+  // The CUDA W4A16 GEMM's layout (csrc/cuda/w4a16_layout.h): prepacked on the CPU,
+  // (codes, scales [groups, N padded], zeros [groups, N padded]).
+  m.def("w4a16_cuda_prepack(Tensor packed, Tensor scales, Tensor? zeros, int group_size) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "w4a16_linear_cuda_prepacked(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int group_size, "
+      "int out_features, Tensor? bias) -> Tensor");
   m.def("pack_int4(Tensor q) -> Tensor");
   m.def("unpack_int4(Tensor packed) -> Tensor");
 }

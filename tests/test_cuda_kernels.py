@@ -1,11 +1,13 @@
 """The CUDA kernels (csrc/cuda): their index math on the CPU, their binaries, and — on a
 GPU — their results against the reference.
 
-Without a GPU two checks still run: the CPU model of the int8 tensor-core GEMM
-(csrc/cuda/int8_gemm_model.cpp, which replays the kernel's shared-memory layout, ldmatrix
-addresses and fragment mapping with the PTX ISA's definitions) must equal a @ b^T exactly
-for every tile configuration; and the built extension's cubins (sm_80 and sm_90a) must hold
-the GEMM with tensor-core IMMA instructions and without spills or stack frames.
+Without a GPU these checks still run: the CPU models of the int8 and W4A16 tensor-core
+GEMMs (csrc/cuda/int8_gemm_model.cpp, w4a16_prepack.cpp), which replay the kernels'
+shared-memory layout, ldmatrix addresses, weight shuffle and fragment mapping with the PTX
+ISA's definitions, must equal the reference (int8 exactly; W4A16 within the fp32
+summation bound), on the real prepacked weights; and the built extension's cubins (sm_80
+and sm_90a) must hold the GEMMs with tensor-core instructions and without spills or
+stack frames.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import subprocess
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, activation, int8_values, int8_weight
+from conftest import FLOAT_DTYPES, activation, int4_weight, int8_values, int8_weight
 from hypothesis import given
 from hypothesis import strategies as st
 
 import lowbit
 from lowbit import ops, reference
+from test_ops import assert_linear_close
 
 NUM_TILES = 3  # LOWBIT_INT8_GEMM_TILES in csrc/cuda/int8_gemm_layout.h
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh)")
@@ -52,6 +55,35 @@ def test_int8_gemm_model_rejects_bad_input():
         torch.ops.lowbit_model.int8_gemm(a[:, :24].contiguous(), a[:, :24].contiguous(), 0)
     with pytest.raises(ValueError, match="tile must be"):
         torch.ops.lowbit_model.int8_gemm(a, a, NUM_TILES)
+
+
+# --- the W4A16 weight shuffle and its CPU model ---------------------------------------------------
+
+
+@given(m=st.integers(1, 40), n=st.integers(1, 600), groups=st.integers(1, 5), g=st.sampled_from([32, 64, 128, None]),
+       sym=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_w4a16_prepack_and_model_match_the_reference(m, n, groups, g, sym, seed):
+    k = groups * (g or 8 * (seed % 37 + 1))
+    packed, scales, zeros = int4_weight(n, k, g, sym, seed)
+    gs = g or k
+    codes, s_t, z_t = ops.w4a16_cuda_prepack(packed, scales, zeros, gs)
+    x = activation((m, k), torch.float32, seed=seed)
+    out = torch.ops.lowbit_model.w4a16_gemm(x, codes, s_t, z_t, gs, n)
+    ref = reference.w4a16_linear(x, packed, scales, zeros, gs, None)
+    assert_linear_close(out, ref, x, reference.dequantize_int4(packed, scales, zeros, gs, torch.float32))
+
+
+def test_w4a16_prepack_pads_and_rejects_bad_input():
+    packed, scales, zeros = int4_weight(300, 96, 32, False)
+    codes, s_t, z_t = ops.w4a16_cuda_prepack(packed, scales, zeros, 32)
+    assert codes.shape == (128 // 16 * 512 // 64 * 512,) and s_t.shape == z_t.shape == (4, 512)
+    assert torch.all(s_t[3] == 0) and torch.all(s_t[:, 300:] == 0)  # padding contributes nothing
+    sym = ops.w4a16_cuda_prepack(packed, scales, None, 32)[2]
+    assert torch.all(sym == 8)
+    with pytest.raises(ValueError, match="group_size"):
+        ops.w4a16_cuda_prepack(packed, scales, zeros, 48)
+    with pytest.raises(TypeError, match="scales must be Float"):
+        ops.w4a16_cuda_prepack(packed, scales.half(), zeros, 32)
 
 
 # --- the built binaries -----------------------------------------------------------------------
@@ -85,6 +117,11 @@ def test_cuda_binaries_have_tensor_core_gemms_without_spills():
     sass = subprocess.run([_cuobjdump(), "-sass", "-fun", gemms[0][0], so], capture_output=True, text=True,
                           check=True).stdout
     assert "IMMA" in sass and "LDSM" in sass and "LDGSTS" in sass  # mma, ldmatrix, cp.async
+    w4 = [k for k in kernels if "w4a16_gemm_kernel" in k[0]]
+    assert len(w4) == 2 * 2 * 2  # two architectures, fp16 / bf16, with and without split-K
+    sass = subprocess.run([_cuobjdump(), "-sass", "-fun", w4[0][0], so], capture_output=True, text=True,
+                          check=True).stdout
+    assert "HMMA" in sass and "LOP3" in sass and "LDSM" in sass  # mma, the lop3 conversion, ldmatrix
 
 
 # --- on a GPU -----------------------------------------------------------------------------------
@@ -127,3 +164,42 @@ def test_unaligned_operands_are_copied_not_misread():
     sa, sb = torch.rand(9, device="cuda"), torch.rand(33, device="cuda")
     assert torch.equal(ops.int8_scaled_mm(a, b, sa, sb, None, torch.float32),
                        reference.int8_scaled_mm(a, b, sa, sb, None, torch.float32))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 100])
+@pytest.mark.parametrize("g,sym", [(32, False), (64, True), (128, False), (None, False)])
+def test_w4a16_on_cuda_matches_the_reference(dtype, m, g, sym):
+    n, k = 300, 512 if g else 200
+    packed, scales, zeros = int4_weight(n, k, g, sym, seed=m)
+    gs = g or k
+    codes, s_t, z_t = (t.cuda() for t in ops.w4a16_cuda_prepack(packed, scales, zeros, gs))
+    x = activation((m, k), dtype, "cuda", seed=m)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    out = ops.w4a16_linear_cuda_prepacked(x, codes, s_t, z_t, gs, n, bias)
+    xc, bc = x.cpu(), bias.cpu()
+    ref = reference.w4a16_linear(xc, packed, scales, zeros, gs, bc)
+    assert_linear_close(out.cpu(), ref, xc, reference.dequantize_int4(packed, scales, zeros, gs, torch.float32), bc)
+
+
+@needs_gpu
+def test_w4a16_on_cuda_split_k_llama_shape():
+    packed, scales, zeros = int4_weight(4096, 4096, 128, False, seed=1)
+    codes, s_t, z_t = (t.cuda() for t in ops.w4a16_cuda_prepack(packed, scales, zeros, 128))
+    x = activation((1, 4096), torch.bfloat16, "cuda")
+    out = ops.w4a16_linear_cuda_prepacked(x, codes, s_t, z_t, 128, 4096)
+    ref = reference.w4a16_linear(x.cpu(), packed, scales, zeros, 128, None)
+    assert_linear_close(out.cpu(), ref, x.cpu(), reference.dequantize_int4(packed, scales, zeros, 128, torch.float32))
+
+
+@needs_gpu
+def test_cuda_backend_runs_w8a8_and_w4a16_layers():
+    layer = torch.nn.Linear(256, 320).cuda().half()
+    x = activation((4, 256), torch.float16, "cuda")
+    for scheme in ("w8a8", "w4a16-g128"):
+        q = lowbit.nn.QuantLinear.from_linear(layer, scheme)
+        assert q.backend.name == "cuda"
+        ref = lowbit.nn.QuantLinear.from_linear(layer.cpu().float(), scheme, backend="reference")(x.cpu().float())
+        assert (q(x).float().cpu() - ref).norm() / ref.norm() < 1e-2
+        layer.cuda().half()

@@ -245,6 +245,52 @@ def _(x, w, w_scale, bias, path=-1):
     return _linear_out(x, w_scale.shape[0])
 
 
+# The CUDA W4A16 GEMM's layout (csrc/cuda/w4a16_layout.h): N padded to 256, K to 64.
+_CUDA_W4_BN, _CUDA_W4_BK = 256, 64
+
+
+def w4a16_cuda_prepack(
+    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canonical int4 weights (CPU tensors) -> the CUDA W4A16 GEMM's (codes, scales, zeros)."""
+    return _ops.w4a16_cuda_prepack(packed, scales, zeros, group_size)
+
+
+@torch.library.register_fake("lowbit::w4a16_cuda_prepack")
+def _(packed, scales, zeros, group_size):
+    checks.int4_weight(packed, scales, zeros, group_size)
+    n, k = packed.shape[0], packed.shape[1] * 2
+    np_, kp = _round_up(n, _CUDA_W4_BN), _round_up(k, _CUDA_W4_BK)
+    groups = -(-kp // group_size)
+    return (packed.new_empty((kp // 16 * (np_ // 64) * 512,)), scales.new_empty((groups, np_)),
+            packed.new_empty((groups, np_)))
+
+
+def w4a16_linear_cuda_prepacked(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``w4a16_linear`` on the CUDA GEMM, weights from ``w4a16_cuda_prepack`` (fp16/bf16 x)."""
+    return _ops.w4a16_linear_cuda_prepacked(x, codes, scales, zeros, group_size, out_features, bias)
+
+
+@torch.library.register_fake("lowbit::w4a16_linear_cuda_prepacked")
+def _(x, codes, scales, zeros, group_size, out_features, bias):
+    checks.activation(x, "x")
+    if x.dtype == torch.float32:
+        raise TypeError("the CUDA W4A16 kernel takes float16 or bfloat16 activations, got torch.float32")
+    checks.dtype(codes, torch.uint8, "codes")
+    checks.dtype(scales, torch.float32, "scales")
+    checks.dtype(zeros, torch.uint8, "zeros")
+    checks.bias(bias, out_features)
+    return _linear_out(x, out_features)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """uint8[N, K] values 0..15 -> uint8[N, K/2] (even k in the low nibble)."""
     return _ops.pack_int4(q)

@@ -15,11 +15,11 @@ from lowbit.backends.base import (
     register,
 )
 from lowbit.backends.cpu import CpuBackend, best_cpu_isa, cpu_isa, set_cpu_isa, use_cpu_isa
-from lowbit.backends.native import NativeBackend
+from lowbit.backends.cuda import CudaBackend
 from lowbit.backends.reference import ReferenceBackend
 from lowbit.backends.triton import TritonBackend
 
-register(NativeBackend("cuda", "cuda", "CUDA"))
+register(CudaBackend())
 register(CpuBackend())
 register(TritonBackend())
 register(ReferenceBackend())

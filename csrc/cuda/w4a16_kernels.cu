@@ -1,0 +1,243 @@
+// CUDA W4A16 GEMM (sm_80 and newer): y = x @ w'^T (+ bias), w' = (q - z) * s per group.
+//
+// Layout: x fp16 or bf16 [M, K] (row stride ldx, K and ldx multiples of 8, 16-byte aligned:
+// the launcher copies other inputs); the weight prepacked by w4a16_cuda_prepack into the
+// order of w4a16_layout.h (each lane's B fragments of a k16 x n64 tile are one 16-byte
+// vector); scales float32 and zero points uint8 as [groups, NP].
+// Algorithm: one block of 4 warps per 16 x 256 output tile (and per K split). A 4-stage
+// cp.async pipeline brings 64-k slices of x (into the XOR-swizzled rows of the int8 GEMM,
+// read with ldmatrix.x4) and of the weight codes (copied with an L2 evict-first policy:
+// they are read once) into shared memory. Per k16 step each warp reads its lanes' 16-byte
+// code vectors and converts them without integer-to-float instructions: lop3 merges a
+// nibble pair into the mantissas of 1024.0 (fp16) or 128.0 (bf16), and one subtraction of
+// (1024 or 128) + z leaves (q - z) — a small integer, exact in 16 bits. mma.m16n8k16
+// multiplies x by these integers with fp32 accumulation, and the partial sum of each k16
+// step is scaled by its group's fp32 scale into the accumulators (more accurate than
+// rounding w' to 16 bits; the reference differs only in summation order).
+// Small M: the launcher splits K so that the tiles times the splits fill the SMs; splits
+// add their fp32 tiles atomically into a zeroed workspace that a second kernel adds the
+// bias to and casts. Limits: M, N and K tails are handled by zero-fill, zero padding of
+// the prepacked weight and store masks.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda/float_convert.cuh"
+#include "cuda/int8_gemm_layout.h"
+#include "cuda/ptx.cuh"
+#include "cuda/w4a16_kernels.cuh"
+#include "cuda/w4a16_layout.h"
+
+namespace lowbit::cuda {
+namespace {
+
+using namespace w4a16;
+
+// The 16-bit type's magic number (a power of two whose mantissa the nibble fills) and the
+// mma instruction.
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__half> {
+  static constexpr uint32_t kMagic = 0x64006400u;  // {1024, 1024}
+  static constexpr float kBias = 1024.0f;
+  __device__ static uint32_t pair(float v) {
+    const __half2 h = __float2half2_rn(v);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  __device__ static uint32_t sub(uint32_t a, uint32_t b) {
+    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+template <>
+struct Mma<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x43004300u;  // {128, 128}
+  static constexpr float kBias = 128.0f;
+  __device__ static uint32_t pair(float v) {
+    const __nv_bfloat162 h = __float2bfloat162_rn(v);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  __device__ static uint32_t sub(uint32_t a, uint32_t b) {
+    const __nv_bfloat162 r =
+        __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+// (a & b) | c in one instruction.
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// Pair p of a code word (nibbles p and p + 4, w4a16_layout.h) as two 16-bit (q - z) values:
+// the nibbles land in the mantissas of the magic number (exact), and subtracting the
+// magic number plus z (zsub = {magic + z, magic + z}) leaves the integers.
+template <typename T>
+__device__ __forceinline__ uint32_t codes_minus_zero(uint32_t word, int p, uint32_t zsub) {
+  return Mma<T>::sub(lop3_and_or(word >> (4 * p), 0x000f000fu, Mma<T>::kMagic), zsub);
+}
+
+template <typename T, bool kSplit>
+__global__ void __launch_bounds__(kThreads)
+    w4a16_gemm_kernel(const T* __restrict__ x, int64_t ldx, const uint4* __restrict__ codes,
+                      const float* __restrict__ scales, const uint8_t* __restrict__ zeros,
+                      const float* __restrict__ bias, T* __restrict__ out, float* __restrict__ ws, int m, int n,
+                      int k, int np, int group, int k_split) {
+  __shared__ __align__(128) uint8_t smem[kStages * kStageBytes];
+  const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
+  const int kp = round_up(k, kBK);
+  const int k_begin = blockIdx.z * k_split, k_end = min(kp, k_begin + k_split);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wn0 = n0 + warp * kWarpN;
+  const int g = lane / 4, t = lane % 4;
+  const int k_tiles = (k_end - k_begin) / kBK;
+  const uint64_t policy = evict_first_policy();
+
+  auto load_stage = [&](int stage, int kt) {
+    uint8_t* sa = smem + stage * kStageBytes;
+    uint8_t* sb = sa + kAStageBytes;
+    const int k0 = k_begin + kt * kBK;
+    {  // x: 16 rows x 8 chunks of 8 values, one chunk per thread
+      const int row = threadIdx.x / 8, chunk = threadIdx.x % 8;
+      const int gm = m0 + row, gk = k0 + chunk * 8;
+      const bool ok = gm < m && gk < k;  // k % 8 == 0: a chunk is all in or all out
+      cp_async_16(sa + int8_gemm::smem_offset(row, chunk), ok ? x + gm * ldx + gk : x, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // codes: 4 k16 tiles x 4 n64 tiles x 32 lanes of 16 bytes
+      const int c = threadIdx.x + i * kThreads;
+      const int k16 = c / 128, nt = (c / 32) % 4, l = c % 32;
+      cp_async_16_hint(sb + c * 16, codes + vector_index(k0 / 16 + k16, n0 / kWarpN + nt, np, l), policy);
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  float acc[8][4] = {};
+  float sc[8][2];     // scales of this lane's C columns (8b + 2t, 8b + 2t + 1) in the current group
+  uint32_t zsub[8];   // {magic + z, magic + z} of this lane's B column (8b + g)
+  int current_group = -1;
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int next = kt + kStages - 1;
+    if (next < k_tiles) load_stage(next % kStages, next);
+    cp_async_commit();
+
+    const uint8_t* sa = smem + (kt % kStages) * kStageBytes;
+    const uint8_t* sb = sa + kAStageBytes;
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      const int grp = (k_begin + kt * kBK + kk * 16) / group;
+      if (grp != current_group) {
+        current_group = grp;
+        const float* srow = scales + static_cast<int64_t>(grp) * np + wn0;
+        const uint8_t* zrow = zeros + static_cast<int64_t>(grp) * np + wn0;
+#pragma unroll
+        for (int b = 0; b < 8; ++b) {
+          sc[b][0] = srow[8 * b + 2 * t];
+          sc[b][1] = srow[8 * b + 2 * t + 1];
+          zsub[b] = Mma<T>::pair(Mma<T>::kBias + static_cast<float>(zrow[8 * b + g]));
+        }
+      }
+      uint32_t af[4];
+      ldmatrix_x4(af, sa + int8_gemm::a_ldmatrix_offset(lane, 0, kk));
+      const uint4 v = *reinterpret_cast<const uint4*>(sb + (kk * 128 + warp * 32 + lane) * 16);
+      const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int b = 0; b < 8; ++b) {
+        // Block b comes from word b / 2, pairs 2 (b % 2) (register 0) and 2 (b % 2) + 1.
+        const uint32_t bf[2] = {codes_minus_zero<T>(words[b / 2], 2 * (b % 2), zsub[b]),
+                                codes_minus_zero<T>(words[b / 2], 2 * (b % 2) + 1, zsub[b])};
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        Mma<T>::mma(c, af, bf);
+        acc[b][0] += c[0] * sc[b][0];
+        acc[b][1] += c[1] * sc[b][1];
+        acc[b][2] += c[2] * sc[b][0];
+        acc[b][3] += c[3] * sc[b][1];
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int b = 0; b < 8; ++b)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = m0 + int8_gemm::acc_row(lane, i), col = wn0 + 8 * b + int8_gemm::acc_col(lane, i);
+      if (row < m && col < n) {
+        const int64_t at = static_cast<int64_t>(row) * n + col;
+        if constexpr (kSplit) {
+          atomicAdd(ws + at, acc[b][i]);
+        } else {
+          out[at] = from_float<T>(bias != nullptr ? __fadd_rn(acc[b][i], bias[col]) : acc[b][i]);
+        }
+      }
+    }
+}
+
+template <typename T>
+__global__ void split_epilogue_kernel(const float* __restrict__ ws, const float* __restrict__ bias, T* __restrict__ out,
+                                      int64_t count, int n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count; i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = from_float<T>(bias != nullptr ? __fadd_rn(ws[i], bias[i % n]) : ws[i]);
+}
+
+}  // namespace
+
+cudaError_t launch_w4a16_gemm(const W4A16Args& p, cudaStream_t stream) {
+  if (p.m == 0 || p.n == 0) return cudaSuccess;
+  const int kp = round_up(p.k, kBK);
+  const dim3 grid(p.np / kBN, (p.m + kBM - 1) / kBM, p.splits);
+  const int k_split = kp / p.splits;
+  cudaError_t result = cudaErrorInvalidValue;
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* x = static_cast<const T*>(p.x);
+    T* out = static_cast<T*>(p.out);
+    const auto* codes = static_cast<const uint4*>(p.codes);
+    if (p.splits == 1) {
+      w4a16_gemm_kernel<T, false><<<grid, kThreads, 0, stream>>>(x, p.ldx, codes, p.scales, p.zeros, p.bias, out,
+                                                                 nullptr, p.m, p.n, p.k, p.np, p.group, k_split);
+      result = cudaGetLastError();
+      return;
+    }
+    result = cudaMemsetAsync(p.workspace, 0, sizeof(float) * p.m * p.n, stream);
+    if (result != cudaSuccess) return;
+    w4a16_gemm_kernel<T, true><<<grid, kThreads, 0, stream>>>(x, p.ldx, codes, p.scales, p.zeros, nullptr, nullptr,
+                                                              p.workspace, p.m, p.n, p.k, p.np, p.group, k_split);
+    result = cudaGetLastError();
+    if (result != cudaSuccess) return;
+    const int64_t count = static_cast<int64_t>(p.m) * p.n;
+    const int blocks = static_cast<int>(count / 256 + 1 < 65535 ? count / 256 + 1 : 65535);
+    split_epilogue_kernel<T><<<blocks, 256, 0, stream>>>(p.workspace, p.bias, out, count, p.n);
+    result = cudaGetLastError();
+  };
+  if (p.x_type == FloatType::kFloat16) run(static_cast<__half*>(nullptr));
+  else if (p.x_type == FloatType::kBFloat16) run(static_cast<__nv_bfloat16*>(nullptr));
+  return result;
+}
+
+}  // namespace lowbit::cuda
