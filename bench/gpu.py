@@ -9,7 +9,8 @@ Per Llama-3-8B shape (K x N = 4096x4096, 4096x14336, 14336x4096) and M in {1, 16
     its limit), tinygemm ``torch._weight_int4pack_mm`` (g128);
   - lowbit triton: int8 scaled matmul on pre-quantized activations, W8A8 (quantize + GEMM),
     W4A16 g128 asymmetric, W8A16;
-  - lowbit cuda: the int8 tensor-core GEMM (csrc/cuda) on pre-quantized activations and W8A8.
+  - lowbit cuda: the int8 tensor-core GEMM (csrc/cuda) on pre-quantized activations, W8A8,
+    and the W4A16 tensor-core GEMM (g128 asymmetric).
 Every implementation's output is checked against a float reference before it is timed.
 Weights are rotated through enough copies to exceed twice the L2 cache, so small-M
 timings read weights from HBM as a real model's layers do. The memory-bound kernels
@@ -117,6 +118,8 @@ def gemm_rows(dev, cuda: bool, smoke: bool, ceil: dict) -> list[dict]:
         w8_copies, w8_next = rotating(lambda: weight_only.prepack_int8(qw8, s8), n * k)
         if cuda:
             tg_copies, tg_next = rotating(lambda: tinygemm_weight(w.to(torch.bfloat16), 128), n * k // 2)
+            cw_copies, cw_next = rotating(lambda: tuple(t.to(dev) for t in lowbit.ops.w4a16_cuda_prepack(
+                p4.cpu(), sc4.cpu(), z4.cpu(), 128)), n * k // 2)
         for m in ms:
             x = torch.randn(m, k, device=dev).to(xdtype)
             xq, sx = reference.quantize_per_token(x)
@@ -140,6 +143,8 @@ def gemm_rows(dev, cuda: bool, smoke: bool, ceil: dict) -> list[dict]:
             if not cuda:  # no CUDA kernels to run on CPU tensors
                 del impls["cuda int8_scaled_mm"], impls["cuda w8a8 (quant+mm)"]
             if cuda:
+                impls["cuda w4a16 g128"] = (
+                    lambda: lowbit.ops.w4a16_linear_cuda_prepacked(x, *cw_next(), 128, n, None), ref4, 1e-2)
                 impls["tinygemm _weight_int4pack_mm"] = (
                     lambda: torch._weight_int4pack_mm(x, *_tg(tg_next(), 128)), None, None)
             times = {}

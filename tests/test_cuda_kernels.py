@@ -26,14 +26,15 @@ import lowbit
 from lowbit import ops, reference
 from test_ops import assert_linear_close
 
-NUM_TILES = 3  # LOWBIT_INT8_GEMM_TILES in csrc/cuda/int8_gemm_layout.h
+NUM_TILES = 3  # LOWBIT_INT8_GEMM_TILES in csrc/cuda/int8_gemm_layout.h (mma.sync)
+WGMMA_TILE = 3  # kWgmmaTile: the Hopper kernel
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh)")
 
 
 # --- the CPU model of the int8 GEMM ---------------------------------------------------------
 
 
-@given(m=st.integers(1, 140), n=st.integers(1, 140), k16=st.integers(1, 20), tile=st.integers(0, NUM_TILES - 1),
+@given(m=st.integers(1, 140), n=st.integers(1, 140), k16=st.integers(1, 20), tile=st.integers(0, WGMMA_TILE),
        seed=st.integers(0, 2**31 - 1))
 def test_int8_gemm_model_is_exact(m, n, k16, tile, seed):
     a, b = int8_values((m, 16 * k16), seed), int8_values((n, 16 * k16), seed + 1)
@@ -42,7 +43,7 @@ def test_int8_gemm_model_is_exact(m, n, k16, tile, seed):
 
 
 def test_int8_gemm_model_covers_full_tiles_and_extremes():
-    for tile in range(NUM_TILES):
+    for tile in range(WGMMA_TILE + 1):
         a = torch.full((130, 256), -127, dtype=torch.int8)
         b = int8_values((260, 256), 7)
         b[::3] = 127
@@ -54,7 +55,7 @@ def test_int8_gemm_model_rejects_bad_input():
     with pytest.raises(ValueError, match="multiple of 16"):
         torch.ops.lowbit_model.int8_gemm(a[:, :24].contiguous(), a[:, :24].contiguous(), 0)
     with pytest.raises(ValueError, match="tile must be"):
-        torch.ops.lowbit_model.int8_gemm(a, a, NUM_TILES)
+        torch.ops.lowbit_model.int8_gemm(a, a, WGMMA_TILE + 1)
 
 
 # --- the W4A16 weight shuffle and its CPU model ---------------------------------------------------
@@ -110,14 +111,19 @@ def test_cuda_binaries_have_tensor_core_gemms_without_spills():
         assert f"int8_gemm_kernels.{arch}.cubin" in cubins
     usage = subprocess.run([_cuobjdump(), "-res-usage", so], capture_output=True, text=True, check=True).stdout
     kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
-    gemms = [k for k in kernels if "int8_gemm_kernel" in k[0]]
+    gemms = [k for k in kernels if "16int8_gemm_kernelI" in k[0]]  # mangled name; the file name holds it too
     assert len(gemms) == 2 * NUM_TILES * len(FLOAT_DTYPES)  # two architectures, every tile and output type
     for name, regs, stack, local in kernels:
         assert stack == "0" and local == "0", f"{name}: {stack} B stack, {local} B local memory"
     sass = subprocess.run([_cuobjdump(), "-sass", "-fun", gemms[0][0], so], capture_output=True, text=True,
                           check=True).stdout
     assert "IMMA" in sass and "LDSM" in sass and "LDGSTS" in sass  # mma, ldmatrix, cp.async
-    w4 = [k for k in kernels if "w4a16_gemm_kernel" in k[0]]
+    wgmma = [k for k in kernels if "22int8_gemm_wgmma_kernelI" in k[0]]
+    assert len(wgmma) == 2 * len(FLOAT_DTYPES)
+    sass = subprocess.run([_cuobjdump(), "-sass", "-arch", "sm_90a", "-fun", wgmma[0][0], so], capture_output=True,
+                          text=True, check=True).stdout
+    assert "IGMMA" in sass  # the warpgroup MMA, in the Hopper code
+    w4 = [k for k in kernels if "17w4a16_gemm_kernelI" in k[0]]
     assert len(w4) == 2 * 2 * 2  # two architectures, fp16 / bf16, with and without split-K
     sass = subprocess.run([_cuobjdump(), "-sass", "-fun", w4[0][0], so], capture_output=True, text=True,
                           check=True).stdout

@@ -24,7 +24,8 @@ struct Int8GemmArgs {
 };
 
 // out = (a @ b^T, int32) * a_scale[m] * b_scale[n] + bias[n]. `tile` picks an entry of
-// LOWBIT_INT8_GEMM_TILES (int8_gemm_layout.h); -1 chooses by m. Returns the launch's error.
+// LOWBIT_INT8_GEMM_TILES or the wgmma tile (int8_gemm_layout.h); -1 chooses by m and device.
+// Returns the launch's error.
 cudaError_t launch_int8_gemm(const Int8GemmArgs& args, int tile, cudaStream_t stream);
 
 }  // namespace lowbit::cuda

@@ -76,7 +76,30 @@ struct Tile {
 
 constexpr int kNumTiles = 3;
 
-// Small M: one 16-row tile and many column tiles; medium: 64 rows; large: 128 x 128.
-inline int tile_for_m(int m) { return m <= 16 ? 0 : (m <= 128 ? 1 : 2); }
+// ---- Hopper (sm_90a): warpgroup MMA -------------------------------------------------------
+//
+// A 128 x 128 tile per block of two warpgroups (256 threads), each warpgroup computing 64
+// rows with wgmma.m64n128k32 straight from shared memory. The stage layout above is what
+// wgmma calls K-major with 128-byte swizzling: rows of 128 bytes, 8-row groups 1024 bytes
+// apart, the 16-byte chunk index XOR-ed with the row index within its 8-row group — on the
+// absolute shared address, so every tile starts 1024-byte aligned. One k32 step is a
+// 32-byte advance of the descriptor's start address within the row.
+constexpr int kWgmmaBM = 128, kWgmmaBN = 128, kWgmmaStages = 4, kWgmmaThreads = 256;
+constexpr int kWgmmaStageBytes = (kWgmmaBM + kWgmmaBN) * kBK;
+constexpr int kWgmmaSmemBytes = kWgmmaStages * kWgmmaStageBytes + 1024;  // + room to align the base
+constexpr int kWgmmaTile = kNumTiles;  // the tile id the launcher and the model use for it
+constexpr unsigned long long kWgmmaSbo = 8 * kBK;  // bytes between 8-row groups
+
+// The wgmma shared-memory matrix descriptor (PTX ISA "matrix descriptor"): start address
+// >> 4 in bits 0-13, leading byte offset >> 4 in 16-29 (unused for swizzled K-major: 1),
+// stride byte offset >> 4 in 32-45, swizzle mode in 62-63 (1: 128-byte).
+LOWBIT_HD unsigned long long wgmma_desc(unsigned int smem_byte_address) {
+  return ((static_cast<unsigned long long>(smem_byte_address) & 0x3FFFF) >> 4) | (1ull << 16) |
+         ((kWgmmaSbo >> 4) << 32) | (1ull << 62);
+}
+
+// Small M: one 16-row tile and many column tiles; medium: 64 rows; large: 128 x 128
+// (on Hopper the wgmma kernel below, when the binary has sm_90a code).
+inline int tile_for_m(int m, bool wgmma) { return m <= 16 ? 0 : (m <= 128 ? 1 : (wgmma ? kWgmmaTile : 2)); }
 
 }  // namespace lowbit::cuda::int8_gemm

@@ -1,5 +1,6 @@
 // A CPU model of the CUDA int8 GEMM's data movement, for testing its index math without a
-// GPU: op lowbit_model::int8_gemm(a, b, tile) -> int32 a @ b^T.
+// GPU: op lowbit_model::int8_gemm(a, b, tile) -> int32 a @ b^T; tile kWgmmaTile models the
+// Hopper (wgmma) kernel.
 //
 // It replays, per block of the chosen Tile and per warp and lane, what int8_gemm_kernels.cu
 // does — the cp.async copies into swizzled shared memory, the ldmatrix.x4 row addresses,
@@ -121,6 +122,67 @@ void model_block(const int8_t* a, const int8_t* b, int m, int n, int k, int bm, 
   }
 }
 
+// An element of a K-major operand that a wgmma matrix descriptor (128-byte swizzling)
+// describes, as the PTX ISA defines it: (row r, k byte kb) lies at
+// start + (r / 8) * SBO + (r % 8) * 128 + kb, with address bits 4-6 XOR-ed with bits 7-9
+// (the stage buffer here stands for a 1024-byte aligned shared-memory tile).
+int8_t wgmma_element(const uint8_t* smem, unsigned long long desc, int r, int kb) {
+  TORCH_CHECK(desc >> 62 == 1, "the model reads 128-byte swizzled descriptors only");
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t sbo = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  uint32_t addr = start + (r / 8) * sbo + (r % 8) * 128 + kb;
+  addr ^= ((addr >> 7) & 7) << 4;
+  return static_cast<int8_t>(smem[addr]);
+}
+
+// The Hopper kernel (int8_gemm_wgmma_kernel): the same stage layout, read per warpgroup
+// through the descriptors the kernel builds; the m64n128 accumulator is handed out to
+// threads as mma.m16n8 C fragments, warp w of a warpgroup holding rows 16w..16w+15.
+void model_wgmma_block(const int8_t* a, const int8_t* b, int m, int n, int k, int bm, int bn, int32_t* out) {
+  const int m0 = bm * kWgmmaBM, n0 = bn * kWgmmaBN;
+  std::vector<uint8_t> stage(kWgmmaStageBytes);
+  std::vector<int32_t> d(2 * 64 * 128, 0);  // [warpgroup][row][col], as the hardware computes it
+  for (int k0 = 0; k0 < k; k0 += kBK) {
+    for (int part = 0; part < 2; ++part) {
+      const int rows = part ? kWgmmaBN : kWgmmaBM, row0 = part ? n0 : m0, limit = part ? n : m;
+      const int8_t* src = part ? b : a;
+      uint8_t* tile = stage.data() + part * kWgmmaBM * kBK;
+      for (int row = 0; row < rows; ++row)
+        for (int chunk = 0; chunk < kChunks; ++chunk) {
+          const int grow = row0 + row, gk = k0 + chunk * 16;
+          uint8_t* dst = tile + smem_offset(row, chunk);
+          if (grow < limit && gk < k) std::memcpy(dst, src + static_cast<int64_t>(grow) * k + gk, 16);
+          else std::memset(dst, 0, 16);
+        }
+    }
+    for (int wg = 0; wg < 2; ++wg) {
+      const unsigned a_base = wg * 64 * kBK, b_base = kWgmmaBM * kBK;
+      for (int kk = 0; kk < kKSteps; ++kk) {
+        const unsigned long long da = wgmma_desc(a_base + kk * kKStep), db = wgmma_desc(b_base + kk * kKStep);
+        for (int r = 0; r < 64; ++r)
+          for (int c = 0; c < 128; ++c) {
+            int32_t sum = 0;
+            for (int kb = 0; kb < kKStep; ++kb)
+              sum += int32_t{wgmma_element(stage.data(), da, r, kb)} * int32_t{wgmma_element(stage.data(), db, c, kb)};
+            d[(wg * 64 + r) * 128 + c] += sum;
+          }
+      }
+    }
+  }
+  for (int wg = 0; wg < 2; ++wg)
+    for (int warp = 0; warp < 4; ++warp)
+      for (int lane = 0; lane < 32; ++lane)
+        for (int j = 0; j < kWgmmaBN / 8; ++j)
+          for (int i = 0; i < 4; ++i) {
+            // ISA: register 4j + i of thread (warp, lane) is D[16 warp + g + 8 (i / 2)][8j + 2t + i % 2].
+            const int hr = 16 * warp + lane / 4 + 8 * (i / 2), hc = 8 * j + 2 * (lane % 4) + i % 2;
+            const int32_t reg = d[(wg * 64 + hr) * 128 + hc];
+            // The kernel's epilogue places it at:
+            const int gm = m0 + wg * 64 + warp * 16 + acc_row(lane, i), gn = n0 + 8 * j + acc_col(lane, i);
+            if (gm < m && gn < n) out[static_cast<int64_t>(gm) * n + gn] = reg;
+          }
+}
+
 template <typename T>
 void model_gemm(const int8_t* a, const int8_t* b, int m, int n, int k, int32_t* out) {
   for (int bm = 0; bm * T::BM < m; ++bm)
@@ -145,7 +207,13 @@ at::Tensor int8_gemm_model(const at::Tensor& a, const at::Tensor& b, int64_t til
     break;
     LOWBIT_INT8_GEMM_TILES(LOWBIT_TILE_CASE)
 #undef LOWBIT_TILE_CASE
-    default: TORCH_CHECK_VALUE(false, "tile must be in [0, ", kNumTiles, "), got ", tile);
+    case kWgmmaTile:
+      for (int bm = 0; bm * kWgmmaBM < m; ++bm)
+        for (int bn = 0; bn * kWgmmaBN < n; ++bn)
+          model_wgmma_block(ac.const_data_ptr<int8_t>(), bc.const_data_ptr<int8_t>(), m, n, k, bm, bn,
+                            out.mutable_data_ptr<int32_t>());
+      break;
+    default: TORCH_CHECK_VALUE(false, "tile must be in [0, ", kWgmmaTile, "], got ", tile);
   }
   return out;
 }
