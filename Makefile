@@ -36,7 +36,7 @@ test: build
 demo: build
 	$(VENV)/bin/lowbit demo
 
-# The CPU kernel tests under AddressSanitizer and UndefinedBehaviorSanitizer: a separate
+# The CPU kernel tests (and the CPU models of the CUDA kernels) under AddressSanitizer and UndefinedBehaviorSanitizer: a separate
 # build tree, loaded by preloading the ASan runtime (and libstdc++, so that ASan's
 # __cxa_throw interceptor finds the real one) into the Python process. The opcheck and
 # torch.compile tests are left out: they compile code with a toolchain that does not
@@ -49,7 +49,7 @@ sanitize: $(VENV)/.deps
 	LOWBIT_EXTENSION=$(abspath $(SAN_BUILD))/$$(cd $(SAN_BUILD) && ls _C*.so) \
 	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-	  $(PY) -m pytest tests/test_ops.py tests/test_cpu_kernels.py -q -p no:cacheprovider \
+	  $(PY) -m pytest tests/test_ops.py tests/test_cpu_kernels.py tests/test_cuda_kernels.py -q -p no:cacheprovider \
 	  -k "not opcheck and not compiles"
 
 clean:
