@@ -173,7 +173,7 @@ def test_unaligned_operands_are_copied_not_misread():
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)  # fp16 / bf16 on tensor cores, fp32 on CUDA cores
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 100])
 @pytest.mark.parametrize("g,sym", [(32, False), (64, True), (128, False), (None, False)])
 def test_w4a16_on_cuda_matches_the_reference(dtype, m, g, sym):

@@ -33,9 +33,6 @@ at::Tensor w4a16_linear_cuda_prepacked(const at::Tensor& x, const at::Tensor& co
                                        const at::Tensor& zeros, int64_t group_size, int64_t out_features,
                                        const std::optional<at::Tensor>& bias) {
   check_activation(x, "x");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-                   "the CUDA W4A16 kernel takes float16 or bfloat16 activations, got ", x.scalar_type(),
-                   " (the triton backend runs float32)");
   check_dtype(codes, at::kByte, "codes");
   check_dtype(scales, at::kFloat, "scales");
   check_dtype(zeros, at::kByte, "zeros");
@@ -57,12 +54,15 @@ at::Tensor w4a16_linear_cuda_prepacked(const at::Tensor& x, const at::Tensor& co
   const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor out = at::empty({rows, out_features}, x.options());
   const int splits = choose_splits(static_cast<int>(rows), static_cast<int>(np), static_cast<int>(kp));
-  at::Tensor workspace = splits > 1 ? at::empty({rows, out_features}, x.options().dtype(at::kFloat)) : at::Tensor();
+  // fp16/bf16 splits add into a float32 workspace; float32 ones straight into the output.
+  const bool needs_workspace = splits > 1 && x.scalar_type() != at::kFloat;
+  at::Tensor workspace = needs_workspace ? at::empty({rows, out_features}, x.options().dtype(at::kFloat)) : at::Tensor();
   W4A16Args args{x2.const_data_ptr(), x2.stride(0),
-                 x.scalar_type() == at::kHalf ? FloatType::kFloat16 : FloatType::kBFloat16,
+                 x.scalar_type() == at::kHalf ? FloatType::kFloat16
+                 : x.scalar_type() == at::kBFloat16 ? FloatType::kBFloat16 : FloatType::kFloat32,
                  codes.const_data_ptr(), scales.const_data_ptr<float>(), zeros.const_data_ptr<uint8_t>(),
                  bias ? bias_f.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(),
-                 splits > 1 ? workspace.mutable_data_ptr<float>() : nullptr, static_cast<int>(rows),
+                 needs_workspace ? workspace.mutable_data_ptr<float>() : nullptr, static_cast<int>(rows),
                  static_cast<int>(out_features), static_cast<int>(x2.size(1)), static_cast<int>(np),
                  static_cast<int>(group_size), splits};
   C10_CUDA_CHECK(launch_w4a16_gemm(args, c10::cuda::getCurrentCUDAStream()));

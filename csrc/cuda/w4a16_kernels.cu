@@ -14,6 +14,7 @@
 // multiplies x by these integers with fp32 accumulation, and the partial sum of each k16
 // step is scaled by its group's fp32 scale into the accumulators (more accurate than
 // rounding w' to 16 bits; the reference differs only in summation order).
+// float32 activations take w4a16_fp32_kernel (CUDA-core FMAs, same weights) instead.
 // Small M: the launcher splits K so that the tiles times the splits fill the SMs; splits
 // add their fp32 tiles atomically into a zeroed workspace that a second kernel adds the
 // bias to and casts. Limits: M, N and K tails are handled by zero-fill, zero padding of
@@ -198,6 +199,84 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+// float32 activations: CUDA-core FMAs over the same prepacked weights (a tensor-core float32
+// product would round x to tf32, 10 mantissa bits, far from the reference). One warp per
+// n64 column strip and kFp32Rows rows: a lane holds 8 columns (one per n8 block) and, per
+// k16 tile, 4 k values of each (w4a16_layout.h); the 4 lanes sharing a column add their
+// sums with shuffles at the end.
+constexpr int kFp32Rows = 8;
+
+__global__ void __launch_bounds__(kThreads)
+    w4a16_fp32_kernel(const float* __restrict__ x, int64_t ldx, const uint4* __restrict__ codes,
+                      const float* __restrict__ scales, const uint8_t* __restrict__ zeros,
+                      const float* __restrict__ bias, float* __restrict__ out, bool split, int m, int n, int k,
+                      int np, int group, int k_split) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int nt = blockIdx.x * kWarps + warp;  // n64 tile
+  const int m0 = blockIdx.y * kFp32Rows;
+  const int kp = round_up(k, kBK);
+  const int k_begin = blockIdx.z * k_split, k_end = min(kp, k_begin + k_split);
+  float acc[kFp32Rows][8] = {};
+  float s[8], z[8];
+  int current_group = -1;
+  for (int k16 = k_begin; k16 < k_end; k16 += 16) {
+    const int grp = k16 / group;
+    if (grp != current_group) {
+      current_group = grp;
+#pragma unroll
+      for (int b = 0; b < 8; ++b) {
+        const int64_t at = static_cast<int64_t>(grp) * np + nt * kWarpN + 8 * b + g;
+        s[b] = scales[at];
+        z[b] = static_cast<float>(zeros[at]);
+      }
+    }
+    const uint4 v = __ldcs(codes + vector_index(k16 / 16, nt, np, lane));  // streamed: read once
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+    // This lane's k values in the tile: 2t + {0, 1, 8, 9}.
+    float xv[kFp32Rows][4];
+#pragma unroll
+    for (int r = 0; r < kFp32Rows; ++r) {
+      const int row = m0 + r;
+      const bool ok = row < m;
+      // k is even, so each pair lies wholly inside or past x's k columns (past: zero, as the
+      // weight padding up to a multiple of 64 must multiply nothing).
+      const float* xr = x + (ok ? row : 0) * ldx + k16 + 2 * t;
+      const float2 lo = ok && k16 + 2 * t < k ? *reinterpret_cast<const float2*>(xr) : make_float2(0.0f, 0.0f);
+      const float2 hi = ok && k16 + 2 * t + 8 < k ? *reinterpret_cast<const float2*>(xr + 8) : make_float2(0.0f, 0.0f);
+      xv[r][0] = lo.x;
+      xv[r][1] = lo.y;
+      xv[r][2] = hi.x;
+      xv[r][3] = hi.y;
+    }
+#pragma unroll
+    for (int w = 0; w < 4; ++w)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int b = (nibble_n(lane, w, i) - g) / 8;  // compile-time: the lane terms cancel
+        const int kk = nibble_k(lane, i) - 2 * t;      // 0, 1, 8 or 9
+        const int e = (kk & 1) + (kk >> 3) * 2;        // index into xv
+        const float q = static_cast<float>((words[w] >> (4 * i)) & 0xF) - z[b];
+#pragma unroll
+        for (int r = 0; r < kFp32Rows; ++r) acc[r][b] += s[b] * (q * xv[r][e]);
+      }
+  }
+#pragma unroll
+  for (int r = 0; r < kFp32Rows; ++r)
+#pragma unroll
+    for (int b = 0; b < 8; ++b) {
+      float v = acc[r][b];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      const int row = m0 + r, col = nt * kWarpN + 8 * b + g;
+      if (t == 0 && row < m && col < n) {
+        const int64_t at = static_cast<int64_t>(row) * n + col;
+        const float y = bias != nullptr && blockIdx.z == 0 ? __fadd_rn(v, bias[col]) : v;  // bias added once
+        if (split) atomicAdd(out + at, y);
+        else out[at] = y;
+      }
+    }
+}
+
 template <typename T>
 __global__ void split_epilogue_kernel(const float* __restrict__ ws, const float* __restrict__ bias, T* __restrict__ out,
                                       int64_t count, int n) {
@@ -235,8 +314,22 @@ cudaError_t launch_w4a16_gemm(const W4A16Args& p, cudaStream_t stream) {
     split_epilogue_kernel<T><<<blocks, 256, 0, stream>>>(p.workspace, p.bias, out, count, p.n);
     result = cudaGetLastError();
   };
-  if (p.x_type == FloatType::kFloat16) run(static_cast<__half*>(nullptr));
-  else if (p.x_type == FloatType::kBFloat16) run(static_cast<__nv_bfloat16*>(nullptr));
+  if (p.x_type == FloatType::kFloat16) {
+    run(static_cast<__half*>(nullptr));
+  } else if (p.x_type == FloatType::kBFloat16) {
+    run(static_cast<__nv_bfloat16*>(nullptr));
+  } else {
+    const dim3 grid32(p.np / kBN, (p.m + kFp32Rows - 1) / kFp32Rows, p.splits);
+    float* out = static_cast<float*>(p.out);
+    if (p.splits > 1) {
+      result = cudaMemsetAsync(out, 0, sizeof(float) * p.m * p.n, stream);
+      if (result != cudaSuccess) return result;
+    }
+    w4a16_fp32_kernel<<<grid32, kThreads, 0, stream>>>(static_cast<const float*>(p.x), p.ldx,
+                                                       static_cast<const uint4*>(p.codes), p.scales, p.zeros, p.bias,
+                                                       out, p.splits > 1, p.m, p.n, p.k, p.np, p.group, k_split);
+    result = cudaGetLastError();
+  }
   return result;
 }
 

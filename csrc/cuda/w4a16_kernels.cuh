@@ -11,7 +11,7 @@
 namespace lowbit::cuda {
 
 struct W4A16Args {
-  const void* x;            // [m, k] fp16 or bf16, row stride ldx; k and ldx multiples of 8, 16-byte aligned
+  const void* x;            // [m, k] fp16, bf16 or fp32, row stride ldx; k and ldx multiples of 8, 16-byte aligned
   int64_t ldx;
   FloatType x_type;         // also the output type
   const void* codes;        // from w4a16_cuda_prepack, 16-byte aligned
@@ -19,7 +19,7 @@ struct W4A16Args {
   const uint8_t* zeros;     // [groups, np]
   const float* bias;        // [n] float32 or nullptr
   void* out;                // [m, n] contiguous
-  float* workspace;         // [m, n] float32 when splits > 1
+  float* workspace;         // [m, n] float32 when splits > 1 and x is fp16 / bf16
   int m, n, k, np, group, splits;  // splits divides round_up(k, 64) / 64
 };
 

@@ -275,15 +275,14 @@ def w4a16_linear_cuda_prepacked(
     out_features: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``w4a16_linear`` on the CUDA GEMM, weights from ``w4a16_cuda_prepack`` (fp16/bf16 x)."""
+    """``w4a16_linear`` on the CUDA GEMM, weights from ``w4a16_cuda_prepack`` (tensor cores for
+    fp16/bf16 x, CUDA-core FMAs for fp32 x)."""
     return _ops.w4a16_linear_cuda_prepacked(x, codes, scales, zeros, group_size, out_features, bias)
 
 
 @torch.library.register_fake("lowbit::w4a16_linear_cuda_prepacked")
 def _(x, codes, scales, zeros, group_size, out_features, bias):
     checks.activation(x, "x")
-    if x.dtype == torch.float32:
-        raise TypeError("the CUDA W4A16 kernel takes float16 or bfloat16 activations, got torch.float32")
     checks.dtype(codes, torch.uint8, "codes")
     checks.dtype(scales, torch.float32, "scales")
     checks.dtype(zeros, torch.uint8, "zeros")

@@ -1,11 +1,11 @@
 """The ``cuda`` backend: lowbit's CUDA kernels (csrc/cuda).
 
 W8A8 runs on the int8 tensor-core GEMM from the canonical weight (it is already K-major).
-W4A16 runs on the W4A16 tensor-core GEMM, whose weight order (csrc/cuda/w4a16_layout.h) is
-built once on the CPU by ``w4a16_cuda_prepack`` and moved to the layer's GPU; its kernel
-takes float16 / bfloat16 activations (float32 ones get a clear error; the ``triton``
-backend runs them). Schemes without a CUDA kernel in the build fall to the next backend
-(``triton``) when the layer is built.
+W4A16 runs on the W4A16 GEMM, whose weight order (csrc/cuda/w4a16_layout.h) is built once
+on the CPU by ``w4a16_cuda_prepack`` and moved to the layer's GPU: tensor cores for float16 /
+bfloat16 activations, CUDA-core FMAs on the same weights for float32 ones. Schemes without
+a CUDA kernel in the build (W8A16) fall to the next backend (``triton``) when the layer is
+built.
 """
 
 from __future__ import annotations
