@@ -107,6 +107,20 @@ def _codes_minus_zero(w_ptr, z_ptr, k0, g, n_cols, N, BITS: tl.constexpr, HAS_ZE
 
 
 @triton.jit
+def _store_tile(acc, rows, rn, n_cols, M, N, bias_ptr, out_ptr, acc_ptr, HAS_BIAS: tl.constexpr,
+                SPLIT_K: tl.constexpr):
+    """The epilogue: bias and one cast into out, or (split K) an atomic fp32 add into acc_ptr."""
+    mask = (rows[:, None] < M) & (rn[None, :] < N)
+    offs = rows[:, None].to(tl.int64) * N + rn[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n_cols).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(acc_ptr + offs, acc, mask=mask)
+
+
+@triton.jit
 def wo_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, acc_ptr, M, N, K, KP, G, stride_xm, M_BUCKET,
                    BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                    EVEN_K: tl.constexpr, ONE_GROUP: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -147,14 +161,7 @@ def wo_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, acc_ptr, M, N,
             acc += part * s[None, :]
     if ONE_GROUP:
         acc *= tl.load(s_ptr + n_cols)[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    offs = rm[:, None].to(tl.int64) * N + rn[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + n_cols).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(acc_ptr + offs, acc, mask=mask)
+    _store_tile(acc, rm, rn, n_cols, M, N, bias_ptr, out_ptr, acc_ptr, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -180,14 +187,7 @@ def wo_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, acc_ptr, M, N,
             xr = xr.to(tl.float32)
             part = tl.sum(xr[:, None] * q, axis=0) * s
             acc = tl.where(rows[:, None] == r, acc + part[None, :], acc)
-    mask = (rows[:, None] < M) & (rn[None, :] < N)
-    offs = rows[:, None].to(tl.int64) * N + rn[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + n_cols).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(acc_ptr + offs, acc, mask=mask)
+    _store_tile(acc, rows, rn, n_cols, M, N, bias_ptr, out_ptr, acc_ptr, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

@@ -9,20 +9,12 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cuda/launch.h"
 #include "cuda/int8_gemm_kernels.cuh"
 #include "cuda/quantize_kernels.cuh"
 
 namespace lowbit::cuda {
 namespace {
-
-FloatType float_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return FloatType::kFloat32;
-    case at::kBFloat16: return FloatType::kBFloat16;
-    case at::kHalf: return FloatType::kFloat16;
-    default: TORCH_CHECK_TYPE(false, "unsupported floating-point type ", t);
-  }
-}
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

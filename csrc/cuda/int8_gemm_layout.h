@@ -11,11 +11,7 @@
 // a 128-byte line: conflict-free; the cp.async writes of 16-byte chunks are too.
 #pragma once
 
-#if defined(__CUDACC__)
-#define LOWBIT_HD __host__ __device__ __forceinline__
-#else
-#define LOWBIT_HD inline
-#endif
+#include "cuda/host_device.h"
 
 namespace lowbit::cuda::int8_gemm {
 

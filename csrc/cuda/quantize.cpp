@@ -7,19 +7,11 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cuda/launch.h"
 #include "cuda/quantize_kernels.cuh"
 
 namespace lowbit::cuda {
 namespace {
-
-FloatType float_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return FloatType::kFloat32;
-    case at::kBFloat16: return FloatType::kBFloat16;
-    case at::kHalf: return FloatType::kFloat16;
-    default: TORCH_CHECK_TYPE(false, "unsupported floating-point type ", t);
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x) {
   check_activation(x, "x");

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cuda/launch.h"
 #include "cuda/w4a16_kernels.cuh"
 #include "cuda/w4a16_layout.h"
 
@@ -58,8 +59,7 @@ at::Tensor w4a16_linear_cuda_prepacked(const at::Tensor& x, const at::Tensor& co
   const bool needs_workspace = splits > 1 && x.scalar_type() != at::kFloat;
   at::Tensor workspace = needs_workspace ? at::empty({rows, out_features}, x.options().dtype(at::kFloat)) : at::Tensor();
   W4A16Args args{x2.const_data_ptr(), x2.stride(0),
-                 x.scalar_type() == at::kHalf ? FloatType::kFloat16
-                 : x.scalar_type() == at::kBFloat16 ? FloatType::kBFloat16 : FloatType::kFloat32,
+                 float_type(x.scalar_type()),
                  codes.const_data_ptr(), scales.const_data_ptr<float>(), zeros.const_data_ptr<uint8_t>(),
                  bias ? bias_f.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(),
                  needs_workspace ? workspace.mutable_data_ptr<float>() : nullptr, static_cast<int>(rows),

@@ -19,11 +19,7 @@
 // (kBN) with zero codes and zero scales.
 #pragma once
 
-#if defined(__CUDACC__)
-#define LOWBIT_HD __host__ __device__ __forceinline__
-#else
-#define LOWBIT_HD inline
-#endif
+#include "cuda/host_device.h"
 
 namespace lowbit::cuda::w4a16 {
 
