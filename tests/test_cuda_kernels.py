@@ -83,6 +83,8 @@ def test_w4a16_prepack_pads_and_rejects_bad_input():
     assert torch.all(sym == 8)
     with pytest.raises(ValueError, match="group_size"):
         ops.w4a16_cuda_prepack(packed, scales, zeros, 48)
+    with pytest.raises(ValueError, match=r"zeros must lie in \[0, 15\]"):
+        ops.w4a16_cuda_prepack(packed, scales, zeros + 16, 32)
     with pytest.raises(TypeError, match="scales must be Float"):
         ops.w4a16_cuda_prepack(packed, scales.half(), zeros, 32)
 
@@ -209,3 +211,20 @@ def test_cuda_backend_runs_w8a8_and_w4a16_layers():
         ref = lowbit.nn.QuantLinear.from_linear(layer.cpu().float(), scheme, backend="reference")(x.cpu().float())
         assert (q(x).float().cpu() - ref).norm() / ref.norm() < 1e-2
         layer.cuda().half()
+
+
+@needs_gpu
+def test_cuda_launchers_copy_unaligned_views_and_check_devices():
+    buf = int8_values((9 * 64 + 3,), 5, "cuda")
+    a = buf[3:].view(9, 64)  # contiguous, but 3 bytes past an aligned address
+    b = int8_values((40, 64), 6, "cuda")
+    sa, sb = torch.rand(9, device="cuda"), torch.rand(40, device="cuda")
+    assert torch.equal(ops.int8_scaled_mm(a, b, sa, sb, None, torch.float32),
+                       reference.int8_scaled_mm(a, b, sa, sb, None, torch.float32))
+    packed, scales, zeros = int4_weight(40, 128, 32, False)
+    codes, s_t, z_t = (t.cuda() for t in ops.w4a16_cuda_prepack(packed, scales, zeros, 32))
+    x = activation((2, 128), torch.float16, "cuda")
+    with pytest.raises(ValueError, match="one device"):
+        ops.w4a16_linear_cuda_prepacked(x, codes, s_t, z_t, 32, 40, torch.ones(40, dtype=torch.float16))
+    with pytest.raises(ValueError, match="group_size"):
+        ops.w4a16_linear_cuda_prepacked(x, codes, s_t, z_t, 48, 40, None)

@@ -2,6 +2,7 @@
 // (int8_gemm_kernels.cu): argument checks, the kernel's alignment requirements, output
 // allocation, the current stream, and the launch's error.
 #include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/clone.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -25,13 +26,17 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 void run_gemm(at::Tensor a, at::Tensor b, const at::Tensor& a_scale, int64_t a_scale_stride,
               const at::Tensor& b_scale, const std::optional<at::Tensor>& bias, at::Tensor& out) {
   const int64_t m = a.size(0), n = b.size(0);
+  TORCH_CHECK_VALUE(m <= 65535 * 16, "the CUDA int8 GEMM takes at most ", 65535 * 16,
+                    " rows per call (one grid row per 16 rows), got ", m);
   TORCH_CHECK_VALUE(m <= INT32_MAX && n <= INT32_MAX && a.size(1) <= INT32_MAX - 16,
                     "the CUDA int8 GEMM takes sizes below 2^31");
   if (const int64_t pad = (16 - a.size(1) % 16) % 16; pad) {
     a = at::constant_pad_nd(a, {0, pad});
     b = at::constant_pad_nd(b, {0, pad});
   }
-  if (a.stride(1) != 1 || a.stride(0) % 16 != 0 || !aligned16(a.const_data_ptr())) a = a.contiguous();
+  // clone, not contiguous(): a contiguous view at an unaligned offset would come back as is.
+  if (a.stride(1) != 1 || a.stride(0) % 16 != 0 || !aligned16(a.const_data_ptr()))
+    a = a.clone(at::MemoryFormat::Contiguous);
   if (!aligned16(b.const_data_ptr())) b = b.clone();
   const int64_t k = a.size(1);
   const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();

@@ -16,6 +16,7 @@
 // are handled by zero-fill and store masks.
 // On Hopper, from 129 rows, int8_gemm_wgmma_kernel (below) takes over: the same pipeline
 // and shared-memory layout, read by warpgroup MMAs (wgmma) through matrix descriptors.
+#include <atomic>
 #include <cstdint>
 
 #include "cuda/float_convert.cuh"
@@ -128,13 +129,26 @@ __global__ void __launch_bounds__(T::THREADS)
       }
 }
 
+constexpr int kMaxDevices = 64;
+
+// Above 48 KB of dynamic shared memory a kernel must opt in; the setting belongs to the
+// current device, so it is made once per kernel and device.
+template <typename Kernel>
+cudaError_t allow_shared_memory(Kernel kernel, int bytes) {
+  static std::atomic<bool> done[kMaxDevices] = {};
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  if (device < kMaxDevices && done[device].load()) return cudaSuccess;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e == cudaSuccess && device < kMaxDevices) done[device].store(true);
+  return e;
+}
+
 template <typename T, typename OutT>
 cudaError_t launch_tile(const Int8GemmArgs& p, cudaStream_t stream) {
   auto kernel = int8_gemm_kernel<T, OutT>;
-  // Above 48 KB of dynamic shared memory a kernel must opt in, once per instantiation.
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::SMEM_BYTES);
-  if (attr != cudaSuccess) return attr;
+  if (const cudaError_t attr = allow_shared_memory(kernel, T::SMEM_BYTES); attr != cudaSuccess) return attr;
   const dim3 grid((p.n + T::BN - 1) / T::BN, (p.m + T::BM - 1) / T::BM);
   kernel<<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(p.a, p.lda, p.b, p.a_scale, p.a_scale_stride,
                                                       p.b_scale, p.bias, static_cast<OutT*>(p.out), p.m,
@@ -250,27 +264,39 @@ __global__ void __launch_bounds__(kWgmmaThreads)
 template <typename OutT>
 cudaError_t launch_wgmma(const Int8GemmArgs& p, cudaStream_t stream) {
   auto kernel = int8_gemm_wgmma_kernel<OutT>;
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgmmaSmemBytes);
-  if (attr != cudaSuccess) return attr;
+  if (const cudaError_t attr = allow_shared_memory(kernel, kWgmmaSmemBytes); attr != cudaSuccess) return attr;
   const dim3 grid((p.n + kWgmmaBN - 1) / kWgmmaBN, (p.m + kWgmmaBM - 1) / kWgmmaBM);
   kernel<<<grid, kWgmmaThreads, kWgmmaSmemBytes, stream>>>(p.a, p.lda, p.b, p.a_scale, p.a_scale_stride, p.b_scale,
                                                           p.bias, static_cast<OutT*>(p.out), p.m, p.n, p.k);
   return cudaGetLastError();
 }
 
-// Whether the current device runs sm_90a code of the wgmma kernel (an H100/H200 with a
-// binary built for 9.0a); asked once per process.
+// Whether the current device runs code of this file built for sm_90a (the wgmma kernel has a
+// body only there): each cubin carries its own value of this flag, and reading it returns
+// the one of the code the runtime loaded for the device — a plain sm_90 build, or a newer
+// GPU without wgmma, reads 0. Asked once per device.
+__device__ const int kCodeHasWgmma =
+#ifdef LOWBIT_HAS_WGMMA
+    1;
+#else
+    0;
+#endif
+
 bool device_has_wgmma() {
-  static const bool has = [] {
-    cudaFuncAttributes attr{};
-    if (cudaFuncGetAttributes(&attr, int8_gemm_wgmma_kernel<float>) != cudaSuccess) {
-      cudaGetLastError();
-      return false;
-    }
-    return attr.binaryVersion >= 90;
-  }();
-  return has;
+  static std::atomic<int> known[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  if (device < kMaxDevices && known[device].load() != 0) return known[device].load() == 2;
+  int flag = 0;
+  if (cudaMemcpyFromSymbol(&flag, kCodeHasWgmma, sizeof(flag)) != cudaSuccess) {
+    cudaGetLastError();
+    flag = 0;
+  }
+  if (device < kMaxDevices) known[device].store(flag ? 2 : 1);
+  return flag != 0;
 }
 
 }  // namespace

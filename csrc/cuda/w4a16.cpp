@@ -1,6 +1,7 @@
 // CUDA launcher of w4a16_linear_cuda_prepacked on the W4A16 tensor-core GEMM
 // (w4a16_kernels.cu): argument checks, the kernel's input requirements, the split-K
 // choice, output and workspace allocation, the current stream, and the launch's error.
+#include <ATen/ops/clone.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -38,20 +39,31 @@ at::Tensor w4a16_linear_cuda_prepacked(const at::Tensor& x, const at::Tensor& co
   check_dtype(scales, at::kFloat, "scales");
   check_dtype(zeros, at::kByte, "zeros");
   check_bias(bias, out_features);
-  check_same_device({{"x", &x}, {"codes", &codes}, {"scales", &scales}, {"zeros", &zeros}});
+  const at::Tensor bias_t = bias ? *bias : at::Tensor();
+  check_same_device({{"x", &x}, {"codes", &codes}, {"scales", &scales}, {"zeros", &zeros}, {"bias", &bias_t}});
+  check_group_size(group_size, x.size(-1));
+  check_contiguous(codes, "codes");
+  check_contiguous(scales, "scales");
+  check_contiguous(zeros, "zeros");
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(codes.const_data_ptr()) % 16 == 0,
+                    "codes must be 16-byte aligned (as w4a16_cuda_prepack allocates them)");
+  TORCH_CHECK_VALUE(scales.dim() == 2, "scales must be 2-D [groups, N padded], got ", scales.dim(), "-D");
   const int64_t k = x.size(-1), rows = x.numel() / k;
   const int64_t np = scales.size(1), kp = w4a16::round_up(static_cast<int>(k), w4a16::kBK);
-  TORCH_CHECK_VALUE(scales.dim() == 2 && np % w4a16::kBN == 0 && np >= out_features && zeros.sizes() == scales.sizes() &&
+  TORCH_CHECK_VALUE(np % w4a16::kBN == 0 && np >= out_features && zeros.sizes() == scales.sizes() &&
                         scales.size(0) * group_size >= kp && codes.numel() == kp / 16 * (np / w4a16::kWarpN) * 512,
                     "codes/scales/zeros do not come from w4a16_cuda_prepack for K = ", k, ", N = ", out_features,
                     ", G = ", group_size);
+  TORCH_CHECK_VALUE(rows <= 65535 * 8, "the CUDA W4A16 GEMM takes at most ", 65535 * 8,
+                    " rows per call (one grid row per 8 rows), got ", rows);
   TORCH_CHECK_VALUE(rows <= INT32_MAX && k <= INT32_MAX - 64 && np <= INT32_MAX, "sizes must be below 2^31");
   const c10::cuda::CUDAGuard guard(x.device());
   // The kernel copies x in 16-byte chunks: contiguous rows with K a multiple of 8.
   at::Tensor x2 = x.reshape({rows, k});
   if (k % 8) x2 = at::constant_pad_nd(x2, {0, 8 - k % 8});
+  // clone, not contiguous(): a contiguous view at an unaligned offset would come back as is.
   if (x2.stride(1) != 1 || x2.stride(0) % 8 || reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16)
-    x2 = x2.contiguous();
+    x2 = x2.clone(at::MemoryFormat::Contiguous);
   const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor out = at::empty({rows, out_features}, x.options());
   const int splits = choose_splits(static_cast<int>(rows), static_cast<int>(np), static_cast<int>(kp));

@@ -31,6 +31,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> w4a16_cuda_prepack(const at::Tens
                                                                   int64_t group_size) {
   check_int4_weight(packed, scales, zeros, group_size);
   TORCH_CHECK_VALUE(packed.device().is_cpu(), "w4a16_cuda_prepack runs on CPU tensors (the backend moves the result)");
+  // The kernel subtracts {magic + z} in 16 bits, exact for the int4 zero points 0..15.
+  TORCH_CHECK_VALUE(!zeros || zeros->numel() == 0 || zeros->max().item<uint8_t>() <= 15,
+                    "zeros must lie in [0, 15] (int4 zero points), got ", zeros->max().item<int>());
   const int n = static_cast<int>(packed.size(0)), k = static_cast<int>(packed.size(1) * 2);
   const int np = round_up(n, kBN), kp = round_up(k, kBK);
   const int groups = k / static_cast<int>(group_size), groups_p = (kp + group_size - 1) / group_size;
