@@ -5,8 +5,9 @@ Each GEMM kernel family has a list per architecture; ``autotuned(kernel, family)
 architecture and ``prune``, which drops configs that the shape cannot use (tiles larger
 than the problem, K blocks that straddle a quantization group or a split-K boundary).
 
-Under ``TRITON_INTERPRET=1`` (CPU tensors) there is nothing to time: ``prune`` keeps only
-the first surviving config, so the autotuner runs it without benchmarking.
+Under ``TRITON_INTERPRET=1`` (CPU tensors) there is nothing to time, and with
+``LOWBIT_TRITON_AUTOTUNE=0`` timing is switched off: ``prune`` keeps only the first surviving
+config, so the autotuner runs it without benchmarking.
 
 Why these lists:
 - int8 GEMM: an int8 ``mma`` consumes k in steps of 32, so BLOCK_K >= 64 keeps two MMAs in
@@ -31,6 +32,16 @@ import triton
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+AUTOTUNE_ENV = "LOWBIT_TRITON_AUTOTUNE"
+
+
+def autotuning() -> bool:
+    """False under the interpreter (nothing to time) or with LOWBIT_TRITON_AUTOTUNE=0: then
+    the first config that fits the shape runs untimed (tests on a GPU use this to compile
+    one config per shape instead of timing every one)."""
+    return not interpreting() and os.environ.get(AUTOTUNE_ENV, "1") != "0"
 
 
 SPLIT_K_MAX_M = 64  # split-K only below this M; above it the output tiles fill the GPU
@@ -132,7 +143,7 @@ def prune(configs, named_args, **kwargs):
     if not valid:
         raise ValueError(f"no kernel config fits M={m} N={n} K={k} G={g} split_k={split_k}")
     kept = [c for c in valid if useful(c, m, n, k)] or [min(valid, key=_tile_size)]
-    return kept[:1] if interpreting() else kept
+    return kept if autotuning() else kept[:1]
 
 
 def _tile_size(c: triton.Config) -> int:

@@ -104,7 +104,12 @@ def test_int8_scaled_mm_is_bitwise_the_reference(m, n, k, dtype, bias, seed):
     assert_same_rounding(ops.int8_scaled_mm(a, b, sa, sb, b_, dtype), ref)
 
 
-@pytest.mark.parametrize("arch", ["ampere", "hopper"])
+# Both lists in the interpreter; on a GPU the device's own (compiling the other list's
+# configs costs minutes of the GPU check; tests/test_triton_aot.py compiles both for both).
+ARCHS = ["ampere", "hopper"] if TRITON_INTERPRETED else [configs.arch()]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_int8_scaled_mm_every_autotune_config(arch):
     a, b, sa, sb, b_ = _int8_case(37, 70, 200, 11)
     ref = reference.int8_scaled_mm(a.cpu(), b.cpu(), sa.cpu(), sb.cpu(), b_.cpu(), torch.float32)
@@ -178,7 +183,7 @@ def test_w4a16_per_row_group_and_k_not_a_multiple_of_32(k, m):
 
 
 @pytest.mark.parametrize("family", ["wo_gemm", "wo_gemv"])
-@pytest.mark.parametrize("arch", ["ampere", "hopper"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_w4a16_every_autotune_config(family, arch):
     m = 3 if family == "wo_gemv" else 20
     canonical, w = _w4(72, 256, 128, False, seed=1)
@@ -330,9 +335,12 @@ def test_backend_listing():
     assert ("interpreter" in status.reason) == TRITON_INTERPRETED
 
 
-def test_m_bucket_and_interpreter_switch():
+def test_m_bucket_and_interpreter_switch(monkeypatch):
     assert [configs.m_bucket(m) for m in (1, 3, 16, 17, 10000)] == [1, 4, 16, 32, 4096]
     assert configs.interpreting() == TRITON_INTERPRETED
+    monkeypatch.setenv(configs.AUTOTUNE_ENV, "0")
+    assert not configs.autotuning()
+    assert len(configs.prune(configs.CONFIGS["int8_mm"]["hopper"], dict(M=4096, N=4096, K=4096))) == 1
 
 
 @pytest.mark.skipif(not TRITON_INTERPRETED, reason="on a GPU bench/gpu_check.sh runs the full benchmark")
