@@ -59,7 +59,7 @@ def bench(fn, cuda: bool) -> float:
 
 
 def rotating(make, nbytes: int):
-    """Copies of a weight, enough to exceed twice the L2, and a function cycling through them."""
+    """A function cycling through copies of a weight, enough of them to exceed twice the L2."""
     copies = [make() for _ in range(max(1, min(8, math.ceil(2 * L2_BYTES / max(nbytes, 1)))))]
     state = {"i": 0}
 
@@ -67,7 +67,7 @@ def rotating(make, nbytes: int):
         state["i"] = (state["i"] + 1) % len(copies)
         return copies[state["i"]]
 
-    return copies, nxt
+    return nxt
 
 
 def ceilings(dev, cuda: bool, smoke: bool) -> dict:
@@ -111,14 +111,14 @@ def gemm_rows(dev, cuda: bool, smoke: bool, ceil: dict) -> list[dict]:
         w = torch.randn(n, k, device=dev) / k**0.5
         qw8, s8 = formats.quantize_int8_per_channel(w)
         p4, sc4, z4 = formats.quantize_int4_groupwise(w, 128, symmetric=False)
-        w_bf16 = [w.to(xdtype)]
-        bf_copies, bf_next = rotating(lambda: w.to(xdtype), n * k * 2)
-        i8_copies, i8_next = rotating(lambda: qw8.clone(), n * k)
-        w4_copies, w4_next = rotating(lambda: weight_only.prepack_int4(p4, sc4, z4, 128), n * k // 2)
-        w8_copies, w8_next = rotating(lambda: weight_only.prepack_int8(qw8, s8), n * k)
+        w_ref = w.to(xdtype)
+        bf_next = rotating(lambda: w.to(xdtype), n * k * 2)
+        i8_next = rotating(lambda: qw8.clone(), n * k)
+        w4_next = rotating(lambda: weight_only.prepack_int4(p4, sc4, z4, 128), n * k // 2)
+        w8_next = rotating(lambda: weight_only.prepack_int8(qw8, s8), n * k)
         if cuda:
-            tg_copies, tg_next = rotating(lambda: tinygemm_weight(w.to(torch.bfloat16), 128), n * k // 2)
-            cw_copies, cw_next = rotating(lambda: tuple(t.to(dev) for t in lowbit.ops.w4a16_cuda_prepack(
+            tg_next = rotating(lambda: tinygemm_weight(w.to(torch.bfloat16), 128), n * k // 2)
+            cw_next = rotating(lambda: tuple(t.to(dev) for t in lowbit.ops.w4a16_cuda_prepack(
                 p4.cpu(), sc4.cpu(), z4.cpu(), 128)), n * k // 2)
         for m in ms:
             x = torch.randn(m, k, device=dev).to(xdtype)
@@ -127,7 +127,7 @@ def gemm_rows(dev, cuda: bool, smoke: bool, ceil: dict) -> list[dict]:
             ref4 = reference.w4a16_linear(x, p4, sc4, z4, 128, None)
             ref_w8 = reference.w8a16_linear(x, qw8, s8, None)
             impls = {
-                "bf16 matmul (cuBLAS)": (lambda: x @ bf_next().t(), x @ w_bf16[0].t(), 0.02),
+                "bf16 matmul (cuBLAS)": (lambda: x @ bf_next().t(), x @ w_ref.t(), 0.02),
                 "triton int8_scaled_mm": (lambda: tops.int8_scaled_mm(xq, i8_next(), sx, s8, None, xdtype), ref8, 1e-3),
                 "cuda int8_scaled_mm": (lambda: lowbit.ops.int8_scaled_mm(xq, i8_next(), sx, s8, None, xdtype), ref8,
                                         1e-3),

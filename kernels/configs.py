@@ -29,9 +29,7 @@ import os
 import torch
 import triton
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from lowbit.kernels import interpreting
 
 
 AUTOTUNE_ENV = "LOWBIT_TRITON_AUTOTUNE"

@@ -21,6 +21,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from lowbit import checks
+from lowbit.kernels import as_rows
 
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
 ONE_PASS_MAX_K = 16384
@@ -64,12 +65,6 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, K, stride_x
             tl.store(q_row + k0 + cols, q.to(tl.int8), mask=k0 + cols < K)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as a 2-D [rows, K] view with unit stride along K (copying only if it must)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def _launch_quantize(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None,
                      static_scale: torch.Tensor | None) -> None:
     rows, k = x2.shape
@@ -86,7 +81,7 @@ def _launch_quantize(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | No
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 per-token quantization (``lowbit.reference.quantize_per_token``)."""
     checks.activation(x, "x")
-    x2 = _rows(x)
+    x2 = as_rows(x)
     q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     _launch_quantize(x2, q, scale, None)
@@ -98,7 +93,7 @@ def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     checks.activation(x, "x")
     checks.per_tensor_scale(scale, "x_scale")
     checks.same_device({"x": x, "x_scale": scale})
-    x2 = _rows(x)
+    x2 = as_rows(x)
     q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
     _launch_quantize(x2, q, None, scale.reshape(1))
     return q.reshape(x.shape)

@@ -42,7 +42,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from lowbit import checks
-from lowbit.kernels import configs
+from lowbit.kernels import as_rows, configs
 from lowbit.kernels.int8_mm import _tile_ids
 
 GEMV_MAX_M = 4
@@ -216,9 +216,7 @@ def linear(x: torch.Tensor, w: Packed, bias: torch.Tensor | None = None, config:
     and the autotuner (tests and benchmarks use them to reach every code path)."""
     _check_x(x, w, bias)
     n, k = w.out_features, w.in_features
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x)
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:

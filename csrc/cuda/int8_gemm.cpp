@@ -17,8 +17,6 @@
 namespace lowbit::cuda {
 namespace {
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // The GEMM on checked int8 operands a [m, k] and b [n, k]. The kernel copies 16-byte
 // chunks, so it needs k % 16 == 0 and 16-byte aligned rows: other operands are copied
 // first (a with a fresh row stride; both with k zero-padded to a multiple of 16, which adds

@@ -37,6 +37,18 @@ std::array<Regs4, 32> ldmatrix_x4(const uint8_t* smem, const std::array<int, 32>
   return out;
 }
 
+// The kernels' load_tile: the tile_rows x 128-k slice at (row0, k0) of a K-major int8
+// matrix into a swizzled stage tile, zero past `rows` and past k.
+void copy_tile(uint8_t* tile, int tile_rows, const int8_t* src, int rows, int row0, int k0, int k) {
+  for (int row = 0; row < tile_rows; ++row)
+    for (int chunk = 0; chunk < kChunks; ++chunk) {
+      const int grow = row0 + row, gk = k0 + chunk * 16;
+      uint8_t* dst = tile + smem_offset(row, chunk);
+      if (grow < rows && gk < k) std::memcpy(dst, src + static_cast<int64_t>(grow) * k + gk, 16);
+      else std::memset(dst, 0, 16);
+    }
+}
+
 int8_t byte_of(uint32_t reg, int i) { return static_cast<int8_t>((reg >> (8 * i)) & 0xFF); }
 
 // mma.m16n8k32 s8 x s8 + s32 over the warp's fragments, as the PTX ISA defines them.
@@ -72,18 +84,9 @@ void model_block(const int8_t* a, const int8_t* b, int m, int n, int k, int bm, 
   // acc[warp][mi][ni][lane][i]
   std::vector<std::array<std::array<int32_t, 4>, 32>> acc(T::WARPS_M * T::WARPS_N * T::MI * T::NI);
   auto accum = [&](int warp, int mi, int ni) -> auto& { return acc[(warp * T::MI + mi) * T::NI + ni]; };
-  auto copy_tile = [&](uint8_t* tile, int tile_rows, const int8_t* src, int rows, int row0, int k0) {
-    for (int row = 0; row < tile_rows; ++row)
-      for (int chunk = 0; chunk < kChunks; ++chunk) {
-        const int grow = row0 + row, gk = k0 + chunk * 16;
-        uint8_t* dst = tile + smem_offset(row, chunk);
-        if (grow < rows && gk < k) std::memcpy(dst, src + static_cast<int64_t>(grow) * k + gk, 16);
-        else std::memset(dst, 0, 16);
-      }
-  };
   for (int k0 = 0; k0 < k; k0 += kBK) {
-    copy_tile(stage.data(), T::BM, a, m, m0, k0);
-    copy_tile(stage.data() + T::BM * kBK, T::BN, b, n, n0, k0);
+    copy_tile(stage.data(), T::BM, a, m, m0, k0, k);
+    copy_tile(stage.data() + T::BM * kBK, T::BN, b, n, n0, k0, k);
     const uint8_t* sa = stage.data();
     const uint8_t* sb = sa + T::BM * kBK;
     for (int warp = 0; warp < T::WARPS_M * T::WARPS_N; ++warp) {
@@ -143,18 +146,8 @@ void model_wgmma_block(const int8_t* a, const int8_t* b, int m, int n, int k, in
   std::vector<uint8_t> stage(kWgmmaStageBytes);
   std::vector<int32_t> d(2 * 64 * 128, 0);  // [warpgroup][row][col], as the hardware computes it
   for (int k0 = 0; k0 < k; k0 += kBK) {
-    for (int part = 0; part < 2; ++part) {
-      const int rows = part ? kWgmmaBN : kWgmmaBM, row0 = part ? n0 : m0, limit = part ? n : m;
-      const int8_t* src = part ? b : a;
-      uint8_t* tile = stage.data() + part * kWgmmaBM * kBK;
-      for (int row = 0; row < rows; ++row)
-        for (int chunk = 0; chunk < kChunks; ++chunk) {
-          const int grow = row0 + row, gk = k0 + chunk * 16;
-          uint8_t* dst = tile + smem_offset(row, chunk);
-          if (grow < limit && gk < k) std::memcpy(dst, src + static_cast<int64_t>(grow) * k + gk, 16);
-          else std::memset(dst, 0, 16);
-        }
-    }
+    copy_tile(stage.data(), kWgmmaBM, a, m, m0, k0, k);
+    copy_tile(stage.data() + kWgmmaBM * kBK, kWgmmaBN, b, n, n0, k0, k);
     for (int wg = 0; wg < 2; ++wg) {
       const unsigned a_base = wg * 64 * kBK, b_base = kWgmmaBM * kBK;
       for (int kk = 0; kk < kKSteps; ++kk) {

@@ -1,9 +1,11 @@
 // Helpers of the CUDA launchers (C++ with torch headers): the kernels' element type for a
-// torch dtype.
+// torch dtype, and the 16-byte alignment the kernels' vector copies need.
 #pragma once
 
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
+
+#include <cstdint>
 
 #include "cuda/float_type.h"
 
@@ -17,5 +19,7 @@ inline FloatType float_type(at::ScalarType t) {
     default: TORCH_CHECK_TYPE(false, "unsupported floating-point type ", t);
   }
 }
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace lowbit::cuda

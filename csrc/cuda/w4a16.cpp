@@ -45,7 +45,7 @@ at::Tensor w4a16_linear_cuda_prepacked(const at::Tensor& x, const at::Tensor& co
   check_contiguous(codes, "codes");
   check_contiguous(scales, "scales");
   check_contiguous(zeros, "zeros");
-  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(codes.const_data_ptr()) % 16 == 0,
+  TORCH_CHECK_VALUE(aligned16(codes.const_data_ptr()),
                     "codes must be 16-byte aligned (as w4a16_cuda_prepack allocates them)");
   TORCH_CHECK_VALUE(scales.dim() == 2, "scales must be 2-D [groups, N padded], got ", scales.dim(), "-D");
   const int64_t k = x.size(-1), rows = x.numel() / k;
@@ -62,7 +62,7 @@ at::Tensor w4a16_linear_cuda_prepacked(const at::Tensor& x, const at::Tensor& co
   at::Tensor x2 = x.reshape({rows, k});
   if (k % 8) x2 = at::constant_pad_nd(x2, {0, 8 - k % 8});
   // clone, not contiguous(): a contiguous view at an unaligned offset would come back as is.
-  if (x2.stride(1) != 1 || x2.stride(0) % 8 || reinterpret_cast<uintptr_t>(x2.const_data_ptr()) % 16)
+  if (x2.stride(1) != 1 || x2.stride(0) % 8 || !aligned16(x2.const_data_ptr()))
     x2 = x2.clone(at::MemoryFormat::Contiguous);
   const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor out = at::empty({rows, out_features}, x.options());

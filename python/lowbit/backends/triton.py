@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 
 import torch
 
 from lowbit.backends.base import Backend
 from lowbit.formats import QuantizedWeight, Scheme
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from lowbit.kernels import interpreting
 
 
 def _kernels():
