@@ -31,6 +31,16 @@ import tinylm  # noqa: E402
 import lowbit  # noqa: E402
 from lowbit.calibrate import AWQ, GPTQ, SmoothQuant  # noqa: E402
 
+# The W4A16 rows both models are measured on.
+W4_ROWS = [
+    ("W4A16 g128, RTN", "w4a16-g128", {}),
+    ("W4A16 g128, GPTQ", "w4a16-g128", {"method": GPTQ()}),
+    ("W4A16 g128, GPTQ act-order", "w4a16-g128", {"method": GPTQ(act_order=True)}),
+    ("W4A16 g128, AWQ", "w4a16-g128", {"method": AWQ()}),
+    ("W4A16 g32, RTN", "w4a16-g32", {}),
+    ("W4A16 g32, GPTQ act-order", "w4a16-g32", {"method": GPTQ(act_order=True)}),
+]
+
 # (label, scheme, keywords for lowbit.quantize); calibration data is added where needed.
 MINILM_ROWS = [
     ("W8A8 dynamic, RTN", "w8a8", {}),
@@ -43,21 +53,11 @@ MINILM_ROWS = [
     ("W8A8 static, SmoothQuant a=0.5 + MSE", "w8a8-static", {"method": SmoothQuant(0.5), "observer": "mse"}),
     ("W8A8 static, SmoothQuant a=0.8 + min-max", "w8a8-static", {"method": SmoothQuant(0.8), "observer": "minmax"}),
     ("W8A8 static, SmoothQuant a=0.8 + MSE", "w8a8-static", {"method": SmoothQuant(0.8), "observer": "mse"}),
-    ("W4A16 g128, RTN", "w4a16-g128", {}),
-    ("W4A16 g128, GPTQ", "w4a16-g128", {"method": GPTQ()}),
-    ("W4A16 g128, GPTQ act-order", "w4a16-g128", {"method": GPTQ(act_order=True)}),
-    ("W4A16 g128, AWQ", "w4a16-g128", {"method": AWQ()}),
-    ("W4A16 g32, RTN", "w4a16-g32", {}),
-    ("W4A16 g32, GPTQ act-order", "w4a16-g32", {"method": GPTQ(act_order=True)}),
+    *W4_ROWS,
 ]
 
 LM_ROWS = [
-    ("W4A16 g128, RTN", "w4a16-g128", {}),
-    ("W4A16 g128, GPTQ", "w4a16-g128", {"method": GPTQ()}),
-    ("W4A16 g128, GPTQ act-order", "w4a16-g128", {"method": GPTQ(act_order=True)}),
-    ("W4A16 g128, AWQ", "w4a16-g128", {"method": AWQ()}),
-    ("W4A16 g32, RTN", "w4a16-g32", {}),
-    ("W4A16 g32, GPTQ act-order", "w4a16-g32", {"method": GPTQ(act_order=True)}),
+    *W4_ROWS,
     ("W4A16 g32, AWQ", "w4a16-g32", {"method": AWQ()}),
     ("W8A8 dynamic, RTN", "w8a8", {}),
     ("W8A8 dynamic, SmoothQuant a=0.5", "w8a8", {"method": SmoothQuant(0.5)}),
