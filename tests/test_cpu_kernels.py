@@ -134,11 +134,12 @@ AMX_BF16 = 3  # the w4a16 ops' path argument for the AMX-BF16 kernel (lowbit.pla
 
 
 @pytest.mark.skipif(best_cpu_isa() != "amx", reason="this CPU has no AMX")
-@given(lead=st.sampled_from([(1,), (15,), (16,), (17,), (33,), (100,), (2, 19), (3, 1, 16)]), n=cols,
+@given(lead=st.sampled_from([(1,), (2,), (8,), (15,), (16,), (17,), (33,), (100,), (2, 19), (3, 1, 16), (4, 3)]), n=cols,
        groups=st.sampled_from([1, 2, 5]), g=st.sampled_from([32, 64, 128, None]), sym=st.booleans(),
        with_bias=st.booleans(), nc=st.booleans(), seed=seeds)
 def test_w4a16_amx_bf16_path(lead, n, groups, g, sym, with_bias, nc, seed):
-    # Forced at every M (the automatic choice takes it from wo::kAmxMinRows rows on).
+    # Forced at every M (the automatic choice takes it from wo::kAmxMinRowsInt4 rows on);
+    # up to 16 rows the block-by-block kernel, beyond it the decoded-panel one.
     k = groups * (g or 32 * (seed % 9 + 1))
     gs = g or k  # G = K only when K is a multiple of 32 (one AMX tile of k)
     x = activation((*lead, k), torch.bfloat16, seed=seed, noncontiguous=nc)
@@ -151,7 +152,7 @@ def test_w4a16_amx_bf16_path(lead, n, groups, g, sym, with_bias, nc, seed):
 
 
 @pytest.mark.skipif(best_cpu_isa() != "amx", reason="this CPU has no AMX")
-@given(lead=st.sampled_from([(1,), (16,), (17,), (50,), (2, 19)]), n=cols, k=st.sampled_from([32, 64, 96, 256, 704]),
+@given(lead=st.sampled_from([(1,), (3,), (8,), (16,), (17,), (50,), (2, 19)]), n=cols, k=st.sampled_from([32, 64, 96, 256, 704]),
        with_bias=st.booleans(), nc=st.booleans(), seed=seeds)
 def test_w8a16_amx_bf16_path(lead, n, k, with_bias, nc, seed):
     x = activation((*lead, k), torch.bfloat16, seed=seed, noncontiguous=nc)

@@ -19,14 +19,21 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Tiles 0 .. count-1 as full tiles: 16 rows of 64 bytes (both kernels use only these).
-inline void configure_full_tiles(int count) {
+// Tiles 0 .. count-1 with rows[t] rows of 64 bytes each.
+inline void configure_tiles(const uint8_t* rows, int count) {
   TileConfig cfg;
   for (int t = 0; t < count; ++t) {
-    cfg.rows[t] = kTileRows;
+    cfg.rows[t] = rows[t];
     cfg.colsb[t] = 64;
   }
   _tile_loadconfig(&cfg);
+}
+
+// Tiles 0 .. count-1 as full tiles: 16 rows of 64 bytes.
+inline void configure_full_tiles(int count) {
+  uint8_t rows[8];
+  for (int t = 0; t < count; ++t) rows[t] = kTileRows;
+  configure_tiles(rows, count);
 }
 
 }  // namespace lowbit::cpu::amx

@@ -202,10 +202,11 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
   });
 }
 
-// Whether a weight-only call runs on the AMX-BF16 kernel: asked for (path 3, checked), or
-// chosen (path -1) for bf16 activations from wo::kAmxMinRows rows when AMX is current.
-// group: the quantization group size (K for int8); AMX takes k in tiles of 32.
-bool takes_amx(const at::Tensor& x, int64_t path, int64_t group) {
+// Whether a weight-only call runs on the AMX-BF16 kernels: asked for (path 3, checked), or
+// chosen (path -1) for bf16 activations from min_rows rows (wo::kAmxMinRowsInt4 / Int8)
+// when AMX is current. group: the quantization group size (K for int8); AMX takes k in
+// tiles of 32.
+bool takes_amx(const at::Tensor& x, int64_t path, int64_t group, int64_t min_rows) {
   if (path == static_cast<int64_t>(Isa::kAmx)) {
     TORCH_CHECK_VALUE(has_amx_bf16(), "path: this CPU cannot run the AMX-BF16 weight-only kernel (best available: ",
                       isa_name(best_isa()), ")");
@@ -217,16 +218,23 @@ bool takes_amx(const at::Tensor& x, int64_t path, int64_t group) {
   }
   const int64_t k = x.size(-1), m = k ? x.numel() / k : 0;
   return path == kPathAuto && current_isa() == Isa::kAmx && has_amx_bf16() && x.scalar_type() == at::kBFloat16 &&
-         m >= wo::kAmxMinRows && group % 32 == 0;
+         m >= min_rows && group % 32 == 0;
 }
 
 // Weight-only through AMX BF16 tiles (wo_gemm_amx.cpp): one task per panel over all rows, so
-// that each panel is decoded once per call; rows padded to whole tiles of 16.
+// that each panel is decoded once per call. Up to wo::kAmxSmallRows rows, block by block
+// into L1; beyond, the whole panel first, rows padded to whole tiles of 16.
 template <typename PanelAt>
 at::Tensor run_amx(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, PanelAt panel_at) {
   const int64_t k = x.size(-1);
   at::Tensor x2 = x.reshape({-1, k}).contiguous();
   const int64_t m = x2.size(0), m16 = (m + 15) / 16 * 16;
+  if (m <= wo::kAmxSmallRows) {
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.const_data_ptr<at::BFloat16>());
+    return run_panels(x, m, n, bias, [&](int64_t p, int64_t, int64_t rows, float* c) {
+      wo::gemv_amx_bf16(xp, k, rows, panel_at(p), c);
+    }, wo::kAmxSmallRows);
+  }
   if (m16 != m) {
     at::Tensor padded = at::zeros({m16, k}, x2.options());
     padded.narrow(0, 0, m).copy_(x2);
@@ -282,7 +290,7 @@ at::Tensor w4a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
   const auto panel_at = [&](int64_t p) {
     return Panel{Weights::kInt4, wp + p * k * kPanel / 2, pp + p * groups * 2 * kPanel, group_size, k};
   };
-  if (takes_amx(x, path, group_size)) return run_amx(x, out_features, bias, panel_at);
+  if (takes_amx(x, path, group_size, wo::kAmxMinRowsInt4)) return run_amx(x, out_features, bias, panel_at);
   return run_weight_only(x, out_features, bias, path, panel_at);
 }
 
@@ -300,7 +308,7 @@ at::Tensor w8a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.const_data_ptr<int8_t>());
   const float* sp = scales.const_data_ptr<float>();
   const auto panel_at = [&](int64_t p) { return Panel{Weights::kInt8, wp + p * k * kPanel, sp + p * kPanel, 0, k}; };
-  if (takes_amx(x, path, k)) return run_amx(x, n, bias, panel_at);
+  if (takes_amx(x, path, k, wo::kAmxMinRowsInt8)) return run_amx(x, n, bias, panel_at);
   return run_weight_only(x, n, bias, path, panel_at);
 }
 

@@ -31,6 +31,11 @@ constexpr int64_t kPanel = 64;
 constexpr int64_t kBlockK = 128;   // k per dequantized block: 128 x 64 fp32 = 32 KiB
 constexpr int64_t kRowChunk = 64;  // most rows per task: their fp32 activations (K = 4096: 1 MiB) stay in L2
 
+// How far ahead of the weight row in use the small-M kernels prefetch: the weight stream
+// is their only DRAM traffic when the weights are not in cache. Measured here (M = 1,
+// weights past the LLC): 1 KiB 25-30% faster than none, 2 KiB faster again, 4 KiB slower.
+constexpr int64_t kPrefetchBytes = 2048;
+
 enum class Weights { kInt4, kInt8 };
 
 // One panel's weights and dequantization parameters.
@@ -62,18 +67,29 @@ void gemv_int8_avx512(const float* x, int64_t ldx, int64_t rows, const Panel& pa
 // k / group_size), for the zero points.
 void gemv_int4_avx512(const float* x, int64_t ldx, int64_t rows, const float* xsum, const Panel& panel, float* c);
 
-// AMX BF16 path (wo_gemm_amx.cpp): bf16 activations, from kAmxMinRows rows by default.
+// AMX BF16 path (wo_gemm_amx.cpp): bf16 activations.
 // decode writes the panel's (q - z) (int4) or q (int8) as bf16 in AMX's B layout
 // (b[k / 2][64][2]); gemm computes c[rows][64] = x[rows][k] (bf16, row stride ldx
 // elements, rows a multiple of 16) times b, group g's 64 scales at scales + g *
 // scale_stride applied per block of at most kAmxBlockK k (group_size a multiple of 32).
-// Measured here (Sapphire Rapids, 2 threads): AMX beats the in-register GEMV from 9 rows
-// on (4096 x 4096 and 384 x 1536, int4 and int8), so it takes over where the GEMV stops.
-constexpr int64_t kAmxMinRows = kMaxGemvRows + 1;
 constexpr int64_t kAmxBlockK = 128;
 void decode_int4_panel_bf16(const Panel& panel, uint16_t* b);
 void decode_int8_panel_bf16(const Panel& panel, uint16_t* b);
 void gemm_amx_bf16(const uint16_t* x, int64_t ldx, int64_t rows, const uint16_t* b, int64_t k, int64_t group_size,
                    const float* scales, int64_t scale_stride, float* c);
+
+// Small M on AMX: at most kAmxSmallRows bf16 rows against one int4 or int8 panel, each
+// 32-k block decoded into L1 right before its tile multiplies (no decoded panel); the
+// driver takes it instead of gemm_amx_bf16 up to that many rows.
+constexpr int64_t kAmxSmallRows = 16;
+void gemv_amx_bf16(const uint16_t* x, int64_t ldx, int64_t rows, const Panel& panel, float* c);
+
+// From how many rows the automatic choice moves bf16 activations from the in-register
+// GEMV to AMX. Measured here (Sapphire Rapids, 2 threads, 4096 x 4096, interleaved
+// medians): int4 GEMV / AMX time 0.62x at 1 row, 0.98x at 3, 1.20x at 4, 2.0x at 8;
+// int8 (heavier to decode, the GEMV reads it with two instructions) 0.69x at 4 rows,
+// 1.02x at 5, 1.12x at 6, 1.34x at 8.
+constexpr int64_t kAmxMinRowsInt4 = 4;
+constexpr int64_t kAmxMinRowsInt8 = 6;
 
 }  // namespace lowbit::cpu::wo

@@ -80,10 +80,6 @@ constexpr TileFn kTiles[kMaxRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, til
 // Few rows against an int8 panel, straight from the packed bytes: per k, widen the 64
 // weights to float once and FMA them into every row; the column scale multiplies the
 // finished sums (so no fp32 block is written and read back).
-// How far ahead of the weight row in use the small-M kernels prefetch: the weight stream
-// is their only DRAM traffic when the weights are not in cache. Measured here (M = 1,
-// weights past the LLC): 1 KiB 25-30% faster than none, 2 KiB faster again, 4 KiB slower.
-constexpr int64_t kPrefetchBytes = 2048;
 
 template <int MR>
 void gemv_int8_tile(const float* x, int64_t ldx, const Panel& panel, float* c) {
