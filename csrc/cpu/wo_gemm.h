@@ -10,9 +10,10 @@
 //
 // Small-M path (at most kMaxGemvRows rows): the weights are widened to fp32 in registers
 // straight from the packed bytes and FMA'd into every row, without writing a block;
-// for int4 the zero point and the scale are applied once per group,
-// sum_k x (q - z) s = s * (sum_k x q - z * sum_k x), with the group sums of x computed
-// once per call.
+// for int4 the codes decode to q - 8 (one shift and one vpermps per 16) and the zero
+// point and the scale are applied once per group,
+// sum_k x (q - z) s = s * (sum_k x (q - 8) - (z - 8) * sum_k x), with the group sums of x
+// computed once per call.
 //
 // Prepacked layouts (per panel p of 64 output columns; zero past N):
 //   int4: w[p][k / 2][64] bytes: for the k pair (2i, 2i + 1), byte 32h + 2c + t holds

@@ -110,21 +110,31 @@ void gemv_int8_tile(const float* x, int64_t ldx, const Panel& panel, float* c) {
       _mm512_storeu_ps(c + r * kPanel + 16 * j, _mm512_mul_ps(acc[r][j], _mm512_loadu_ps(panel.params + 16 * j)));
 }
 
-// Few rows against an int4 panel, straight from the packed bytes. Per k pair and half
-// panel, 32 bytes widen to 16 dwords = (byte of k, byte of k + 1) per column. Each nibble
-// becomes a float with no conversion instruction: shifted into mantissa bits 19..22 and
-// or-ed with the bits of 1.0 it reads 1 + q / 16 exactly (one shift and one vpternlogd),
-// FMA'd into every row. Per group: sum_k x q = 16 (acc - sum_k x), so the zero point and
-// the scale apply as totals (kept in c) += 16 s * (acc - (1 + z / 16) * sum_k x).
+// Few rows against an int4 panel, straight from the packed bytes. A k pair's 64 bytes are
+// read as 16 dwords without widening: dword d (half h = d / 8, j = d % 8) holds 8 nibbles,
+// nibble e at bits 4e..4e+3. vpermps reads only the low 4 bits of each index, so
+// vpermps(dword >> 4e, table) is already the float q - 8 of nibble e (one shift and one
+// permute per 16 weights, no conversion). Nibble e of dword d is (packed byte 4j + e / 2,
+// low or high nibble: wo_gemm.h): column 32h + 2j + (e / 4) + 16 (e % 2), k parity
+// (e / 2) % 2. So four accumulator sets S = (e % 2) + 2 (e / 4) hold columns 32h + 2j +
+// (S / 2) + 16 (S % 2) in lane d; each group's sums are put back in column order once
+// (two permutes per 16 columns), then the zero point and the scale apply as totals:
+// sum_k x (q - z) s = s * (sum_k x (q - 8) - (z - 8) * sum_k x).
 template <int MR>
 void gemv_int4_tile(const float* x, int64_t ldx, const float* xsum, const Panel& panel, float* c) {
   const int64_t groups = panel.k / panel.group_size, pairs_per_group = panel.group_size / 2;
-  const __m512i mantissa = _mm512_set1_epi32(0x00780000), one = _mm512_set1_epi32(0x3F800000);
-  // (a & b) | c, the vpternlogd immediate for a = 0xF0, b = 0xCC, c = 0xAA.
-  constexpr int kAndOr = 0xEA;
-  const auto as_float = [&](__m512i shifted) {
-    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(shifted, mantissa, one, kAndOr));
-  };
+  alignas(64) float table[16];
+  for (int q = 0; q < 16; ++q) table[q] = static_cast<float>(q - 8);
+  const __m512 lut = _mm512_load_ps(table);
+  // Column order from the sets: columns 16v .. 16v + 15 are, in turn, lanes 8h .. 8h + 7 of
+  // sets lo and lo + 2 (even and odd columns), v = 2h + lo.
+  alignas(64) int32_t even_odd_lo[16], even_odd_hi[16];
+  for (int i = 0; i < 16; ++i) {
+    even_odd_lo[i] = i / 2 + 16 * (i % 2);
+    even_odd_hi[i] = 8 + i / 2 + 16 * (i % 2);
+  }
+  const __m512i interleave[2] = {_mm512_load_si512(even_odd_lo), _mm512_load_si512(even_odd_hi)};
+  const __m512 eight = _mm512_set1_ps(8.0f);
   for (int64_t g = 0; g < groups; ++g) {
     // One or two rows: odd k accumulate separately, so that each chain has one FMA per
     // k pair in flight (with more rows, the rows themselves give enough chains).
@@ -137,41 +147,47 @@ void gemv_int4_tile(const float* x, int64_t ldx, const float* xsum, const Panel&
     for (int64_t i = g * pairs_per_group; i < (g + 1) * pairs_per_group; ++i) {
       const uint8_t* b = panel.w + i * kPanel;
       _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes), _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(b);
+      // Halves of the 8 nibbles: e = 0..3 (sets 0, 1 at even then odd k), e = 4..7 (sets 2, 3).
 #pragma GCC unroll 2
-      for (int h = 0; h < 2; ++h) {
-        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * h)));
-        // Per dword: bits 0..3 low nibble of k, 4..7 high nibble of k, 16..19 and 20..23
-        // the same for k + 1.
-        const __m512 q[4] = {as_float(_mm512_slli_epi32(v, 19)), as_float(_mm512_slli_epi32(v, 3)),
-                             as_float(_mm512_slli_epi32(v, 15)), as_float(_mm512_srli_epi32(v, 1))};
+      for (int half = 0; half < 2; ++half) {
+        const int e0 = 4 * half;
+        const __m512 q0 = _mm512_permutexvar_ps(e0 ? _mm512_srli_epi32(v, 4 * e0) : v, lut);
+        const __m512 q1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * e0 + 4), lut);
+        const __m512 q2 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * e0 + 8), lut);
+        const __m512 q3 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * e0 + 12), lut);
+        const int s0 = 2 * half, s1 = 2 * half + 1;
 #pragma GCC unroll 4
         for (int r = 0; r < MR; ++r) {
           const __m512 x0 = _mm512_set1_ps(x[r * ldx + 2 * i]), x1 = _mm512_set1_ps(x[r * ldx + 2 * i + 1]);
           if constexpr (kSplit) {
-            acc[r][2 * h] = _mm512_fmadd_ps(x0, q[0], acc[r][2 * h]);
-            odd[r][2 * h] = _mm512_fmadd_ps(x1, q[1], odd[r][2 * h]);
-            acc[r][2 * h + 1] = _mm512_fmadd_ps(x0, q[2], acc[r][2 * h + 1]);
-            odd[r][2 * h + 1] = _mm512_fmadd_ps(x1, q[3], odd[r][2 * h + 1]);
+            acc[r][s0] = _mm512_fmadd_ps(x0, q0, acc[r][s0]);
+            acc[r][s1] = _mm512_fmadd_ps(x0, q1, acc[r][s1]);
+            odd[r][s0] = _mm512_fmadd_ps(x1, q2, odd[r][s0]);
+            odd[r][s1] = _mm512_fmadd_ps(x1, q3, odd[r][s1]);
           } else {
-            acc[r][2 * h] = _mm512_fmadd_ps(x1, q[1], _mm512_fmadd_ps(x0, q[0], acc[r][2 * h]));
-            acc[r][2 * h + 1] = _mm512_fmadd_ps(x1, q[3], _mm512_fmadd_ps(x0, q[2], acc[r][2 * h + 1]));
+            acc[r][s0] = _mm512_fmadd_ps(x1, q2, _mm512_fmadd_ps(x0, q0, acc[r][s0]));
+            acc[r][s1] = _mm512_fmadd_ps(x1, q3, _mm512_fmadd_ps(x0, q1, acc[r][s1]));
           }
         }
       }
     }
     const float* s = panel.params + g * 2 * kPanel;
     const float* z = s + kPanel;
-    const __m512 sixteen = _mm512_set1_ps(16.0f), sixteenth = _mm512_set1_ps(1.0f / 16.0f);
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const __m512 s16 = _mm512_mul_ps(_mm512_loadu_ps(s + 16 * j), sixteen);
-      const __m512 z16 = _mm512_fmadd_ps(_mm512_loadu_ps(z + 16 * j), sixteenth, _mm512_set1_ps(1.0f));
+    for (int r = 0; r < MR; ++r) {
+      __m512 sets[4];
 #pragma GCC unroll 4
-      for (int r = 0; r < MR; ++r) {
-        float* t = c + r * kPanel + 16 * j;
-        const __m512 sum = kSplit ? _mm512_add_ps(acc[r][j], odd[r][j]) : acc[r][j];
-        const __m512 centered = _mm512_fnmadd_ps(z16, _mm512_set1_ps(xsum[r * groups + g]), sum);
-        _mm512_storeu_ps(t, _mm512_fmadd_ps(s16, centered, g == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(t)));
+      for (int j = 0; j < 4; ++j) sets[j] = kSplit ? _mm512_add_ps(acc[r][j], odd[r][j]) : acc[r][j];
+      const __m512 xs = _mm512_set1_ps(xsum[r * groups + g]);
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) {
+        const int h = v / 2, lo = v % 2;
+        const __m512 sum = _mm512_permutex2var_ps(sets[lo], interleave[h], sets[lo + 2]);
+        const __m512 zc = _mm512_sub_ps(_mm512_loadu_ps(z + 16 * v), eight);
+        float* t = c + r * kPanel + 16 * v;
+        _mm512_storeu_ps(t, _mm512_fmadd_ps(_mm512_loadu_ps(s + 16 * v), _mm512_fnmadd_ps(zc, xs, sum),
+                                            g == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(t)));
       }
     }
   }
