@@ -165,6 +165,26 @@ def test_w8a16_amx_bf16_path(lead, n, k, with_bias, nc, seed):
 
 
 @pytest.mark.skipif(best_cpu_isa() != "amx", reason="this CPU has no AMX")
+@pytest.mark.parametrize("g", [128, None])
+@pytest.mark.parametrize("m", [5, 40, 300])
+def test_amx_path_with_k_past_one_chunk(m, g):
+    # K beyond one chunk of k (wo::kAmxChunkK = 2048) and rows beyond one row chunk (256):
+    # chunk boundaries inside and at the end of groups, partial last chunks of both.
+    k, n = 4352, 72
+    x = activation((m, k), torch.bfloat16, seed=m)
+    packed, scales, zeros = int4_weight(n, k, g, False, m)
+    gs = g or k
+    w, params = ops.w4a16_prepack(packed, scales, zeros, gs)
+    assert_linear_close(ops.w4a16_linear_prepacked(x, w, params, gs, n, None, AMX_BF16),
+                        reference.w4a16_linear(x, packed, scales, zeros, gs, None), x,
+                        reference.dequantize_int4(packed, scales, zeros, gs, torch.float32))
+    q, sw = int8_weight(n, 4160, m)
+    x8 = activation((m, 4160), torch.bfloat16, seed=m + 1)
+    assert_linear_close(ops.w8a16_linear_prepacked(x8, ops.w8a16_prepack(q), sw, None, AMX_BF16),
+                        reference.w8a16_linear(x8, q, sw, None), x8, reference.dequantize_int8(q, sw, torch.float32))
+
+
+@pytest.mark.skipif(best_cpu_isa() != "amx", reason="this CPU has no AMX")
 def test_amx_path_refuses_other_activation_dtypes_and_group_sizes():
     packed, scales, zeros = int4_weight(64, 48, None, False)
     w, params = ops.w4a16_prepack(packed, scales, zeros, 48)

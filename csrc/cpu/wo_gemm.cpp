@@ -223,7 +223,8 @@ bool takes_amx(const at::Tensor& x, int64_t path, int64_t group, int64_t min_row
 
 // Weight-only through AMX BF16 tiles (wo_gemm_amx.cpp): one task per panel over all rows, so
 // that each panel is decoded once per call. Up to wo::kAmxSmallRows rows, block by block
-// into L1; beyond, the whole panel first, rows padded to whole tiles of 16.
+// into L1; beyond, tasks of (panel, wo::kAmxRowChunk rows), each decoding the panel chunk
+// by chunk of k (wo_gemm.h), rows padded to whole tiles of 16.
 template <typename PanelAt>
 at::Tensor run_amx(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, PanelAt panel_at) {
   const int64_t k = x.size(-1);
@@ -241,19 +242,25 @@ at::Tensor run_amx(const at::Tensor& x, int64_t n, const std::optional<at::Tenso
     x2 = padded;
   }
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.const_data_ptr<at::BFloat16>());
-  // One task per panel over all m16 rows (the padding rows land in c and are not written).
-  return run_panels(x, m, n, bias, [&](int64_t p, int64_t, int64_t, float* c) {
-    thread_local std::vector<uint16_t> b;  // the decoded panel, reused across calls
-    b.resize(k * kPanel);
+  // Tasks of (panel, kAmxRowChunk rows): the padding rows land in c and are not written.
+  const int64_t chunk = std::min(m16, wo::kAmxRowChunk);
+  return run_panels(x, m, n, bias, [&](int64_t p, int64_t m0, int64_t rows, float* c) {
+    thread_local std::vector<uint16_t> b;  // a decoded chunk of the panel, reused across calls
+    b.resize(std::min(k, wo::kAmxChunkK) * kPanel);
     const Panel panel = panel_at(p);
-    if (panel.kind == Weights::kInt4) {
-      wo::decode_int4_panel_bf16(panel, b.data());
-      wo::gemm_amx_bf16(xp, k, m16, b.data(), k, panel.group_size, panel.params, 2 * kPanel, c);
-    } else {
-      wo::decode_int8_panel_bf16(panel, b.data());
-      wo::gemm_amx_bf16(xp, k, m16, b.data(), k, k, panel.params, 0, c);
+    const bool int4 = panel.kind == Weights::kInt4;
+    const int64_t rows16 = (rows + 15) / 16 * 16;
+    for (int64_t k0 = 0; k0 < k; k0 += wo::kAmxChunkK) {
+      const int64_t k1 = std::min(k, k0 + wo::kAmxChunkK);
+      if (int4) {
+        wo::decode_int4_panel_bf16(panel, k0, k1, b.data());
+        wo::gemm_amx_bf16(xp + m0 * k, k, rows16, b.data(), k0, k1, panel.group_size, panel.params, 2 * kPanel, c);
+      } else {
+        wo::decode_int8_panel_bf16(panel, k0, k1, b.data());
+        wo::gemm_amx_bf16(xp + m0 * k, k, rows16, b.data(), k0, k1, k, panel.params, 0, c);
+      }
     }
-  }, std::max<int64_t>(m16, 16));
+  }, chunk);
 }
 
 // pairs: the weight has one row per k pair (int4) rather than per k (int8).
