@@ -184,6 +184,40 @@ def test_amx_path_with_k_past_one_chunk(m, g):
                         reference.w8a16_linear(x8, q, sw, None), x8, reference.dequantize_int8(q, sw, torch.float32))
 
 
+WEIGHT_ONLY_PATHS = {"scalar": 0, "gemm": 2, "amx": AMX_BF16, "gemv": 4}
+
+
+@pytest.mark.parametrize("path", WEIGHT_ONLY_PATHS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("m", [3, 20])
+def test_weight_only_outputs_round_as_torch_does(path, dtype, m):
+    # One-hot activation rows make every output a single product (q - z) s (+ bias) that each
+    # kernel computes exactly as the reference does, so the output must equal the fp32 value
+    # converted by torch bit for bit: this checks each path's rounding to the output dtype
+    # (nearest even), the bias and the partial last panel (N = 70); a NaN row stays NaN.
+    # Scales 1 + 2^-8, 1 + 3 * 2^-8 (and 2^-11 for fp16) put (q - z) s exactly halfway
+    # between two bf16 (fp16) values whenever |q - z| is a power of two: ties to even.
+    if path == "amx" and (dtype != torch.bfloat16 or best_cpu_isa() != "amx"):
+        pytest.skip("the AMX kernels take bf16 activations on an AMX CPU")
+    if path in ("gemm", "gemv") and best_cpu_isa() not in ("avx512_vnni", "amx"):
+        pytest.skip("needs AVX-512")
+    n, k, g = 70, 256, 64
+    packed, scales, zeros = int4_weight(n, k, g, False, seed=m)
+    ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11, 1 + 3 * 2**-11])
+    scales = ties[torch.randint(0, 4, scales.shape)]
+    w, params = ops.w4a16_prepack(packed, scales, zeros, g)
+    cols = torch.randperm(k)[:m]
+    x = torch.zeros(m, k, dtype=dtype)
+    x[torch.arange(m), cols] = 1
+    x[m - 1, cols[m - 1]] = float("nan")
+    bias = torch.randn(n).to(dtype)
+    w_full = reference.dequantize_int4(packed, scales, zeros, g, torch.float32)
+    expected = (w_full[:, cols].T + bias.float()).to(dtype)
+    out = ops.w4a16_linear_prepacked(x, w, params, g, n, bias, WEIGHT_ONLY_PATHS[path])
+    assert torch.equal(out[: m - 1], expected[: m - 1])
+    assert torch.isnan(out[m - 1]).all()
+
+
 @pytest.mark.skipif(best_cpu_isa() != "amx", reason="this CPU has no AMX")
 def test_amx_path_refuses_other_activation_dtypes_and_group_sizes():
     packed, scales, zeros = int4_weight(64, 48, None, False)

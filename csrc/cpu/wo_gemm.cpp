@@ -10,6 +10,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -120,9 +121,10 @@ at::Tensor w8a16_prepack(const at::Tensor& w) {
 // out = (x @ dequant(w)^T + bias) as x's dtype; panel_fn(p, m0, rows, c) writes the
 // fp32 product of activation rows [m0, m0 + rows) and panel p into c[rows][64]. Tasks are
 // (panel, row_chunk rows); c holds row_chunk rows, which may exceed rows (padding).
+// avx512: write the output with wo::store_panel_avx512 (float, bf16, fp16 outputs).
 template <typename PanelFn>
 at::Tensor run_panels(const at::Tensor& x, int64_t m, int64_t n, const std::optional<at::Tensor>& bias,
-                      PanelFn panel_fn, int64_t row_chunk = kRowChunk) {
+                      bool avx512, PanelFn panel_fn, int64_t row_chunk = kRowChunk) {
   const int64_t panels = panels_for(n), chunks = (m + row_chunk - 1) / row_chunk;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
@@ -136,6 +138,15 @@ at::Tensor run_panels(const at::Tensor& x, int64_t m, int64_t n, const std::opti
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p = t % panels, m0 = (t / panels) * row_chunk, rows = std::min(m, m0 + row_chunk) - m0;
         panel_fn(p, m0, rows, c.data());
+        const int64_t cols = std::min(n, (p + 1) * kPanel) - p * kPanel;
+        if (avx512 && !std::is_same_v<scalar_t, double>) {
+          const wo::OutType type = std::is_same_v<scalar_t, float>       ? wo::OutType::kFloat
+                                   : std::is_same_v<scalar_t, at::Half> ? wo::OutType::kHalf
+                                                                         : wo::OutType::kBFloat16;
+          wo::store_panel_avx512(c.data(), rows, cols, bp ? bp + p * kPanel : nullptr, type,
+                                 op + m0 * n + p * kPanel, n);
+          continue;
+        }
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t col = p * kPanel; col < std::min(n, (p + 1) * kPanel); ++col) {
             float y = c[r * kPanel + col - p * kPanel];
@@ -174,7 +185,7 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
   at::Tensor xsum;
   if (gemv && first.kind == Weights::kInt4)
     xsum = xf.view({m, k / first.group_size, first.group_size}).sum(-1).contiguous();
-  return run_panels(x, m, n, bias, [&](int64_t p, int64_t m0, int64_t rows, float* c) {
+  return run_panels(x, m, n, bias, avx512, [&](int64_t p, int64_t m0, int64_t rows, float* c) {
     const Panel panel = panel_at(p);
     if (gemv) {
       for (int64_t r = 0; r < rows; r += wo::kMaxGemvRows) {
@@ -232,7 +243,7 @@ at::Tensor run_amx(const at::Tensor& x, int64_t n, const std::optional<at::Tenso
   const int64_t m = x2.size(0), m16 = (m + 15) / 16 * 16;
   if (m <= wo::kAmxSmallRows) {
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.const_data_ptr<at::BFloat16>());
-    return run_panels(x, m, n, bias, [&](int64_t p, int64_t, int64_t rows, float* c) {
+    return run_panels(x, m, n, bias, /*avx512=*/true, [&](int64_t p, int64_t, int64_t rows, float* c) {
       wo::gemv_amx_bf16(xp, k, rows, panel_at(p), c);
     }, wo::kAmxSmallRows);
   }
@@ -244,7 +255,7 @@ at::Tensor run_amx(const at::Tensor& x, int64_t n, const std::optional<at::Tenso
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.const_data_ptr<at::BFloat16>());
   // Tasks of (panel, kAmxRowChunk rows): the padding rows land in c and are not written.
   const int64_t chunk = std::min(m16, wo::kAmxRowChunk);
-  return run_panels(x, m, n, bias, [&](int64_t p, int64_t m0, int64_t rows, float* c) {
+  return run_panels(x, m, n, bias, /*avx512=*/true, [&](int64_t p, int64_t m0, int64_t rows, float* c) {
     thread_local std::vector<uint16_t> b;  // a decoded chunk of the panel, reused across calls
     b.resize(std::min(k, wo::kAmxChunkK) * kPanel);
     const Panel panel = panel_at(p);

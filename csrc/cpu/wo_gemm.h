@@ -59,6 +59,13 @@ void block_gemm_avx512(const float* x, int64_t ldx, int64_t rows, const float* b
 void block_gemm_scalar(const float* x, int64_t ldx, int64_t rows, const float* block, int64_t kb, float* c,
                        bool zero_init);
 
+// out[r][0, cols) = c[r][0, cols) (+ bias[0, cols)) for rows [0, rows), c's row stride
+// kPanel, out's ldo elements, rounded as ATen rounds a float to the output dtype (nearest
+// even; bf16 NaN as 0x7FC0), 16 columns at a time instead of one.
+enum class OutType { kFloat, kBFloat16, kHalf };
+void store_panel_avx512(const float* c, int64_t rows, int64_t cols, const float* bias, OutType type, void* out,
+                        int64_t ldo);
+
 // Up to kMaxGemvRows rows against an int8 panel without the fp32 block (the small-M
 // path: it converts each weight once per tile of up to 4 rows and never stores it).
 constexpr int64_t kMaxGemvRows = 8;

@@ -237,6 +237,32 @@ void dequantize_block_avx512(const Panel& panel, int64_t k0, int64_t k1, float* 
   }
 }
 
+void store_panel_avx512(const float* c, int64_t rows, int64_t cols, const float* bias, OutType type, void* out,
+                        int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 mask = cols - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (cols - j)) - 1);
+      __m512 y = _mm512_maskz_loadu_ps(mask, c + r * kPanel + j);
+      if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, bias + j));
+      const int64_t at = r * ldo + j;
+      if (type == OutType::kFloat) {
+        _mm512_mask_storeu_ps(static_cast<float*>(out) + at, mask, y);
+      } else if (type == OutType::kHalf) {
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + at, mask,
+                                 _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      } else {
+        // c10::BFloat16's rounding: add 0x7FFF plus the lowest kept bit, keep the top half;
+        // NaN becomes 0x7FC0. (vcvtneps2bf16 would flush denormals.)
+        const __m512i bits = _mm512_castps_si512(y);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+        rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + at, mask, _mm512_cvtepi32_epi16(rounded));
+      }
+    }
+  }
+}
+
 void gemv_int8_avx512(const float* x, int64_t ldx, int64_t rows, const Panel& panel, float* c) {
   for (int64_t r = 0; r < rows; r += kMaxGemvTileRows) {
     const int mr = static_cast<int>(rows - r < kMaxGemvTileRows ? rows - r : kMaxGemvTileRows);
