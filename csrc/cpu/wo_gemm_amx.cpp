@@ -64,12 +64,15 @@ struct Int4Decoder {
     lut = _mm512_load_si512(table);
   }
 
+  // Entry e of quarter q is 16 - z[16 q + e / 2] (the two k of a column share z).
   void set_group(const Panel& panel, int64_t g) {
     const float* z = panel.params + g * 2 * kPanel + kPanel;
-    alignas(64) uint16_t a[4][32];
-    for (int q = 0; q < 4; ++q)
-      for (int e = 0; e < 32; ++e) a[q][e] = static_cast<uint16_t>(16 - static_cast<int>(z[16 * q + e / 2]));
-    for (int q = 0; q < 4; ++q) adj[q] = _mm512_load_si512(a[q]);
+    const __m512i pairs = _mm512_set_epi16(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8, 7, 7, 6, 6, 5,
+                                           5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    for (int q = 0; q < 4; ++q) {
+      const __m512i a = _mm512_sub_epi32(_mm512_set1_epi32(16), _mm512_cvtps_epi32(_mm512_loadu_ps(z + 16 * q)));
+      adj[q] = _mm512_permutexvar_epi16(pairs, _mm512_castsi256_si512(_mm512_cvtepi32_epi16(a)));
+    }
   }
 
   // Pair row i of the panel into row i of the four tiles (tile q at out + q * tile_stride).
