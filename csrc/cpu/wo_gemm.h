@@ -106,10 +106,11 @@ void gemv_amx_bf16(const uint16_t* x, int64_t ldx, int64_t rows, const Panel& pa
 
 // From how many rows the automatic choice moves bf16 activations from the in-register
 // GEMV to AMX. Measured here (Sapphire Rapids, 2 threads, 4096 x 4096, interleaved
-// medians): int4 GEMV / AMX time 0.62x at 1 row, 0.98x at 3, 1.20x at 4, 2.0x at 8;
-// int8 (heavier to decode, the GEMV reads it with two instructions) 0.69x at 4 rows,
-// 1.02x at 5, 1.12x at 6, 1.34x at 8.
-constexpr int64_t kAmxMinRowsInt4 = 4;
+// medians of GEMV time / AMX time): int4 G = 128 0.69x at 1 row, 1.09x at 2, 1.33x at 3,
+// 2.1x at 8; G = 32 (a block-end drain every 32 k) 0.85x at 2, 1.07x at 3, 2.0x at 8;
+// int8 (heavier to decode, the GEMV reads it with two instructions) 0.68x at 4 rows,
+// 1.06x at 5, 1.15x at 6, 1.34x at 8.
+constexpr int64_t kAmxMinRowsInt4 = 3;
 constexpr int64_t kAmxMinRowsInt8 = 6;
 
 }  // namespace lowbit::cpu::wo
