@@ -18,9 +18,10 @@
 //   of C tiles so that one set is scaled while the other multiplies.
 // - gemv_amx_bf16 (at most 16 rows): one 32-k block is decoded into L1 right before its
 //   four multiplies (A and C tiles configured with just the rows there are), so no decoded
-//   panel is written; decoding once per call is all the reuse there is at this M. Measured
-//   here (4096 x 4096, 2 threads): 2.3x the in-register FMA GEMV at 8 rows, about 1.2x at
-//   2-4 rows, even at 1 row, where one 16 x 16 x 32 multiply does the work of a 1 x 16 x 32.
+//   panel is written; decoding once per call is all the reuse there is at this M. Its time
+//   hardly depends on the rows (a 16 x 16 x 32 multiply costs the same for 1 row as for
+//   16), so it loses to the FMA GEMV at 1-2 rows and wins from 3 (int4) or 6 (int8) rows,
+//   2.1x at 8 (measured figures: wo_gemm.h, kAmxMinRowsInt4).
 //
 // Decoding: int4: the packed byte 32h + 2c + t of pair row i holds q[32h + c][2i + t] (low
 // nibble) and q[32h + 16 + c][2i + t] (high nibble), so the low nibbles of 32 bytes are
