@@ -148,7 +148,7 @@ at::Tensor run_panels(const at::Tensor& x, int64_t m, int64_t n, const std::opti
           continue;
         }
         for (int64_t r = 0; r < rows; ++r)
-          for (int64_t col = p * kPanel; col < std::min(n, (p + 1) * kPanel); ++col) {
+          for (int64_t col = p * kPanel; col < p * kPanel + cols; ++col) {
             float y = c[r * kPanel + col - p * kPanel];
             if (bp) y = y + bp[col];
             op[(m0 + r) * n + col] = static_cast<scalar_t>(y);
@@ -260,16 +260,16 @@ at::Tensor run_amx(const at::Tensor& x, int64_t n, const std::optional<at::Tenso
     b.resize(std::min(k, wo::kAmxChunkK) * kPanel);
     const Panel panel = panel_at(p);
     const bool int4 = panel.kind == Weights::kInt4;
+    // int8: one "group" of all K, the same 64 scales throughout.
+    const int64_t group = int4 ? panel.group_size : k, scale_stride = int4 ? 2 * kPanel : 0;
     const int64_t rows16 = (rows + 15) / 16 * 16;
     for (int64_t k0 = 0; k0 < k; k0 += wo::kAmxChunkK) {
       const int64_t k1 = std::min(k, k0 + wo::kAmxChunkK);
-      if (int4) {
+      if (int4)
         wo::decode_int4_panel_bf16(panel, k0, k1, b.data());
-        wo::gemm_amx_bf16(xp + m0 * k, k, rows16, b.data(), k0, k1, panel.group_size, panel.params, 2 * kPanel, c);
-      } else {
+      else
         wo::decode_int8_panel_bf16(panel, k0, k1, b.data());
-        wo::gemm_amx_bf16(xp + m0 * k, k, rows16, b.data(), k0, k1, k, panel.params, 0, c);
-      }
+      wo::gemm_amx_bf16(xp + m0 * k, k, rows16, b.data(), k0, k1, group, panel.params, scale_stride, c);
     }
   }, chunk);
 }

@@ -79,9 +79,9 @@ void gemv_int4_avx512(const float* x, int64_t ldx, int64_t rows, const float* xs
 // decode writes pair rows [k0 / 2, k1 / 2) of the panel's (q - z) (int4) or q (int8) as
 // bf16 in AMX's B layout (b[(k - k0) / 2][64][2]); gemm adds to c[rows][64] x[rows][k0, k1)
 // (bf16, row stride ldx elements from column 0, rows a multiple of 16) times that, group
-// g's 64 scales at scales + g * scale_stride applied per block of at most kAmxBlockK k
-// (group_size a multiple of 32; k0 and k1 multiples of the block; c is zeroed where
-// k0 == 0).
+// g's 64 scales at scales + g * scale_stride applied per block (at most kAmxBlockK k, or
+// the whole chunk when it lies in one group; group_size a multiple of 32; k0 and k1
+// multiples of the block). The first block of K (k0 == 0) writes c instead of adding.
 // Tasks of many rows are cut into kAmxRowChunk rows x kAmxChunkK k, so that the chunk of x
 // (1 MiB) and the decoded chunk of the panel (256 KiB) stay in L2 while every row tile of
 // the chunk passes over them: x comes from L2, not L3, and a long K no longer pushes the

@@ -136,15 +136,16 @@ inline void zero_c() {
   _tile_zero(3);
 }
 
-// c[r][0..63] (+)= s * acc[r][0..63] for rows [0, rows): a finished block's sums times its
-// group's 64 scales.
-inline void add_scaled(const float* acc, const float* s, int64_t rows, float* c, bool first) {
+// c[r][0, 16 vectors) (+)= s * acc[r][0, 16 vectors) for rows [0, rows) (acc row stride
+// acc_stride, c row stride kPanel): a finished block's sums times its group's scales.
+inline void add_scaled(const float* acc, int64_t acc_stride, int vectors, const float* s, int64_t rows, float* c,
+                       bool first) {
   for (int64_t r = 0; r < rows; ++r) {
     float* cr = c + r * kPanel;
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) {
+    for (int v = 0; v < vectors; ++v) {
       const __m512 prev = first ? _mm512_setzero_ps() : _mm512_loadu_ps(cr + 16 * v);
-      _mm512_storeu_ps(cr + 16 * v, _mm512_fmadd_ps(_mm512_load_ps(acc + r * kPanel + 16 * v),
+      _mm512_storeu_ps(cr + 16 * v, _mm512_fmadd_ps(_mm512_load_ps(acc + r * acc_stride + 16 * v),
                                                     _mm512_loadu_ps(s + 16 * v), prev));
     }
   }
@@ -223,15 +224,8 @@ void gemm_amx_bf16(const uint16_t* x, int64_t ldx, int64_t rows, const uint16_t*
           multiply_step(odd, xr + k, ldx, bk);
         }
         drain(odd, tmp);
-        const float* s = scales + (kb / group_size) * scale_stride + c0;
-        const __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
-        for (int r = 0; r < kTileRows; ++r) {
-          float* cr = c + (r0 + r) * kPanel + c0;
-          const __m512 p0 = kb == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(cr);
-          const __m512 p1 = kb == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(cr + 16);
-          _mm512_storeu_ps(cr, _mm512_fmadd_ps(_mm512_load_ps(tmp + r * 32), s0, p0));
-          _mm512_storeu_ps(cr + 16, _mm512_fmadd_ps(_mm512_load_ps(tmp + r * 32 + 16), s1, p1));
-        }
+        add_scaled(tmp, 32, 2, scales + (kb / group_size) * scale_stride + c0, kTileRows, c + r0 * kPanel + c0,
+                   kb == 0);
       }
     }
   }
@@ -279,7 +273,7 @@ void gemv_amx_bf16(const uint16_t* x, int64_t ldx, int64_t rows, const Panel& pa
       _tile_dpbf16ps(3, 4, 6);
     }
     store_c(acc);
-    add_scaled(acc, int4 ? panel.params + g * 2 * kPanel : panel.params, rows, c, g == 0);
+    add_scaled(acc, kPanel, 4, int4 ? panel.params + g * 2 * kPanel : panel.params, rows, c, g == 0);
   }
   _tile_release();
 }
