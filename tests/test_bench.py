@@ -37,6 +37,12 @@ def test_run_times_every_backend_and_baseline(result):
         if p != "scalar":
             assert ("w8a8", f"lowbit:cpu[{p}]") in impls
     assert all(r.seconds > 0 and r.tflops > 0 and r.m in (1, 16) for r in result.rows)
+    # The memory ceiling: a read of the packed weights' bytes, beside the small-M rows only.
+    reads = [r for r in result.rows if r.impl == bench.READ]
+    assert {(r.scheme, r.m) for r in reads} == {(s, m) for s in ("w8a8", "w4a16-g64") for m in (1, 16)}
+    assert all(r.weight_bytes == next(o.weight_bytes for o in result.rows if o.scheme == r.scheme) for r in reads)
+    wide = bench.run(["w8a16"], [(128, 192)], [bench.READ_MAX_M + 1], impls=["cpu"], rounds=1, progress=False)
+    assert {r.impl for r in wide.rows} == {"lowbit:cpu", bench.BASELINE}
 
 
 def test_outputs_table_json_plot_crossover(result, tmp_path):

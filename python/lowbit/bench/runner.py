@@ -17,6 +17,12 @@ on bf16. Each row reports ms, TFLOP/s, weight GB/s, the percentage of the measur
 ceiling (vpdpbusd rate for W8A8, fp32 FMA rate for the weight-only kernels, which
 compute in fp32) and the speedup over ``torch:bf16``; ``crossover`` lists the M values
 at which each lowbit implementation beats bf16.
+
+Up to ``READ_MAX_M`` rows, where a weight-only or int8 kernel streams its weights and does
+little else, ``memory:read`` times a plain read of as many bytes as the packed weights
+(``torch.sum`` over a float32 buffer of that size, the same copies with ``rotate``): its
+GB/s column is the memory ceiling those rows are bound by, measured beside them (warm,
+from whichever cache level holds that many bytes; rotated, from DRAM).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from lowbit.formats import Scheme
 
 DEFAULT_M = [1, 8, 32, 128, 512, 2048]
 BASELINE = "torch:bf16"
+READ = "memory:read"
+READ_MAX_M = 16
 
 
 @dataclasses.dataclass
@@ -184,14 +192,15 @@ class BenchResult:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        panels = list(dict.fromkeys((r.scheme, r.k, r.n) for r in self.rows))
+        plotted = [r for r in self.rows if r.impl != READ]  # a ceiling, not a Linear
+        panels = list(dict.fromkeys((r.scheme, r.k, r.n) for r in plotted))
         cols = min(3, len(panels))
         rows_ = (len(panels) + cols - 1) // cols
         fig, axes = plt.subplots(rows_, cols, figsize=(5 * cols, 3.6 * rows_ + 0.8), squeeze=False)
-        names = list(dict.fromkeys(r.impl for r in self.rows))
+        names = list(dict.fromkeys(r.impl for r in plotted))
         colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}  # one colour per impl
         for ax, (scheme, k, n) in zip(axes.flat, panels):
-            rs = [r for r in self.rows if (r.scheme, r.k, r.n) == (scheme, k, n)]
+            rs = [r for r in plotted if (r.scheme, r.k, r.n) == (scheme, k, n)]
             base = {r.m: r.seconds for r in rs if r.impl == BASELINE}
             for impl in dict.fromkeys(r.impl for r in rs):
                 pts = [(r.m, base[r.m] / r.seconds) for r in rs if r.impl == impl and r.m in base]
@@ -276,11 +285,15 @@ def run(
                     table.setdefault(name, ([], dtype))[0].extend(fns)
             if impls:
                 table = {name: v for name, v in table.items() if any(s in name for s in impls) or name == BASELINE}
+            if any(m <= READ_MAX_M for m in m_values):
+                bufs = [torch.ones(weight_bytes // 4) for _ in range(copies)]
+                read: Impl = ([lambda x, b=b: b.sum() for b in bufs], torch.float32)
             for m in m_values:
                 x32 = torch.randn(m, k, generator=gen)
                 inputs = {torch.float32: x32, torch.bfloat16: x32.to(torch.bfloat16)}
+                timing = table | ({READ: read} if m <= READ_MAX_M else {})
                 timed = interleaved_seconds({name: (lambda i, fns=fns, x=inputs[dtype]: fns[i % len(fns)](x))
-                                             for name, (fns, dtype) in table.items()}, rounds=rounds)
+                                             for name, (fns, dtype) in timing.items()}, rounds=rounds)
                 rows.extend(Row(str(scheme), k, n, m, name, s, weight_bytes, ceiling) for name, s in timed.items())
     meta = {"lowbit": lowbit.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": plan.machine_id()["cpu"] or platform.machine(), "isa": best_cpu_isa(), "rotate": rotate,
