@@ -7,5 +7,5 @@ from lowbit.bench.shapes import SHAPE_SETS, parse_shapes
 from lowbit.bench.timing import Ceilings, median_seconds
 from lowbit.bench.tune import tune
 
-__all__ = ["BASELINE", "DEFAULT_M", "READ", "READ_MAX_M", "SHAPE_SETS", "BenchResult", "Ceilings", "Row", "median_seconds",
-           "parse_shapes", "run", "tune"]
+__all__ = ["BASELINE", "DEFAULT_M", "READ", "READ_MAX_M", "SHAPE_SETS", "BenchResult", "Ceilings", "Row",
+           "median_seconds", "parse_shapes", "run", "tune"]
