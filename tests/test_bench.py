@@ -48,6 +48,13 @@ def test_run_times_every_backend_and_baseline(result):
 def test_outputs_table_json_plot_crossover(result, tmp_path):
     text = result.table()
     assert "w4a16-g64  K=128 N=192" in text and "beats bf16 at M" in text
+    # One speedup column per torch baseline of the scheme; each baseline is 1.00x against itself.
+    for scheme, quant in (("w8a8", "fbgemm"), ("w4a16-g64", "int4pack")):
+        section = text.split(f"{scheme}  K=128")[1].split("\n\n")[0]
+        header = next(line for line in section.splitlines() if line.lstrip().startswith("M "))
+        assert header.split()[3:9] == ["vs", "bf16", "vs", "fp32", "vs", quant]
+        row = next(line for line in section.splitlines() if f"torch:{quant} " in line)
+        assert row.split()[5] == "1.00x"
     result.write_json(tmp_path / "r.json")
     payload = json.loads((tmp_path / "r.json").read_text())
     assert payload["rows"] and payload["crossover"] and "int8_ops" in payload["ceilings"]

@@ -13,10 +13,10 @@ activation) are:
   (``_weight_int4pack_mm_for_cpu``) for asymmetric w4a16.
 
 W8A8 runs on fp32 activations (the fbgemm baseline takes fp32), the weight-only schemes
-on bf16. Each row reports ms, TFLOP/s, weight GB/s, the percentage of the measured
-ceiling (vpdpbusd rate for W8A8, fp32 FMA rate for the weight-only kernels, which
-compute in fp32) and the speedup over ``torch:bf16``; ``crossover`` lists the M values
-at which each lowbit implementation beats bf16.
+on bf16. Each row reports ms, the speedup over each torch baseline timed beside it,
+TFLOP/s, weight GB/s and the percentage of the measured ceiling (vpdpbusd rate for
+W8A8, fp32 FMA rate for the weight-only kernels, which compute in fp32); ``crossover``
+lists the M values at which each lowbit implementation beats bf16.
 
 Up to ``READ_MAX_M`` rows, where a weight-only or int8 kernel streams its weights and does
 little else, ``memory:read`` times a plain read of as many bytes as the packed weights
@@ -44,6 +44,7 @@ from lowbit.formats import Scheme
 
 DEFAULT_M = [1, 8, 32, 128, 512, 2048]
 BASELINE = "torch:bf16"
+TORCH_BASELINES = (BASELINE, "torch:fp32", "torch:fbgemm", "torch:int8pack", "torch:int4pack")
 READ = "memory:read"
 READ_MAX_M = 16
 
@@ -158,15 +159,20 @@ class BenchResult:
             for k, n in dict.fromkeys((r.k, r.n) for r in rows):
                 shape_rows = [r for r in rows if (r.k, r.n) == (k, n)]
                 impls = list(dict.fromkeys(r.impl for r in shape_rows))
-                lines.append(f"\n{scheme}  K={k} N={n}  (cells: ms, and speedup over {BASELINE}; lowbit:cpu also "
-                             f"TFLOP/s, weight GB/s, % of the {_ceiling_name(scheme)} ceiling)")
+                # Speedup over each torch baseline timed here: bf16 and fp32 nn.Linear and the
+                # scheme's quantized counterpart (fbgemm, int8pack or int4pack).
+                refs = [i for i in TORCH_BASELINES if i in impls]
+                lines.append(f"\n{scheme}  K={k} N={n}  (cells: ms, speedup over each torch baseline, TFLOP/s, "
+                             f"weight GB/s, % of the {_ceiling_name(scheme)} ceiling)")
                 width = max(len(i) for i in impls) + 2
-                lines.append(f"{'M':>6}  {'impl':<{width}}{'ms':>10}{'vs bf16':>9}{'TFLOP/s':>9}{'GB/s w':>8}{'% ceil':>8}")
-                base = {r.m: r.seconds for r in shape_rows if r.impl == BASELINE}
+                lines.append(f"{'M':>6}  {'impl':<{width}}{'ms':>10}" + "".join(f"{'vs ' + i[6:]:>12}" for i in refs)
+                             + f"{'TFLOP/s':>9}{'GB/s w':>8}{'% ceil':>8}")
+                base = {(r.impl, r.m): r.seconds for r in shape_rows if r.impl in refs}
                 for m in dict.fromkeys(r.m for r in shape_rows):
                     for r in (r for r in shape_rows if r.m == m):
-                        speed = base[m] / r.seconds if m in base else float("nan")
-                        lines.append(f"{m:>6}  {r.impl:<{width}}{r.seconds * 1e3:>10.3f}{speed:>8.2f}x"
+                        speeds = "".join(f"{base[i, m] / r.seconds:>11.2f}x" if (i, m) in base else f"{'-':>12}"
+                                         for i in refs)
+                        lines.append(f"{m:>6}  {r.impl:<{width}}{r.seconds * 1e3:>10.3f}{speeds}"
                                      f"{r.tflops:>9.3f}{r.weight_gbs:>8.1f}{r.percent_of_ceiling:>8.1f}")
                 for impl in impls:
                     if impl.startswith("lowbit:"):
