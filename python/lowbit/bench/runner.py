@@ -44,7 +44,6 @@ from lowbit.formats import Scheme
 
 DEFAULT_M = [1, 8, 32, 128, 512, 2048]
 BASELINE = "torch:bf16"
-TORCH_BASELINES = (BASELINE, "torch:fp32", "torch:fbgemm", "torch:int8pack", "torch:int4pack")
 READ = "memory:read"
 READ_MAX_M = 16
 
@@ -159,13 +158,13 @@ class BenchResult:
             for k, n in dict.fromkeys((r.k, r.n) for r in rows):
                 shape_rows = [r for r in rows if (r.k, r.n) == (k, n)]
                 impls = list(dict.fromkeys(r.impl for r in shape_rows))
-                # Speedup over each torch baseline timed here: bf16 and fp32 nn.Linear and the
-                # scheme's quantized counterpart (fbgemm, int8pack or int4pack).
-                refs = [i for i in TORCH_BASELINES if i in impls]
+                # Speedup over each torch baseline timed here (_torch_impls: fp32 and bf16
+                # nn.Linear and the scheme's fbgemm, int8pack or int4pack), bf16 first.
+                refs = sorted((i for i in impls if i.startswith("torch:")), key=lambda i: i != BASELINE)
                 lines.append(f"\n{scheme}  K={k} N={n}  (cells: ms, speedup over each torch baseline, TFLOP/s, "
                              f"weight GB/s, % of the {_ceiling_name(scheme)} ceiling)")
                 width = max(len(i) for i in impls) + 2
-                lines.append(f"{'M':>6}  {'impl':<{width}}{'ms':>10}" + "".join(f"{'vs ' + i[6:]:>12}" for i in refs)
+                lines.append(f"{'M':>6}  {'impl':<{width}}{'ms':>10}" + "".join(f"{'vs ' + i.removeprefix('torch:'):>12}" for i in refs)
                              + f"{'TFLOP/s':>9}{'GB/s w':>8}{'% ceil':>8}")
                 base = {(r.impl, r.m): r.seconds for r in shape_rows if r.impl in refs}
                 for m in dict.fromkeys(r.m for r in shape_rows):
