@@ -184,7 +184,104 @@ def test_amx_path_with_k_past_one_chunk(m, g):
                         reference.w8a16_linear(x8, q, sw, None), x8, reference.dequantize_int8(q, sw, torch.float32))
 
 
-WEIGHT_ONLY_PATHS = {"scalar": 0, "gemm": 2, "amx": AMX_BF16, "gemv": 4}
+GEMV_VNNI = 5  # the w4a16 ops' path argument for the integer GEMV (lowbit.plan.INT4_PATHS)
+needs_avx512 = pytest.mark.skipif(best_cpu_isa() not in ("avx512_vnni", "amx"), reason="needs AVX-512 VNNI")
+
+
+def block_fixed_error(x, w_full, group_size):
+    """The integer GEMV's documented error beyond fp32 summation (csrc/cpu/wo_gemm.h): each
+    chunk of k (the group, or 4096 k of a longer one) of a row is held as integers times
+    2^e, with e = max(top - 22, -149) for the chunk's largest magnitude below 2^top, so each
+    x is off by at most 2^(e - 1); bound: sum over chunks of 2^(e - 1) sum_k |w|."""
+    k = x.shape[-1]
+    xs = x.float().reshape(-1, k)
+    chunk = min(group_size, 4096)
+    extra = torch.zeros(xs.shape[0], w_full.shape[0])
+    for k0 in range(0, k, chunk):
+        amax = xs[:, k0:k0 + chunk].abs().amax(dim=1)
+        top = torch.frexp(amax).exponent
+        half_unit = torch.ldexp(torch.ones_like(amax), torch.clamp(top - 22, min=-149) - 1)
+        extra += half_unit[:, None] * w_full[:, k0:k0 + chunk].abs().sum(dim=1)[None, :]
+    return extra
+
+
+@needs_avx512
+@given(lead=st.sampled_from([(1,), (2,), (3,), (7,), (2, 3), (1, 1, 5)]), n=cols, groups=st.sampled_from([1, 2, 5]),
+       g=st.sampled_from([32, 64, 128, None]), sym=st.booleans(), spread=st.sampled_from([0.0, 4.0]),
+       with_bias=st.booleans(), nc=st.booleans(), seed=seeds)
+def test_w4a16_gemv_vnni_path(lead, n, groups, g, sym, spread, with_bias, nc, seed):
+    # Forced at every M. K = G x groups; G = K covers K = 2 mod 4 (a lone last k pair).
+    # spread > 0 scales each x by e^(spread N(0, 1)): magnitudes over ~2^30 within a chunk,
+    # so that the small ones fall below the chunk's fixed-point step.
+    k = groups * (g or 2 * (seed % 150 + 1))
+    gs = g or k
+    x = activation((*lead, k), torch.float32, seed=seed)
+    x = (x * torch.exp(spread * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)))).bfloat16()
+    if nc:
+        x = torch.stack((x, torch.zeros_like(x)), dim=-1)[..., 0]
+    packed, scales, zeros = int4_weight(n, k, g, sym, seed)
+    bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
+    expected = reference.w4a16_linear(x, packed, scales, zeros, gs, bias)
+    w_full = reference.dequantize_int4(packed, scales, zeros, gs, torch.float32)
+    w, params = ops.w4a16_prepack(packed, scales, zeros, gs)
+    out = ops.w4a16_linear_prepacked(x, w, params, gs, n, bias, GEMV_VNNI)
+    assert_linear_close(out, expected, x, w_full, bias, extra=block_fixed_error(x, w_full, gs))
+
+
+@needs_avx512
+@pytest.mark.parametrize("g", [128, None])
+def test_gemv_vnni_with_k_past_one_chunk_and_special_rows(g):
+    # K = 8194 > 2 x 4096: a group of K has three chunks of k (the last one a lone pair);
+    # a zero row gives the bias; rows holding NaN or Inf take the FMA GEMV (path 4) and
+    # come out as it computes them, bit for bit, beside rows that take the integer one.
+    k, n = 8194 if g is None else 8192, 72
+    gs = g or k
+    x = activation((5, k), torch.bfloat16, seed=k)
+    x[1] = 0
+    x[2, 7] = float("nan")
+    x[3, 100] = float("inf")
+    packed, scales, zeros = int4_weight(n, k, g, False, seed=3)
+    bias = torch.randn(n).to(torch.bfloat16)
+    w, params = ops.w4a16_prepack(packed, scales, zeros, gs)
+    out = ops.w4a16_linear_prepacked(x, w, params, gs, n, bias, GEMV_VNNI)
+    fma = ops.w4a16_linear_prepacked(x, w, params, gs, n, bias, 4)
+    w_full = reference.dequantize_int4(packed, scales, zeros, gs, torch.float32)
+    finite = [0, 1, 4]
+    assert_linear_close(out[finite], reference.w4a16_linear(x[finite], packed, scales, zeros, gs, bias), x[finite],
+                        w_full, bias, extra=block_fixed_error(x[finite], w_full, gs))
+    assert torch.equal(out[1], bias)
+    torch.testing.assert_close(out[2:4], fma[2:4], rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(out[2]).all()
+
+
+@needs_avx512
+def test_bf16_rows_up_to_two_take_gemv_vnni_by_default():
+    # The automatic choice (wo::kVnniMaxRows): bf16 activations x int4 weights at M <= 2
+    # are the integer GEMV's, bit for bit; fp32 activations stay on the FMA GEMV.
+    packed, scales, zeros = int4_weight(130, 512, 128, False, seed=1)
+    w, params = ops.w4a16_prepack(packed, scales, zeros, 128)
+    for m in (1, 2):
+        x = activation((m, 512), torch.bfloat16, seed=m)
+        auto = ops.w4a16_linear_prepacked(x, w, params, 128, 130, None)
+        assert torch.equal(auto, ops.w4a16_linear_prepacked(x, w, params, 128, 130, None, GEMV_VNNI))
+    xf = activation((1, 512), torch.float32, seed=5)
+    assert torch.equal(ops.w4a16_linear_prepacked(xf, w, params, 128, 130, None),
+                       ops.w4a16_linear_prepacked(xf, w, params, 128, 130, None, 4))
+
+
+@needs_avx512
+def test_gemv_vnni_refuses_other_activation_dtypes_and_int8_weights():
+    packed, scales, zeros = int4_weight(64, 128, 64, False)
+    w, params = ops.w4a16_prepack(packed, scales, zeros, 64)
+    for dtype in (torch.float32, torch.float16):
+        with pytest.raises(TypeError, match="bf16 activations"):
+            ops.w4a16_linear_prepacked(torch.randn(2, 128).to(dtype), w, params, 64, 64, None, GEMV_VNNI)
+    q, sw = int8_weight(64, 128)
+    with pytest.raises(ValueError, match="int4 weights"):
+        ops.w8a16_linear_prepacked(torch.randn(2, 128).bfloat16(), ops.w8a16_prepack(q), sw, None, GEMV_VNNI)
+
+
+WEIGHT_ONLY_PATHS = {"scalar": 0, "gemm": 2, "amx": AMX_BF16, "gemv": 4, "gemv_vnni": GEMV_VNNI}
 
 
 @pytest.mark.parametrize("path", WEIGHT_ONLY_PATHS)
@@ -199,7 +296,9 @@ def test_weight_only_outputs_round_as_torch_does(path, dtype, m):
     # between two bf16 (fp16) values whenever |q - z| is a power of two: ties to even.
     if path == "amx" and (dtype != torch.bfloat16 or best_cpu_isa() != "amx"):
         pytest.skip("the AMX kernels take bf16 activations on an AMX CPU")
-    if path in ("gemm", "gemv") and best_cpu_isa() not in ("avx512_vnni", "amx"):
+    if path == "gemv_vnni" and dtype != torch.bfloat16:
+        pytest.skip("the integer GEMV takes bf16 activations")
+    if path in ("gemm", "gemv", "gemv_vnni") and best_cpu_isa() not in ("avx512_vnni", "amx"):
         pytest.skip("needs AVX-512")
     n, k, g = 70, 256, 64
     packed, scales, zeros = int4_weight(n, k, g, False, seed=m)

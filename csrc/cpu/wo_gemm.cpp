@@ -10,6 +10,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -168,10 +169,17 @@ at::Tensor run_panels(const at::Tensor& x, int64_t m, int64_t n, const std::opti
 template <typename PanelAt>
 at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, int64_t path,
                            PanelAt panel_at) {
-  TORCH_CHECK_VALUE(path == kPathAuto || path == 0 || path == 2 || path == kPathGemv,
+  TORCH_CHECK_VALUE(path == kPathAuto || path == 0 || path == 2 || path == kPathGemv || path == kPathGemvVnni,
                     "path: the weight-only kernels take -1 = auto, 0 = scalar, 2 = avx512 (blocked GEMM), ",
-                    "4 = gemv (in registers) or, for bf16 activations, 3 = amx; got ", path);
-  if (path == 2 || path == kPathGemv)
+                    "4 = gemv (in registers) or, for bf16 activations, 3 = amx and (int4 weights) 5 = gemv_vnni; ",
+                    "got ", path);
+  const Panel first = panel_at(0);
+  if (path == kPathGemvVnni) {
+    TORCH_CHECK_VALUE(first.kind == Weights::kInt4, "path 5 (gemv_vnni) multiplies int4 weights; use 4 (gemv) for int8");
+    TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "path 5 (gemv_vnni) multiplies bf16 activations; x is ",
+                     x.scalar_type());
+  }
+  if (path == 2 || path == kPathGemv || path == kPathGemvVnni)
     TORCH_CHECK_VALUE(has_avx512(best_isa()), "path: this CPU cannot run the AVX-512 weight-only kernels (best ",
                       "available: ", isa_name(best_isa()), ")");
   const int64_t k = x.size(-1);
@@ -179,14 +187,42 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
   const float* xp = xf.const_data_ptr<float>();
   const bool avx512 = path == kPathAuto ? has_avx512(current_isa()) : path != 0;
   const int64_t m = xf.size(0);
-  const bool gemv = path == kPathGemv || (path == kPathAuto && avx512 && m <= wo::kMaxGemvRows);
-  // Group sums of the activations, for the int4 small-M path's zero points.
-  const Panel first = panel_at(0);
+  const bool vnni = path == kPathGemvVnni || (path == kPathAuto && avx512 && first.kind == Weights::kInt4 &&
+                                               x.scalar_type() == at::kBFloat16 && m <= wo::kVnniMaxRows);
+  const bool gemv = vnni || path == kPathGemv || (path == kPathAuto && avx512 && m <= wo::kMaxGemvRows);
+  // The integer GEMV's rows in block floating point (wo_gemm.h); a row holding NaN or Inf
+  // has no such form and goes through the FMA GEMV, which propagates them as the reference.
+  const int64_t kpad = (k + 3) / 4 * 4, chunk = std::min(first.group_size, wo::kVnniChunkK),
+                chunks = vnni ? (k + chunk - 1) / chunk : 0;
+  at::Tensor digits;
+  std::vector<wo::FixedChunk> fixed(m * chunks);
+  std::vector<uint8_t> finite(vnni ? m : 0);
+  if (vnni) {
+    digits = at::empty({m, 3, kpad}, xf.options().dtype(at::kChar));
+    int8_t* dp = digits.mutable_data_ptr<int8_t>();
+    at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        finite[r] = wo::to_block_fixed_avx512(xp + r * k, k, chunk, dp + r * 3 * kpad, kpad, &fixed[r * chunks]);
+    });
+  }
+  const bool all_fixed = std::all_of(finite.begin(), finite.end(), [](uint8_t f) { return f != 0; });
+  // Group sums of the activations, for the FMA int4 GEMV's zero points.
   at::Tensor xsum;
-  if (gemv && first.kind == Weights::kInt4)
+  if (gemv && first.kind == Weights::kInt4 && !(vnni && all_fixed))
     xsum = xf.view({m, k / first.group_size, first.group_size}).sum(-1).contiguous();
   return run_panels(x, m, n, bias, avx512, [&](int64_t p, int64_t m0, int64_t rows, float* c) {
     const Panel panel = panel_at(p);
+    if (vnni) {
+      for (int64_t r = m0; r < m0 + rows; ++r) {
+        float* cr = c + (r - m0) * kPanel;
+        if (finite[r])
+          wo::gemv_int4_vnni_avx512(digits.const_data_ptr<int8_t>() + r * 3 * kpad, kpad, &fixed[r * chunks], chunk,
+                                    panel, cr);
+        else
+          wo::gemv_int4_avx512(xp + r * k, k, 1, xsum.const_data_ptr<float>() + r * (k / panel.group_size), panel, cr);
+      }
+      return;
+    }
     if (gemv) {
       for (int64_t r = 0; r < rows; r += wo::kMaxGemvRows) {
         const int64_t sub = std::min(wo::kMaxGemvRows, rows - r);

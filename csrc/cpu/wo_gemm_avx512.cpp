@@ -1,5 +1,6 @@
-// AVX-512 kernels of the weight-only GEMM (wo_gemm.h): block dequantization and the
-// fp32 FMA micro-kernel.
+// AVX-512 kernels of the weight-only GEMM (wo_gemm.h): block dequantization, the fp32
+// FMA micro-kernel, the FMA GEMVs for few rows, and the integer int4 GEMV (vpdpbusd on
+// block floating-point rows, bf16 activations; its algorithm is above its kernel).
 //
 // Dequantization of one k row of a panel: int4 loads 32 bytes (64 nibbles), splits low
 // and high nibbles, widens 16 at a time to int32 and float, then (q - z) * s with the
@@ -10,6 +11,10 @@
 // the block's 64 floats (4 zmm), broadcasts x[r][k] and issues 4 FMAs per row. One or
 // two rows alternate two accumulator sets over even and odd k to hide FMA latency.
 #include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 
 #include "cpu/wo_gemm.h"
 
@@ -193,6 +198,64 @@ void gemv_int4_tile(const float* x, int64_t ldx, const float* xsum, const Panel&
   }
 }
 
+// One row of block floating-point digits against an int4 panel in integers (wo_gemm.h).
+// A step takes two k pairs (128 bytes). vpunpck{l,h}wd of the two pairs' bytes puts one
+// column's four k (2i .. 2i + 3) in one dword: the four products vpdpbusd sums, against the
+// digits of those four k as one broadcast dword. Each byte holds two columns (low and high
+// nibble, wo_gemm.h), so the whole bytes (lo + 16 hi) and the high nibbles alone go through
+// vpdpbusd, and the low nibbles' sums are whole - 16 high at the end of the chunk, in int32
+// (this spares the masking of the low nibbles in every step). Sets j = 0, 1: low nibbles
+// through unpacklo / unpackhi; j = 2, 3: high nibbles. Lane 4L + d (L the 128-bit lane) of
+// set j holds column 32 (L / 2) + 8 (L % 2) + d + 4 (j % 2) + 16 (j / 2). Three digit
+// planes x four sets are 12 int32 accumulators: 12 vpdpbusd and 6 other vector ops per 256
+// codes, against 46 for the FMA GEMV above (both issue on the same two ports). At the end
+// of each chunk the sums of each plane lose the zero point exactly (an integer below 2^24
+// in fp32), are weighted by the chunk's units and scaled; the scales and zero points are
+// permuted into set order once per group, the sums into column order once per call.
+struct VnniIndex {
+  __m512i to_sets[2], to_cols[2];
+  VnniIndex() {
+    alignas(64) int32_t sets[2][16], cols[2][16];
+    for (int l = 0; l < 16; ++l) {
+      const int lane = l / 4, d = l % 4;
+      for (int par = 0; par < 2; ++par) sets[par][l] = 16 * (lane / 2) + 8 * (lane % 2) + d + 4 * par;
+    }
+    // Column 16v + i comes from set 2 (v % 2) + (i / 4) % 2 (the second source for odd),
+    // lane 4 (2 (v / 2) + i / 8) + i % 4.
+    for (int i = 0; i < 16; ++i)
+      for (int vh = 0; vh < 2; ++vh) cols[vh][i] = 16 * ((i / 4) % 2) + 4 * (2 * vh + i / 8) + i % 4;
+    for (int t = 0; t < 2; ++t) {
+      to_sets[t] = _mm512_load_si512(sets[t]);
+      to_cols[t] = _mm512_load_si512(cols[t]);
+    }
+  }
+};
+
+inline __m512i broadcast_digits(const int8_t* at) {
+  int32_t four;
+  std::memcpy(&four, at, sizeof(four));
+  return _mm512_set1_epi32(four);
+}
+
+// acc[p][j] += the four k of pairs (v0, v1) in column set j (0, 1: low nibbles; 2, 3: high
+// nibbles) times digit plane p at k; acc[p][0] and acc[p][1] hold the whole bytes (low + 16
+// high) until the end of the chunk takes the high part off.
+inline void vnni_step(__m512i v0, __m512i v1, const int8_t* digits, int64_t kpad, int64_t k, __m512i (&acc)[3][4]) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i whole[2] = {_mm512_unpacklo_epi16(v0, v1), _mm512_unpackhi_epi16(v0, v1)};
+  const __m512i high[2] = {_mm512_and_si512(_mm512_srli_epi16(whole[0], 4), low),
+                           _mm512_and_si512(_mm512_srli_epi16(whole[1], 4), low)};
+#pragma GCC unroll 3
+  for (int p = 0; p < 3; ++p) {
+    const __m512i d = broadcast_digits(digits + p * kpad + k);
+#pragma GCC unroll 2
+    for (int t = 0; t < 2; ++t) {
+      acc[p][t] = _mm512_dpbusd_epi32(acc[p][t], whole[t], d);
+      acc[p][2 + t] = _mm512_dpbusd_epi32(acc[p][2 + t], high[t], d);
+    }
+  }
+}
+
 constexpr int kMaxGemvTileRows = 4;
 using GemvFn = void (*)(const float*, int64_t, const Panel&, float*);
 constexpr GemvFn kGemvTiles[kMaxGemvTileRows + 1] = {nullptr, gemv_int8_tile<1>, gemv_int8_tile<2>,
@@ -285,6 +348,111 @@ void block_gemm_avx512(const float* x, int64_t ldx, int64_t rows, const float* b
     const int mr = static_cast<int>(rows - r < kMaxRows ? rows - r : kMaxRows);
     kTiles[mr](x + r * ldx, ldx, block, kb, c + r * kPanel, zero_init);
   }
+}
+
+bool to_block_fixed_avx512(const float* x, int64_t k, int64_t chunk, int8_t* digits, int64_t kpad,
+                           FixedChunk* chunks) {
+  for (int64_t k0 = 0, ci = 0; k0 < k; k0 += chunk, ++ci) {
+    const int64_t k1 = std::min(k, k0 + chunk);
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 special = 0;
+    for (int64_t i = k0; i < k1; i += 16) {
+      const __m512 v = _mm512_maskz_loadu_ps(k1 - i >= 16 ? 0xFFFF : (1u << (k1 - i)) - 1, x + i);
+      special |= _mm512_fpclass_ps_mask(v, 0x99);  // NaN (quiet 0x01, signaling 0x80), +-Inf (0x08, 0x10)
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    }
+    if (special) return false;
+    // The largest magnitude is below 2^top; X = x 2^-e stays below 2^22, so that its top
+    // digit d2 lies in [-64, 64]. e stops at -149 (the least float exponent): the unit 2^e
+    // must be a float, and a chunk that small only loses bits below 2^-150.
+    int top;
+    std::frexp(_mm512_reduce_max_ps(amax), &top);
+    const int e = std::max(top - 22, -149);
+    const __m512 down = _mm512_set1_ps(static_cast<float>(-e));
+    __m512i sum[3] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int64_t i = k0; i < k1; i += 16) {
+      const __mmask16 m = k1 - i >= 16 ? 0xFFFF : (1u << (k1 - i)) - 1;
+      const __m512i big = _mm512_cvt_roundps_epi32(_mm512_scalef_ps(_mm512_maskz_loadu_ps(m, x + i), down),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      // Balanced base-256 digits: d0 is the sign-extended low byte, the rest carries on.
+      const __m512i d0 = _mm512_srai_epi32(_mm512_slli_epi32(big, 24), 24);
+      const __m512i mid = _mm512_srai_epi32(_mm512_sub_epi32(big, d0), 8);
+      const __m512i d1 = _mm512_srai_epi32(_mm512_slli_epi32(mid, 24), 24);
+      const __m512i d[3] = {d0, d1, _mm512_srai_epi32(_mm512_sub_epi32(mid, d1), 8)};
+#pragma GCC unroll 3
+      for (int p = 0; p < 3; ++p) {
+        _mm512_mask_cvtepi32_storeu_epi8(digits + p * kpad + i, m, d[p]);
+        sum[p] = _mm512_add_epi32(sum[p], d[p]);
+      }
+    }
+    for (int p = 0; p < 3; ++p) {
+      chunks[ci].digit_sum[p] = static_cast<float>(_mm512_reduce_add_epi32(sum[p]));
+      chunks[ci].unit[p] = std::ldexp(1.0f, e + 8 * p);
+    }
+  }
+  for (int p = 0; p < 3; ++p) std::fill(digits + p * kpad + k, digits + (p + 1) * kpad, int8_t{0});
+  return true;
+}
+
+// GCC 12's partial redundancy elimination makes the 12 accumulators cross the loop's back
+// edge through copies (24 register moves per step beside 28 instructions); without it the
+// step has none.
+__attribute__((optimize("no-tree-pre"))) void gemv_int4_vnni_avx512(const int8_t* digits, int64_t kpad,
+                                                                    const FixedChunk* chunks, int64_t chunk,
+                                                                    const Panel& panel, float* c) {
+  static const VnniIndex index;
+  const int64_t groups = panel.k / panel.group_size;
+  __m512 y[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  const FixedChunk* ch = chunks;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* s = panel.params + g * 2 * kPanel;
+    const float* z = s + kPanel;
+    __m512 ss[4], zs[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const int v = j / 2;  // set j's columns come from column blocks v and v + 2
+      ss[j] = _mm512_permutex2var_ps(_mm512_loadu_ps(s + 16 * v), index.to_sets[j % 2], _mm512_loadu_ps(s + 32 + 16 * v));
+      zs[j] = _mm512_permutex2var_ps(_mm512_loadu_ps(z + 16 * v), index.to_sets[j % 2], _mm512_loadu_ps(z + 32 + 16 * v));
+    }
+    const int64_t g1 = (g + 1) * panel.group_size;
+    for (int64_t k0 = g * panel.group_size; k0 < g1; k0 += chunk, ++ch) {
+      const int64_t pairs_end = std::min(g1, k0 + chunk) / 2;
+      __m512i acc[3][4];
+#pragma GCC unroll 3
+      for (int p = 0; p < 3; ++p)
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) acc[p][j] = _mm512_setzero_si512();
+      int64_t i = k0 / 2;
+      for (; i + 1 < pairs_end; i += 2) {
+        const uint8_t* b = panel.w + i * kPanel;
+        _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + kPanel + kPrefetchBytes), _MM_HINT_T0);
+        vnni_step(_mm512_loadu_si512(b), _mm512_loadu_si512(b + kPanel), digits, kpad, 2 * i, acc);
+      }
+      if (i < pairs_end)  // a last lone pair (G = K = 2 mod 4): its partner's codes (and digits) are zero
+        vnni_step(_mm512_loadu_si512(panel.w + i * kPanel), _mm512_setzero_si512(), digits, kpad, 2 * i, acc);
+      // Whole bytes to low nibbles: sum d (lo + 16 hi) - 16 sum d hi, exact in int32
+      // (|sum d (lo + 16 hi)| <= 255 * 128 * kVnniChunkK < 2^31).
+#pragma GCC unroll 3
+      for (int p = 0; p < 3; ++p)
+#pragma GCC unroll 2
+        for (int t = 0; t < 2; ++t) acc[p][t] = _mm512_sub_epi32(acc[p][t], _mm512_slli_epi32(acc[p][2 + t], 4));
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        __m512 t = _mm512_setzero_ps();
+#pragma GCC unroll 3
+        for (int p = 0; p < 3; ++p) {
+          // sum_k d_p (q - z) = sum_k d_p q - z sum_k d_p: both below 2^24, so exact.
+          const __m512 exact = _mm512_fnmadd_ps(zs[j], _mm512_set1_ps(ch->digit_sum[p]), _mm512_cvtepi32_ps(acc[p][j]));
+          t = _mm512_fmadd_ps(exact, _mm512_set1_ps(ch->unit[p]), t);
+        }
+        y[j] = _mm512_fmadd_ps(ss[j], t, y[j]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < 4; ++v)
+    _mm512_storeu_ps(c + 16 * v, _mm512_permutex2var_ps(y[2 * (v % 2)], index.to_cols[v / 2], y[2 * (v % 2) + 1]));
 }
 
 }  // namespace lowbit::cpu::wo
