@@ -184,18 +184,18 @@ def test_amx_path_with_k_past_one_chunk(m, g):
                         reference.w8a16_linear(x8, q, sw, None), x8, reference.dequantize_int8(q, sw, torch.float32))
 
 
-GEMV_VNNI = 5  # the w4a16 ops' path argument for the integer GEMV (lowbit.plan.INT4_PATHS)
+GEMV_VNNI = 5  # the weight-only ops' path argument for the integer GEMV (lowbit.plan.WEIGHT_ONLY_PATHS)
 needs_avx512 = pytest.mark.skipif(best_cpu_isa() not in ("avx512_vnni", "amx"), reason="needs AVX-512 VNNI")
 
 
-def block_fixed_error(x, w_full, group_size):
+def block_fixed_error(x, w_full, chunk):
     """The integer GEMV's documented error beyond fp32 summation (csrc/cpu/wo_gemm.h): each
-    chunk of k (the group, or 4096 k of a longer one) of a row is held as integers times
-    2^e, with e = max(top - 22, -149) for the chunk's largest magnitude below 2^top, so each
-    x is off by at most 2^(e - 1); bound: sum over chunks of 2^(e - 1) sum_k |w|."""
+    chunk of k of a row (int4: the group, or 4096 k of a longer one; int8: 1024 k) is held
+    as integers times 2^e, with e = max(top - 22, -149) for the chunk's largest magnitude
+    below 2^top, so each x is off by at most 2^(e - 1); bound: sum over chunks of
+    2^(e - 1) sum_k |w|."""
     k = x.shape[-1]
     xs = x.float().reshape(-1, k)
-    chunk = min(group_size, 4096)
     extra = torch.zeros(xs.shape[0], w_full.shape[0])
     for k0 in range(0, k, chunk):
         amax = xs[:, k0:k0 + chunk].abs().amax(dim=1)
@@ -225,7 +225,7 @@ def test_w4a16_gemv_vnni_path(lead, n, groups, g, sym, spread, with_bias, nc, se
     w_full = reference.dequantize_int4(packed, scales, zeros, gs, torch.float32)
     w, params = ops.w4a16_prepack(packed, scales, zeros, gs)
     out = ops.w4a16_linear_prepacked(x, w, params, gs, n, bias, GEMV_VNNI)
-    assert_linear_close(out, expected, x, w_full, bias, extra=block_fixed_error(x, w_full, gs))
+    assert_linear_close(out, expected, x, w_full, bias, extra=block_fixed_error(x, w_full, min(gs, 4096)))
 
 
 @needs_avx512
@@ -248,16 +248,41 @@ def test_gemv_vnni_with_k_past_one_chunk_and_special_rows(g):
     w_full = reference.dequantize_int4(packed, scales, zeros, gs, torch.float32)
     finite = [0, 1, 4]
     assert_linear_close(out[finite], reference.w4a16_linear(x[finite], packed, scales, zeros, gs, bias), x[finite],
-                        w_full, bias, extra=block_fixed_error(x[finite], w_full, gs))
+                        w_full, bias, extra=block_fixed_error(x[finite], w_full, min(gs, 4096)))
     assert torch.equal(out[1], bias)
     torch.testing.assert_close(out[2:4], fma[2:4], rtol=0, atol=0, equal_nan=True)
     assert torch.isnan(out[2]).all()
 
 
 @needs_avx512
+@given(lead=st.sampled_from([(1,), (2,), (5,), (2, 3)]), n=cols, k=st.sampled_from([1, 3, 4, 31, 700, 1024, 2051]),
+       spread=st.sampled_from([0.0, 4.0]), with_bias=st.booleans(), nc=st.booleans(), seed=seeds)
+def test_w8a16_gemv_vnni_path(lead, n, k, spread, with_bias, nc, seed):
+    # K past one chunk of 1024 k, K not a multiple of 4 (a last step of 1-3 rows); spread as
+    # in the int4 test above. A zero row gives the bias; a NaN row goes to the FMA GEMV.
+    x = activation((*lead, k), torch.float32, seed=seed)
+    x = (x * torch.exp(spread * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)))).bfloat16()
+    if nc:
+        x = torch.stack((x, torch.zeros_like(x)), dim=-1)[..., 0]
+    w, sw = int8_weight(n, k, seed)
+    bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
+    out = ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(w), sw, bias, GEMV_VNNI)
+    w_full = reference.dequantize_int8(w, sw, torch.float32)
+    assert_linear_close(out, reference.w8a16_linear(x, w, sw, bias), x, w_full, bias,
+                        extra=block_fixed_error(x, w_full, 1024))
+    special = x.reshape(-1, k)[:1].repeat(3, 1)
+    special[0] = 0
+    special[1, k // 2] = float("nan")
+    out = ops.w8a16_linear_prepacked(special, ops.w8a16_prepack(w), sw, bias, GEMV_VNNI)
+    assert torch.equal(out[0], bias if with_bias else torch.zeros(n, dtype=torch.bfloat16))
+    assert torch.isnan(out[1]).all()
+    assert torch.equal(out[2], ops.w8a16_linear_prepacked(special[2:], ops.w8a16_prepack(w), sw, bias, GEMV_VNNI)[0])
+
+
+@needs_avx512
 def test_bf16_rows_up_to_two_take_gemv_vnni_by_default():
-    # The automatic choice (wo::kVnniMaxRows): bf16 activations x int4 weights at M <= 2
-    # are the integer GEMV's, bit for bit; fp32 activations stay on the FMA GEMV.
+    # The automatic choice (wo::kVnniMaxRows, kVnniMaxRowsInt8): bf16 activations at M <= 2
+    # (int8 weights: M = 1) are the integer GEMV's, bit for bit; fp32 ones stay on the FMA GEMV.
     packed, scales, zeros = int4_weight(130, 512, 128, False, seed=1)
     w, params = ops.w4a16_prepack(packed, scales, zeros, 128)
     for m in (1, 2):
@@ -267,18 +292,22 @@ def test_bf16_rows_up_to_two_take_gemv_vnni_by_default():
     xf = activation((1, 512), torch.float32, seed=5)
     assert torch.equal(ops.w4a16_linear_prepacked(xf, w, params, 128, 130, None),
                        ops.w4a16_linear_prepacked(xf, w, params, 128, 130, None, 4))
+    q, sw = int8_weight(130, 512, seed=2)
+    w8 = ops.w8a16_prepack(q)
+    x = activation((1, 512), torch.bfloat16, seed=3)
+    assert torch.equal(ops.w8a16_linear_prepacked(x, w8, sw, None), ops.w8a16_linear_prepacked(x, w8, sw, None, GEMV_VNNI))
 
 
 @needs_avx512
-def test_gemv_vnni_refuses_other_activation_dtypes_and_int8_weights():
+def test_gemv_vnni_refuses_other_activation_dtypes():
     packed, scales, zeros = int4_weight(64, 128, 64, False)
     w, params = ops.w4a16_prepack(packed, scales, zeros, 64)
+    q, sw = int8_weight(64, 128)
     for dtype in (torch.float32, torch.float16):
         with pytest.raises(TypeError, match="bf16 activations"):
             ops.w4a16_linear_prepacked(torch.randn(2, 128).to(dtype), w, params, 64, 64, None, GEMV_VNNI)
-    q, sw = int8_weight(64, 128)
-    with pytest.raises(ValueError, match="int4 weights"):
-        ops.w8a16_linear_prepacked(torch.randn(2, 128).bfloat16(), ops.w8a16_prepack(q), sw, None, GEMV_VNNI)
+        with pytest.raises(TypeError, match="bf16 activations"):
+            ops.w8a16_linear_prepacked(torch.randn(2, 128).to(dtype), ops.w8a16_prepack(q), sw, None, GEMV_VNNI)
 
 
 WEIGHT_ONLY_PATHS = {"scalar": 0, "gemm": 2, "amx": AMX_BF16, "gemv": 4, "gemv_vnni": GEMV_VNNI}

@@ -26,17 +26,19 @@ def test_every_path_matches_the_reference(m):
     wp8 = ops.w8a16_prepack(q)
     ref8 = reference.w8a16_linear(x, q, s, None)
     for name in plan.runnable_paths("w8a16"):
-        if name == "amx":
+        if name in ("amx", "gemv_vnni"):
             continue  # bf16 activations only: below
         path = plan.WEIGHT_ONLY_PATHS[name]
         assert torch.allclose(ops.w4a16_linear_prepacked(x, wp, params, 64, 72, None, path), ref4, atol=1e-4), name
         assert torch.allclose(ops.w8a16_linear_prepacked(x, wp8, s, None, path), ref8, atol=1e-4), name
-    if "amx" in plan.runnable_paths("w4a16"):  # bf16 activations only
-        xb = x.to(torch.bfloat16)
-        out = ops.w4a16_linear_prepacked(xb, wp, params, 64, 72, None, plan.WEIGHT_ONLY_PATHS["amx"])
-        assert torch.allclose(out.float(), reference.w4a16_linear(xb, p4, s4, z4, 64, None).float(), rtol=2**-7, atol=0.05)
-        out8 = ops.w8a16_linear_prepacked(xb, wp8, s, None, plan.WEIGHT_ONLY_PATHS["amx"])
-        assert torch.allclose(out8.float(), reference.w8a16_linear(xb, q, s, None).float(), rtol=2**-7, atol=0.05)
+    xb = x.to(torch.bfloat16)
+    for name in {"amx", "gemv_vnni"} & set(plan.runnable_paths("w4a16")):  # bf16 activations only
+        out = ops.w4a16_linear_prepacked(xb, wp, params, 64, 72, None, plan.WEIGHT_ONLY_PATHS[name])
+        assert torch.allclose(out.float(), reference.w4a16_linear(xb, p4, s4, z4, 64, None).float(), rtol=2**-7,
+                              atol=0.05), name
+        out8 = ops.w8a16_linear_prepacked(xb, wp8, s, None, plan.WEIGHT_ONLY_PATHS[name])
+        assert torch.allclose(out8.float(), reference.w8a16_linear(xb, q, s, None).float(), rtol=2**-7,
+                              atol=0.05), name
 
 
 def test_bad_paths_are_refused_by_name():

@@ -171,11 +171,10 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
                            PanelAt panel_at) {
   TORCH_CHECK_VALUE(path == kPathAuto || path == 0 || path == 2 || path == kPathGemv || path == kPathGemvVnni,
                     "path: the weight-only kernels take -1 = auto, 0 = scalar, 2 = avx512 (blocked GEMM), ",
-                    "4 = gemv (in registers) or, for bf16 activations, 3 = amx and (int4 weights) 5 = gemv_vnni; ",
+                    "4 = gemv (in registers) or, for bf16 activations, 3 = amx and 5 = gemv_vnni; ",
                     "got ", path);
   const Panel first = panel_at(0);
   if (path == kPathGemvVnni) {
-    TORCH_CHECK_VALUE(first.kind == Weights::kInt4, "path 5 (gemv_vnni) multiplies int4 weights; use 4 (gemv) for int8");
     TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "path 5 (gemv_vnni) multiplies bf16 activations; x is ",
                      x.scalar_type());
   }
@@ -187,12 +186,13 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
   const float* xp = xf.const_data_ptr<float>();
   const bool avx512 = path == kPathAuto ? has_avx512(current_isa()) : path != 0;
   const int64_t m = xf.size(0);
-  const bool vnni = path == kPathGemvVnni || (path == kPathAuto && avx512 && first.kind == Weights::kInt4 &&
-                                               x.scalar_type() == at::kBFloat16 && m <= wo::kVnniMaxRows);
+  const bool int4 = first.kind == Weights::kInt4;
+  const bool vnni = path == kPathGemvVnni || (path == kPathAuto && avx512 && x.scalar_type() == at::kBFloat16 &&
+                                               m <= (int4 ? wo::kVnniMaxRows : wo::kVnniMaxRowsInt8));
   const bool gemv = vnni || path == kPathGemv || (path == kPathAuto && avx512 && m <= wo::kMaxGemvRows);
   // The integer GEMV's rows in block floating point (wo_gemm.h); a row holding NaN or Inf
   // has no such form and goes through the FMA GEMV, which propagates them as the reference.
-  const int64_t kpad = (k + 3) / 4 * 4, chunk = std::min(first.group_size, wo::kVnniChunkK),
+  const int64_t kpad = (k + 3) / 4 * 4, chunk = int4 ? std::min(first.group_size, wo::kVnniChunkK) : wo::kVnniChunkK8,
                 chunks = vnni ? (k + chunk - 1) / chunk : 0;
   at::Tensor digits;
   std::vector<wo::FixedChunk> fixed(m * chunks);
@@ -208,18 +208,22 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
   const bool all_fixed = std::all_of(finite.begin(), finite.end(), [](uint8_t f) { return f != 0; });
   // Group sums of the activations, for the FMA int4 GEMV's zero points.
   at::Tensor xsum;
-  if (gemv && first.kind == Weights::kInt4 && !(vnni && all_fixed))
+  if (gemv && int4 && !(vnni && all_fixed))
     xsum = xf.view({m, k / first.group_size, first.group_size}).sum(-1).contiguous();
   return run_panels(x, m, n, bias, avx512, [&](int64_t p, int64_t m0, int64_t rows, float* c) {
     const Panel panel = panel_at(p);
     if (vnni) {
       for (int64_t r = m0; r < m0 + rows; ++r) {
         float* cr = c + (r - m0) * kPanel;
-        if (finite[r])
-          wo::gemv_int4_vnni_avx512(digits.const_data_ptr<int8_t>() + r * 3 * kpad, kpad, &fixed[r * chunks], chunk,
-                                    panel, cr);
-        else
+        const int8_t* dr = digits.const_data_ptr<int8_t>() + r * 3 * kpad;
+        if (finite[r] && int4)
+          wo::gemv_int4_vnni_avx512(dr, kpad, &fixed[r * chunks], chunk, panel, cr);
+        else if (finite[r])
+          wo::gemv_int8_vnni_avx512(dr, kpad, &fixed[r * chunks], panel, cr);
+        else if (int4)
           wo::gemv_int4_avx512(xp + r * k, k, 1, xsum.const_data_ptr<float>() + r * (k / panel.group_size), panel, cr);
+        else
+          wo::gemv_int8_avx512(xp + r * k, k, 1, panel, cr);
       }
       return;
     }

@@ -13,8 +13,9 @@
 // for int4 the codes decode to q - 8 (one shift and one vpermps per 16) and the zero
 // point and the scale are applied once per group,
 // sum_k x (q - z) s = s * (sum_k x (q - 8) - (z - 8) * sum_k x), with the group sums of x
-// computed once per call. bf16 activations x int4 weights at up to kVnniMaxRows rows take
-// an integer GEMV instead (gemv_int4_vnni_avx512, below), about twice as fast per row.
+// computed once per call. bf16 activations at up to kVnniMaxRows rows (int8:
+// kVnniMaxRowsInt8) take an integer GEMV instead (gemv_int4_vnni_avx512 and
+// gemv_int8_vnni_avx512, below), with about half the vector instructions per code.
 //
 // Prepacked layouts (per panel p of 64 output columns; zero past N):
 //   int4: w[p][k / 2][64] bytes: for the k pair (2i, 2i + 1), byte 32h + 2c + t holds
@@ -76,7 +77,7 @@ void gemv_int8_avx512(const float* x, int64_t ldx, int64_t rows, const Panel& pa
 // k / group_size), for the zero points.
 void gemv_int4_avx512(const float* x, int64_t ldx, int64_t rows, const float* xsum, const Panel& panel, float* c);
 
-// Small-M int4 path in integers, for bf16 activations (gemv_int4_vnni_avx512): each row of x
+// Small-M path in integers, for bf16 activations (gemv_int{4,8}_vnni_avx512): each row of x
 // becomes block floating point, one power-of-two exponent per chunk of k (a quantization
 // group, or kVnniChunkK k when the group is longer), a 23-bit integer X per k split into
 // three signed bytes, X = 2^16 d2 + 2^8 d1 + d0 (d0, d1 in [-128, 127]). vpdpbusd then takes
@@ -98,11 +99,21 @@ bool to_block_fixed_avx512(const float* x, int64_t k, int64_t chunk, int8_t* dig
 // c[0..63] = one row (digits, chunks as above) times an int4 panel.
 void gemv_int4_vnni_avx512(const int8_t* digits, int64_t kpad, const FixedChunk* chunks, int64_t chunk,
                            const Panel& panel, float* c);
-// Most rows the automatic choice sends through it (bf16 activations, int4 weights); from 3
+// The same for an int8 panel, whose rows are cut into chunks of kVnniChunkK8 k (int8 has no
+// groups): the codes go through vpdpbusd as q + 128 (u8), 127 * 128 * 1024 < 2^24 after the
+// 128 sum_k d comes off.
+constexpr int64_t kVnniChunkK8 = 1024;
+void gemv_int8_vnni_avx512(const int8_t* digits, int64_t kpad, const FixedChunk* chunks, const Panel& panel,
+                           float* c);
+// Most rows the automatic choice sends through them (bf16 activations, int4 weights); from 3
 // rows AMX (kAmxMinRowsInt4) is as fast or faster. Measured here (2 threads, Llama-3-8B
 // shapes, ms, vnni / FMA GEMV / AMX): 1 row 0.28 / 0.48 / 0.73 (4096 x 4096), 2 rows
 // 0.49 / 0.66 / 0.73, 3 rows 0.63 / 0.71 / 0.68; 4096 x 14336 at 3 rows 1.89 / 2.02 / 1.56.
 constexpr int64_t kVnniMaxRows = 2;
+// int8: one row. Measured the same way (vnni / FMA GEMV, ms): 1 row 0.60 / 0.64 (4096 x
+// 4096), 3.36 / 3.65 (4096 x 14336), 3.31 / 3.68 (14336 x 4096); 2 rows 0.88 / 0.76,
+// 4.56 / 4.08, 4.70 / 3.89 (the FMA GEMV converts each code once for both rows).
+constexpr int64_t kVnniMaxRowsInt8 = 1;
 
 // AMX BF16 path (wo_gemm_amx.cpp): bf16 activations.
 // decode writes pair rows [k0 / 2, k1 / 2) of the panel's (q - z) (int4) or q (int8) as

@@ -455,4 +455,72 @@ __attribute__((optimize("no-tree-pre"))) void gemv_int4_vnni_avx512(const int8_t
     _mm512_storeu_ps(c + 16 * v, _mm512_permutex2var_ps(y[2 * (v % 2)], index.to_cols[v / 2], y[2 * (v % 2) + 1]));
 }
 
+// One row of block floating-point digits against an int8 panel in integers. A step takes
+// four k rows (256 bytes, 64 columns each): vpunpck{l,h}bw then vpunpck{l,h}wd put one
+// column's four k in one dword, so set j (0..3) holds column 16 L + 4 j + d in lane 4 L + d
+// (L the 128-bit lane). The codes are flipped to q + 128 (u8) for vpdpbusd; 128 sum_k d
+// comes off per chunk in int32. Per 256 codes: 12 vpdpbusd, 8 unpacks and 4 flips, against
+// 48 vector operations for the FMA GEMV. The column scale multiplies the finished sums.
+__attribute__((optimize("no-tree-pre"))) void gemv_int8_vnni_avx512(const int8_t* digits, int64_t kpad,
+                                                                    const FixedChunk* chunks, const Panel& panel,
+                                                                    float* c) {
+  const int8_t* w = reinterpret_cast<const int8_t*>(panel.w);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 y[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  const auto step = [&](const __m512i (&rows)[4], int64_t k, __m512i (&acc)[3][4]) {
+    const __m512i r01[2] = {_mm512_unpacklo_epi8(rows[0], rows[1]), _mm512_unpackhi_epi8(rows[0], rows[1])};
+    const __m512i r23[2] = {_mm512_unpacklo_epi8(rows[2], rows[3]), _mm512_unpackhi_epi8(rows[2], rows[3])};
+    const __m512i q[4] = {_mm512_unpacklo_epi16(r01[0], r23[0]), _mm512_unpackhi_epi16(r01[0], r23[0]),
+                          _mm512_unpacklo_epi16(r01[1], r23[1]), _mm512_unpackhi_epi16(r01[1], r23[1])};
+#pragma GCC unroll 3
+    for (int p = 0; p < 3; ++p) {
+      const __m512i d = broadcast_digits(digits + p * kpad + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[p][j] = _mm512_dpbusd_epi32(acc[p][j], q[j], d);
+    }
+  };
+  const FixedChunk* ch = chunks;
+  for (int64_t k0 = 0; k0 < panel.k; k0 += kVnniChunkK8, ++ch) {
+    const int64_t k1 = std::min(panel.k, k0 + kVnniChunkK8);
+    __m512i acc[3][4];
+#pragma GCC unroll 3
+    for (int p = 0; p < 3; ++p)
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[p][j] = _mm512_setzero_si512();
+    int64_t k = k0;
+    for (; k + 3 < k1; k += 4) {
+      const int8_t* b = w + k * kPanel;
+      __m512i rows[4];
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) {
+        _mm_prefetch(reinterpret_cast<const char*>(b + t * kPanel + kPrefetchBytes), _MM_HINT_T0);
+        rows[t] = _mm512_xor_si512(_mm512_loadu_si512(b + t * kPanel), flip);
+      }
+      step(rows, k, acc);
+    }
+    if (k < k1) {  // the last 1-3 rows of K; the missing ones have zero digits, any code does
+      __m512i rows[4];
+      for (int t = 0; t < 4; ++t)
+        rows[t] = k + t < k1 ? _mm512_xor_si512(_mm512_loadu_si512(w + (k + t) * kPanel), flip) : flip;
+      step(rows, k, acc);
+    }
+#pragma GCC unroll 3
+    for (int p = 0; p < 3; ++p) {
+      // sum_k d (q + 128) - 128 sum_k d: |sum_k d q| <= 127 * 128 * 1024 < 2^24, exact in fp32.
+      const __m512i shift = _mm512_set1_epi32(128 * static_cast<int32_t>(ch->digit_sum[p]));
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j)
+        y[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[p][j], shift)), _mm512_set1_ps(ch->unit[p]),
+                               y[j]);
+    }
+  }
+  // Sets to columns (16 L + 4 j + d from lane 4 L + d of set j), times the column scales.
+  alignas(64) float sets[4][16];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) _mm512_store_ps(sets[j], y[j]);
+  for (int lane = 0; lane < 4; ++lane)
+    for (int j = 0; j < 4; ++j)
+      for (int d = 0; d < 4; ++d) c[16 * lane + 4 * j + d] = sets[j][4 * lane + d] * panel.params[16 * lane + 4 * j + d];
+}
+
 }  // namespace lowbit::cpu::wo

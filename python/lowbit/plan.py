@@ -15,9 +15,9 @@ CPU paths (the ``path`` argument of the prepacked ops, csrc/cpu/isa.h):
   below 16 rows runs VNNI);
 * weight-only (w4a16, w8a16): ``scalar``, ``gemm`` (AVX-512, weights dequantized to fp32
   blocks, at every M), ``gemv`` (AVX-512, weights widened in registers, 8 rows at a time),
-  ``amx`` (bf16 activations only: AMX-BF16 tiles on (q - z) or q, scales per block);
-  w4a16 also ``gemv_vnni`` (bf16 activations only: each row in block floating point, int4
-  codes times its integer digits with vpdpbusd, one row at a time).
+  ``amx`` (bf16 activations only: AMX-BF16 tiles on (q - z) or q, scales per block),
+  ``gemv_vnni`` (bf16 activations only: each row in block floating point, the codes times
+  its integer digits with vpdpbusd, one row at a time).
 """
 
 from __future__ import annotations
@@ -37,13 +37,12 @@ BUCKETS = tuple(2**i for i in range(12))  # 1 .. 2048
 # "auto" (-1): the kernel's own choice; a plan records it wherever that is (within noise)
 # the fastest, so that layers whose plan is all "auto" skip the per-call dispatch.
 INT8_PATHS = {"auto": -1, "scalar": 0, "avx2": 1, "avx512_vnni": 2, "amx": 3}
-WEIGHT_ONLY_PATHS = {"auto": -1, "scalar": 0, "gemm": 2, "amx": 3, "gemv": 4}
-INT4_PATHS = {**WEIGHT_ONLY_PATHS, "gemv_vnni": 5}  # + int4 weights x bf16 activations in integers
+WEIGHT_ONLY_PATHS = {"auto": -1, "scalar": 0, "gemm": 2, "amx": 3, "gemv": 4, "gemv_vnni": 5}
 
 
 def paths_for(scheme_kind: str) -> dict[str, int]:
     """The CPU kernel paths of a scheme kind, by name."""
-    return {"w4a16": INT4_PATHS, "w8a16": WEIGHT_ONLY_PATHS}.get(scheme_kind, INT8_PATHS)
+    return WEIGHT_ONLY_PATHS if scheme_kind in ("w4a16", "w8a16") else INT8_PATHS
 
 
 def runnable_paths(scheme_kind: str) -> list[str]:
@@ -55,8 +54,7 @@ def runnable_paths(scheme_kind: str) -> list[str]:
     if scheme_kind in ("w4a16", "w8a16"):
         # AMX-BF16 (bf16 activations only): every AMX CPU so far has it beside AMX-INT8.
         amx = ["amx"] if best == "amx" else []
-        vnni = ["gemv_vnni"] if scheme_kind == "w4a16" else []
-        return ["scalar"] + (["gemm", "gemv"] + vnni + amx if order.index(best) >= 2 else [])
+        return ["scalar"] + (["gemm", "gemv", "gemv_vnni"] + amx if order.index(best) >= 2 else [])
     return order[: order.index(best) + 1]
 
 
