@@ -213,11 +213,16 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
   return run_panels(x, m, n, bias, avx512, [&](int64_t p, int64_t m0, int64_t rows, float* c) {
     const Panel panel = panel_at(p);
     if (vnni) {
-      for (int64_t r = m0; r < m0 + rows; ++r) {
+      // Whole tiles of rows through the int4 kernel when they are all finite.
+      const bool tile = int4 && std::all_of(finite.begin() + m0, finite.begin() + m0 + rows, [](uint8_t f) { return f; });
+      for (int64_t r = 0; tile && r < rows; r += wo::kVnniTileRows)
+        wo::gemv_int4_vnni_avx512(digits.const_data_ptr<int8_t>() + (m0 + r) * 3 * kpad, kpad, &fixed[(m0 + r) * chunks],
+                                  chunk, std::min(wo::kVnniTileRows, rows - r), panel, c + r * kPanel);
+      for (int64_t r = m0; !tile && r < m0 + rows; ++r) {
         float* cr = c + (r - m0) * kPanel;
         const int8_t* dr = digits.const_data_ptr<int8_t>() + r * 3 * kpad;
         if (finite[r] && int4)
-          wo::gemv_int4_vnni_avx512(dr, kpad, &fixed[r * chunks], chunk, panel, cr);
+          wo::gemv_int4_vnni_avx512(dr, kpad, &fixed[r * chunks], chunk, 1, panel, cr);
         else if (finite[r])
           wo::gemv_int8_vnni_avx512(dr, kpad, &fixed[r * chunks], panel, cr);
         else if (int4)

@@ -96,8 +96,11 @@ struct FixedChunk {
 // useful, when the row holds a NaN or an infinity (block floating point has neither).
 bool to_block_fixed_avx512(const float* x, int64_t k, int64_t chunk, int8_t* digits, int64_t kpad,
                            FixedChunk* chunks);
-// c[0..63] = one row (digits, chunks as above) times an int4 panel.
-void gemv_int4_vnni_avx512(const int8_t* digits, int64_t kpad, const FixedChunk* chunks, int64_t chunk,
+// c[r][0..63] (row stride 64) = rows r < rows (at most kVnniTileRows; digits and chunks as
+// above, row after row) times an int4 panel. Each chunk of k passes the rows in turn, so
+// that the rows after the first read its codes from L1.
+constexpr int64_t kVnniTileRows = 4;
+void gemv_int4_vnni_avx512(const int8_t* digits, int64_t kpad, const FixedChunk* chunks, int64_t chunk, int64_t rows,
                            const Panel& panel, float* c);
 // The same for an int8 panel, whose rows are cut into chunks of kVnniChunkK8 k (int8 has no
 // groups): the codes go through vpdpbusd as q + 128 (u8), 127 * 128 * 1024 < 2^24 after the

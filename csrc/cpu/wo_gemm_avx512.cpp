@@ -399,11 +399,12 @@ bool to_block_fixed_avx512(const float* x, int64_t k, int64_t chunk, int8_t* dig
 // step has none.
 __attribute__((optimize("no-tree-pre"))) void gemv_int4_vnni_avx512(const int8_t* digits, int64_t kpad,
                                                                     const FixedChunk* chunks, int64_t chunk,
-                                                                    const Panel& panel, float* c) {
+                                                                    int64_t rows, const Panel& panel, float* c) {
   static const VnniIndex index;
-  const int64_t groups = panel.k / panel.group_size;
-  __m512 y[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  const FixedChunk* ch = chunks;
+  const int64_t groups = panel.k / panel.group_size, chunks_per_row = (panel.k + chunk - 1) / chunk;
+  // Per row, the four sets' sums so far (in set order).
+  alignas(64) float y[kVnniTileRows][4][16] = {};
+  int64_t ci = 0;
   for (int64_t g = 0; g < groups; ++g) {
     const float* s = panel.params + g * 2 * kPanel;
     const float* z = s + kPanel;
@@ -415,44 +416,53 @@ __attribute__((optimize("no-tree-pre"))) void gemv_int4_vnni_avx512(const int8_t
       zs[j] = _mm512_permutex2var_ps(_mm512_loadu_ps(z + 16 * v), index.to_sets[j % 2], _mm512_loadu_ps(z + 32 + 16 * v));
     }
     const int64_t g1 = (g + 1) * panel.group_size;
-    for (int64_t k0 = g * panel.group_size; k0 < g1; k0 += chunk, ++ch) {
+    for (int64_t k0 = g * panel.group_size; k0 < g1; k0 += chunk, ++ci) {
       const int64_t pairs_end = std::min(g1, k0 + chunk) / 2;
-      __m512i acc[3][4];
+      // Row by row over the chunk: the rows after the first read its codes from L1.
+      for (int64_t r = 0; r < rows; ++r) {
+        const int8_t* dr = digits + r * 3 * kpad;
+        const FixedChunk& ch = chunks[r * chunks_per_row + ci];
+        __m512i acc[3][4];
 #pragma GCC unroll 3
-      for (int p = 0; p < 3; ++p)
+        for (int p = 0; p < 3; ++p)
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) acc[p][j] = _mm512_setzero_si512();
-      int64_t i = k0 / 2;
-      for (; i + 1 < pairs_end; i += 2) {
-        const uint8_t* b = panel.w + i * kPanel;
-        _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b + kPanel + kPrefetchBytes), _MM_HINT_T0);
-        vnni_step(_mm512_loadu_si512(b), _mm512_loadu_si512(b + kPanel), digits, kpad, 2 * i, acc);
-      }
-      if (i < pairs_end)  // a last lone pair (G = K = 2 mod 4): its partner's codes (and digits) are zero
-        vnni_step(_mm512_loadu_si512(panel.w + i * kPanel), _mm512_setzero_si512(), digits, kpad, 2 * i, acc);
-      // Whole bytes to low nibbles: sum d (lo + 16 hi) - 16 sum d hi, exact in int32
-      // (|sum d (lo + 16 hi)| <= 255 * 128 * kVnniChunkK < 2^31).
-#pragma GCC unroll 3
-      for (int p = 0; p < 3; ++p)
-#pragma GCC unroll 2
-        for (int t = 0; t < 2; ++t) acc[p][t] = _mm512_sub_epi32(acc[p][t], _mm512_slli_epi32(acc[p][2 + t], 4));
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        __m512 t = _mm512_setzero_ps();
-#pragma GCC unroll 3
-        for (int p = 0; p < 3; ++p) {
-          // sum_k d_p (q - z) = sum_k d_p q - z sum_k d_p: both below 2^24, so exact.
-          const __m512 exact = _mm512_fnmadd_ps(zs[j], _mm512_set1_ps(ch->digit_sum[p]), _mm512_cvtepi32_ps(acc[p][j]));
-          t = _mm512_fmadd_ps(exact, _mm512_set1_ps(ch->unit[p]), t);
+          for (int j = 0; j < 4; ++j) acc[p][j] = _mm512_setzero_si512();
+        int64_t i = k0 / 2;
+        for (; i + 1 < pairs_end; i += 2) {
+          const uint8_t* b = panel.w + i * kPanel;
+          _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(b + kPanel + kPrefetchBytes), _MM_HINT_T0);
+          vnni_step(_mm512_loadu_si512(b), _mm512_loadu_si512(b + kPanel), dr, kpad, 2 * i, acc);
         }
-        y[j] = _mm512_fmadd_ps(ss[j], t, y[j]);
+        if (i < pairs_end)  // a last lone pair (G = K = 2 mod 4): its partner's codes (and digits) are zero
+          vnni_step(_mm512_loadu_si512(panel.w + i * kPanel), _mm512_setzero_si512(), dr, kpad, 2 * i, acc);
+        // Whole bytes to low nibbles: sum d (lo + 16 hi) - 16 sum d hi, exact in int32
+        // (|sum d (lo + 16 hi)| <= 255 * 128 * kVnniChunkK < 2^31).
+#pragma GCC unroll 3
+        for (int p = 0; p < 3; ++p)
+#pragma GCC unroll 2
+          for (int t = 0; t < 2; ++t) acc[p][t] = _mm512_sub_epi32(acc[p][t], _mm512_slli_epi32(acc[p][2 + t], 4));
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          __m512 t = _mm512_setzero_ps();
+#pragma GCC unroll 3
+          for (int p = 0; p < 3; ++p) {
+            // sum_k d_p (q - z) = sum_k d_p q - z sum_k d_p: both below 2^24, so exact.
+            const __m512 exact =
+                _mm512_fnmadd_ps(zs[j], _mm512_set1_ps(ch.digit_sum[p]), _mm512_cvtepi32_ps(acc[p][j]));
+            t = _mm512_fmadd_ps(exact, _mm512_set1_ps(ch.unit[p]), t);
+          }
+          _mm512_store_ps(y[r][j], _mm512_fmadd_ps(ss[j], t, _mm512_load_ps(y[r][j])));
+        }
       }
     }
   }
+  for (int64_t r = 0; r < rows; ++r)
 #pragma GCC unroll 4
-  for (int v = 0; v < 4; ++v)
-    _mm512_storeu_ps(c + 16 * v, _mm512_permutex2var_ps(y[2 * (v % 2)], index.to_cols[v / 2], y[2 * (v % 2) + 1]));
+    for (int v = 0; v < 4; ++v)
+      _mm512_storeu_ps(c + r * kPanel + 16 * v, _mm512_permutex2var_ps(_mm512_load_ps(y[r][2 * (v % 2)]),
+                                                                      index.to_cols[v / 2],
+                                                                      _mm512_load_ps(y[r][2 * (v % 2) + 1])));
 }
 
 // One row of block floating-point digits against an int8 panel in integers. A step takes
