@@ -34,7 +34,7 @@ void set_isa(const std::string& name);
 constexpr int64_t kPathAuto = -1;
 constexpr int64_t kPathGemv = 4;
 // Weight-only, bf16 activations: the integer GEMV (vpdpbusd on block floating point) at
-// every M, one row at a time.
+// every M.
 constexpr int64_t kPathGemvVnni = 5;
 // The Isa an explicit path 0..3 runs on, or an error message when this CPU cannot run it
 // (empty when it can); the ops raise it as a ValueError.

@@ -198,7 +198,7 @@ void gemv_int4_tile(const float* x, int64_t ldx, const float* xsum, const Panel&
   }
 }
 
-// One row of block floating-point digits against an int4 panel in integers (wo_gemm.h).
+// Rows of block floating-point digits against an int4 panel in integers (wo_gemm.h).
 // A step takes two k pairs (128 bytes). vpunpck{l,h}wd of the two pairs' bytes puts one
 // column's four k (2i .. 2i + 3) in one dword: the four products vpdpbusd sums, against the
 // digits of those four k as one broadcast dword. Each byte holds two columns (low and high
