@@ -205,20 +205,23 @@ def block_fixed_error(x, w_full, chunk):
     return extra
 
 
+def spread_bf16(shape, spread, seed, nc):
+    """bf16 activations, each scaled by e^(spread N(0, 1)): spread 4 puts magnitudes over
+    ~2^30 within a chunk, so that the small ones fall below the chunk's fixed-point step."""
+    x = activation(shape, torch.float32, seed=seed)
+    x = (x * torch.exp(spread * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)))).bfloat16()
+    return torch.stack((x, torch.zeros_like(x)), dim=-1)[..., 0] if nc else x
+
+
 @needs_avx512
 @given(lead=st.sampled_from([(1,), (2,), (3,), (7,), (2, 3), (1, 1, 5)]), n=cols, groups=st.sampled_from([1, 2, 5]),
        g=st.sampled_from([32, 64, 128, None]), sym=st.booleans(), spread=st.sampled_from([0.0, 4.0]),
        with_bias=st.booleans(), nc=st.booleans(), seed=seeds)
 def test_w4a16_gemv_vnni_path(lead, n, groups, g, sym, spread, with_bias, nc, seed):
     # Forced at every M. K = G x groups; G = K covers K = 2 mod 4 (a lone last k pair).
-    # spread > 0 scales each x by e^(spread N(0, 1)): magnitudes over ~2^30 within a chunk,
-    # so that the small ones fall below the chunk's fixed-point step.
     k = groups * (g or 2 * (seed % 150 + 1))
     gs = g or k
-    x = activation((*lead, k), torch.float32, seed=seed)
-    x = (x * torch.exp(spread * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)))).bfloat16()
-    if nc:
-        x = torch.stack((x, torch.zeros_like(x)), dim=-1)[..., 0]
+    x = spread_bf16((*lead, k), spread, seed, nc)
     packed, scales, zeros = int4_weight(n, k, g, sym, seed)
     bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
     expected = reference.w4a16_linear(x, packed, scales, zeros, gs, bias)
@@ -258,12 +261,9 @@ def test_gemv_vnni_with_k_past_one_chunk_and_special_rows(g):
 @given(lead=st.sampled_from([(1,), (2,), (5,), (2, 3)]), n=cols, k=st.sampled_from([1, 3, 4, 31, 700, 1024, 2051]),
        spread=st.sampled_from([0.0, 4.0]), with_bias=st.booleans(), nc=st.booleans(), seed=seeds)
 def test_w8a16_gemv_vnni_path(lead, n, k, spread, with_bias, nc, seed):
-    # K past one chunk of 1024 k, K not a multiple of 4 (a last step of 1-3 rows); spread as
-    # in the int4 test above. A zero row gives the bias; a NaN row goes to the FMA GEMV.
-    x = activation((*lead, k), torch.float32, seed=seed)
-    x = (x * torch.exp(spread * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)))).bfloat16()
-    if nc:
-        x = torch.stack((x, torch.zeros_like(x)), dim=-1)[..., 0]
+    # K past one chunk of 1024 k, K not a multiple of 4 (a last step of 1-3 rows). A zero
+    # row gives the bias; a NaN row goes to the FMA GEMV.
+    x = spread_bf16((*lead, k), spread, seed, nc)
     w, sw = int8_weight(n, k, seed)
     bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
     out = ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(w), sw, bias, GEMV_VNNI)

@@ -1,6 +1,6 @@
 // AVX-512 kernels of the weight-only GEMM (wo_gemm.h): block dequantization, the fp32
-// FMA micro-kernel, the FMA GEMVs for few rows, and the integer int4 GEMV (vpdpbusd on
-// block floating-point rows, bf16 activations; its algorithm is above its kernel).
+// FMA micro-kernel, the FMA GEMVs for few rows, and the integer int4 / int8 GEMVs (vpdpbusd
+// on block floating-point rows, bf16 activations; their algorithms are above each kernel).
 //
 // Dequantization of one k row of a panel: int4 loads 32 bytes (64 nibbles), splits low
 // and high nibbles, widens 16 at a time to int32 and float, then (q - z) * s with the
@@ -22,6 +22,9 @@ namespace lowbit::cpu::wo {
 namespace {
 
 constexpr int kMaxRows = 6;
+
+// The first n (< 16: a tail) or all 16 lanes.
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
 
 inline __m512 int4_to_float(__m128i bytes, const float* s, const float* z) {
   const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
@@ -304,7 +307,7 @@ void store_panel_avx512(const float* c, int64_t rows, int64_t cols, const float*
                         int64_t ldo) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < cols; j += 16) {
-      const __mmask16 mask = cols - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (cols - j)) - 1);
+      const __mmask16 mask = first_lanes(cols - j);
       __m512 y = _mm512_maskz_loadu_ps(mask, c + r * kPanel + j);
       if (bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, bias + j));
       const int64_t at = r * ldo + j;
@@ -357,7 +360,7 @@ bool to_block_fixed_avx512(const float* x, int64_t k, int64_t chunk, int8_t* dig
     __m512 amax = _mm512_setzero_ps();
     __mmask16 special = 0;
     for (int64_t i = k0; i < k1; i += 16) {
-      const __m512 v = _mm512_maskz_loadu_ps(k1 - i >= 16 ? 0xFFFF : (1u << (k1 - i)) - 1, x + i);
+      const __m512 v = _mm512_maskz_loadu_ps(first_lanes(k1 - i), x + i);
       special |= _mm512_fpclass_ps_mask(v, 0x99);  // NaN (quiet 0x01, signaling 0x80), +-Inf (0x08, 0x10)
       amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
     }
@@ -371,7 +374,7 @@ bool to_block_fixed_avx512(const float* x, int64_t k, int64_t chunk, int8_t* dig
     const __m512 down = _mm512_set1_ps(static_cast<float>(-e));
     __m512i sum[3] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
     for (int64_t i = k0; i < k1; i += 16) {
-      const __mmask16 m = k1 - i >= 16 ? 0xFFFF : (1u << (k1 - i)) - 1;
+      const __mmask16 m = first_lanes(k1 - i);
       const __m512i big = _mm512_cvt_roundps_epi32(_mm512_scalef_ps(_mm512_maskz_loadu_ps(m, x + i), down),
                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       // Balanced base-256 digits: d0 is the sign-extended low byte, the rest carries on.
