@@ -108,14 +108,15 @@ void gemv_int4_vnni_avx512(const int8_t* digits, int64_t kpad, const FixedChunk*
 constexpr int64_t kVnniChunkK8 = 1024;
 void gemv_int8_vnni_avx512(const int8_t* digits, int64_t kpad, const FixedChunk* chunks, const Panel& panel,
                            float* c);
-// Most rows the automatic choice sends through them (bf16 activations, int4 weights); from 3
-// rows AMX (kAmxMinRowsInt4) is as fast or faster. Measured here (2 threads, Llama-3-8B
-// shapes, ms, vnni / FMA GEMV / AMX): 1 row 0.28 / 0.48 / 0.73 (4096 x 4096), 2 rows
-// 0.49 / 0.66 / 0.73, 3 rows 0.63 / 0.71 / 0.68; 4096 x 14336 at 3 rows 1.89 / 2.02 / 1.56.
+// Most rows the automatic choice sends through them (bf16 activations, int4 weights); at 3
+// rows the three paths are within 5% and AMX (kAmxMinRowsInt4) keeps them. Measured here
+// (2 threads, Llama-3-8B shapes, ms, vnni / FMA GEMV / AMX; bench/RESULTS.md, fourth pass):
+// 4096 x 4096 at 1 row 0.37 / 0.55 / 0.83, 2 rows 0.49 / 0.64 / 0.73, 3 rows 0.75 / 0.88 /
+// 0.91; 4096 x 14336 at 3 rows 2.87 / 2.99 / 2.89.
 constexpr int64_t kVnniMaxRows = 2;
-// int8: one row. Measured the same way (vnni / FMA GEMV, ms): 1 row 0.60 / 0.64 (4096 x
-// 4096), 3.36 / 3.65 (4096 x 14336), 3.31 / 3.68 (14336 x 4096); 2 rows 0.88 / 0.76,
-// 4.56 / 4.08, 4.70 / 3.89 (the FMA GEMV converts each code once for both rows).
+// int8: one row. Measured the same way (vnni / FMA GEMV, ms): 1 row 0.56 / 0.60 (4096 x
+// 4096), 3.13 / 3.15 (4096 x 14336), 3.39 / 3.57 (14336 x 4096); 2 rows 0.80 / 0.73,
+// 3.63 / 3.41, 4.48 / 3.75 (the FMA GEMV converts each code once for all rows).
 constexpr int64_t kVnniMaxRowsInt8 = 1;
 
 // AMX BF16 path (wo_gemm_amx.cpp): bf16 activations.
