@@ -24,8 +24,9 @@ $(VENV)/.deps:
 	$(PIP) install --quiet torch==$(TORCH_VERSION) $(DEPS)
 	touch $@
 
+# LOWBIT_TEST_MODELS builds the test-only extension lowbit._models beside lowbit._C.
 $(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
-	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	$(PIP) install --quiet --no-build-isolation --no-deps -C cmake.define.LOWBIT_TEST_MODELS=ON -e .
 	touch $@
 
 build: $(VENV)/.built
@@ -44,9 +45,9 @@ demo: build
 SAN_BUILD := build/sanitize
 sanitize: $(VENV)/.deps
 	cmake -S . -B $(SAN_BUILD) -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) \
-	  -DLOWBIT_CUDA=OFF -DLOWBIT_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	  -DLOWBIT_CUDA=OFF -DLOWBIT_TEST_MODELS=ON -DLOWBIT_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=RelWithDebInfo
 	cmake --build $(SAN_BUILD)
-	LOWBIT_EXTENSION=$(abspath $(SAN_BUILD))/$$(cd $(SAN_BUILD) && ls _C*.so) \
+	LOWBIT_EXTENSION_DIR=$(abspath $(SAN_BUILD)) \
 	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  $(PY) -m pytest tests/test_ops.py tests/test_cpu_kernels.py tests/test_cuda_kernels.py -q -p no:cacheprovider \

@@ -69,7 +69,7 @@ LM_ROWS = [
 
 
 def _needs_calibration(scheme: str, kw: dict) -> bool:
-    return "method" in kw or scheme == "w8a8-static"
+    return "method" in kw or lowbit.Scheme.parse(scheme).static_activations
 
 
 def _quantize(model, scheme, kw, calibration, forward=None):

@@ -4,8 +4,10 @@
 // python/lowbit/reference.py.
 //
 // This file also holds the Python module: `import lowbit._C` loads this shared library,
-// and with it every TORCH_LIBRARY registration below. Its two functions read and force
-// the CPU kernels' instruction-set path (not ops: they change process state, not data).
+// and with it every TORCH_LIBRARY registration below. Its functions are not ops: they read
+// or change process state (the CPU kernels' instruction-set path), measure the machine, or
+// export the facts Python must not copy (the kernel path table of cpu/paths.h and the
+// layout constants the fake implementations compute shapes with).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -14,7 +16,11 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu/int8_gemm.h"
 #include "cpu/isa.h"
+#include "cpu/paths.h"
+#include "cpu/wo_gemm.h"
+#include "cuda/w4a16_layout.h"
 
 TORCH_LIBRARY(lowbit, m) {
   // Per-token symmetric int8 quantization of activations: returns (q int8[..., K],
@@ -38,11 +44,12 @@ TORCH_LIBRARY(lowbit, m) {
       "dequantize_int4(Tensor packed, Tensor scales, Tensor? zeros, int group_size, "
       "ScalarType dtype) -> Tensor");
   // CPU-blocked int8 weights (csrc/cpu/int8_gemm.h). `path` on the prepacked ops: -1 lets
-  // the kernel choose, else a fixed kernel path (csrc/cpu/isa.h), as a tuned plan picks it.
+  // the kernel choose, else a fixed kernel path (csrc/cpu/paths.h), as a tuned plan picks it.
   m.def("int8_prepack(Tensor w) -> Tensor");
+  // in_features: the packed K is padded to whole blocks, so the op is told the real one.
   m.def(
-      "w8a8_linear_prepacked(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, Tensor? x_scale=None, "
-      "int path=-1) -> Tensor");
+      "w8a8_linear_prepacked(Tensor x, Tensor packed, Tensor w_scale, int in_features, Tensor? bias, "
+      "Tensor? x_scale=None, int path=-1) -> Tensor");
   // CPU weight-only layouts (csrc/cpu/wo_gemm.h).
   m.def("w4a16_prepack(Tensor packed, Tensor scales, Tensor? zeros, int group_size) -> (Tensor, Tensor)");
   m.def(
@@ -102,10 +109,36 @@ PyObject* cpu_peak(PyObject*, PyObject* args) {
   return PyFloat_FromDouble(total);
 }
 
+// ((name, id, family, unavailable reason or ""), ...): the table of cpu/paths.h.
+PyObject* kernel_paths(PyObject*, PyObject*) {
+  PyObject* rows = PyTuple_New(std::size(lowbit::cpu::kPaths));
+  Py_ssize_t i = 0;
+  for (const auto& info : lowbit::cpu::kPaths) {
+    const std::string why = lowbit::cpu::path_unavailable(info.path);
+    PyTuple_SET_ITEM(rows, i++, Py_BuildValue("(sLss)", info.name, static_cast<long long>(info.path),
+                                              lowbit::cpu::family_name(info.family), why.c_str()));
+  }
+  return rows;
+}
+
+// The layout constants the prepacked weights' shapes follow (for the fake implementations).
+PyObject* layout(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L}",
+                       "cpu_panel", static_cast<long long>(lowbit::cpu::int8::kPanel),
+                       "int8_group_k", static_cast<long long>(lowbit::cpu::int8::kGroupK),
+                       "int8_align_k", static_cast<long long>(lowbit::cpu::int8::kAlignK),
+                       "int8_max_k", static_cast<long long>(lowbit::cpu::int8::kMaxK),
+                       "wo_panel", static_cast<long long>(lowbit::cpu::wo::kPanel),
+                       "cuda_w4a16_block_n", static_cast<long long>(lowbit::cuda::w4a16::kBN),
+                       "cuda_w4a16_block_k", static_cast<long long>(lowbit::cuda::w4a16::kBK));
+}
+
 PyMethodDef methods[] = {
+    {"kernel_paths", kernel_paths, METH_NOARGS, "the CPU kernel path table: (name, id, family, unavailable reason)"},
+    {"layout", layout, METH_NOARGS, "layout constants of the prepacked weights"},
     {"cpu_peak", cpu_peak, METH_VARARGS, "ceiling rate (ops/s) of 'vnni' or 'fma' over all intra-op threads"},
-    {"cpu_isa", cpu_isa, METH_NOARGS, "(current, best) CPU kernel paths"},
-    {"set_cpu_isa", set_cpu_isa, METH_VARARGS, "force the CPU kernel path: auto, scalar, avx2, avx512_vnni"},
+    {"cpu_isa", cpu_isa, METH_NOARGS, "(current, best) CPU instruction-set paths"},
+    {"set_cpu_isa", set_cpu_isa, METH_VARARGS, "force the CPU kernels' instruction set: auto, scalar, avx2, avx512_vnni, amx"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

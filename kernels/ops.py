@@ -2,9 +2,9 @@
 
 Registered with ``torch.library.triton_op``: the launchers call their kernels through
 ``wrap_triton``, so on a GPU torch.compile (Inductor) sees into the kernels instead of
-treating each op as opaque. Each op also has an explicit fake implementation (shapes and
-dtypes, with the argument checks of ``lowbit.checks``): ``triton_op`` would otherwise trace
-its body with fake tensors, which works on a GPU but not under TRITON_INTERPRET=1, where
+treating each op as opaque. Each op also has an explicit fake implementation — the same
+function as the ``lowbit.ops`` op of the same semantics, so shapes are computed in one
+place: ``triton_op`` would otherwise trace its body with fake tensors, which works on a GPU but not under TRITON_INTERPRET=1, where
 the interpreter reads data pointers. With the explicit fakes, fake-tensor tracing (Dynamo,
 ``opcheck``'s fake test) works in the interpreter too; the functionalized (AOT) trace still
 decomposes the op into its kernels, which only a GPU can run (tests/test_triton_kernels.py
@@ -20,8 +20,8 @@ import torch
 from torch.library import triton_op
 
 from lowbit import checks
+from lowbit import ops as lowbit_ops
 from lowbit.kernels import int8_mm, quantize, weight_only
-
 
 
 @triton_op("lowbit_triton::quantize_per_token", mutates_args=())
@@ -29,10 +29,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize.quantize_per_token(x)
 
 
-@quantize_per_token.register_fake
-def _(x):
-    checks.activation(x, "x")
-    return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+quantize_per_token.register_fake(lowbit_ops.quantize_per_token_fake)
 
 
 @triton_op("lowbit_triton::quantize_per_tensor", mutates_args=())
@@ -53,16 +50,13 @@ def int8_scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_sc
     return int8_mm.int8_scaled_mm(a, b, a_scale, b_scale, bias, out_dtype)
 
 
-@int8_scaled_mm.register_fake
-def _(a, b, a_scale, b_scale, bias, out_dtype):
-    checks.int8_scaled_mm(a, b, a_scale, b_scale, bias, out_dtype)
-    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+int8_scaled_mm.register_fake(lowbit_ops.int8_scaled_mm_fake)
 
 
 @triton_op("lowbit_triton::w8a8_linear", mutates_args=())
 def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 x_scale: torch.Tensor | None) -> torch.Tensor:
-    checks.weight_linear(x, w, w_scale, bias, torch.int8)
+    checks.weight_linear(x, w, w_scale, bias)
     x2 = x.reshape(-1, x.shape[-1])
     if x_scale is None:
         qx, sx = quantize.quantize_per_token(x2)
@@ -72,12 +66,7 @@ def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: t
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-@w8a8_linear.register_fake
-def _(x, w, w_scale, bias, x_scale):
-    checks.weight_linear(x, w, w_scale, bias, torch.int8)
-    if x_scale is not None:
-        checks.per_tensor_scale(x_scale, "x_scale")
-    return x.new_empty((*x.shape[:-1], w.shape[0]))
+w8a8_linear.register_fake(lowbit_ops.w8a8_linear_fake)
 
 
 @triton_op("lowbit_triton::weight_only_linear", mutates_args=())
@@ -91,10 +80,9 @@ def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
 @weight_only_linear.register_fake
 def _(x, codes, scales, zeros, bias, group_size, bits, out_features, in_features):
     checks.activation(x, "x")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has K = {x.shape[-1]} features but the weight has K = {in_features}")
+    checks.in_features(x, in_features)
     checks.bias(bias, out_features)
-    return x.new_empty((*x.shape[:-1], out_features))
+    return lowbit_ops.linear_out(x, out_features)
 
 
 @triton_op("lowbit_triton::dequantize_int8", mutates_args=())
@@ -102,11 +90,7 @@ def dequantize_int8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return quantize.dequantize_int8(w, scale, dtype)
 
 
-@dequantize_int8.register_fake
-def _(w, scale, dtype):
-    checks.int8_weight(w, scale)
-    checks.float_dtype(dtype, "dtype")
-    return w.new_empty(w.shape, dtype=dtype)
+dequantize_int8.register_fake(lowbit_ops.dequantize_int8_fake)
 
 
 @triton_op("lowbit_triton::dequantize_int4", mutates_args=())
@@ -115,8 +99,4 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return quantize.dequantize_int4(packed, scales, zeros, group_size, dtype)
 
 
-@dequantize_int4.register_fake
-def _(packed, scales, zeros, group_size, dtype):
-    checks.int4_weight(packed, scales, zeros, group_size)
-    checks.float_dtype(dtype, "dtype")
-    return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=dtype)
+dequantize_int4.register_fake(lowbit_ops.dequantize_int4_fake)

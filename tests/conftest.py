@@ -1,4 +1,9 @@
-"""Shared test helpers: random inputs drawn fresh each run, and the devices to test on."""
+"""Shared test helpers: random inputs, tolerance checks, small models, and the devices to
+test on.
+
+Hypothesis runs derandomized (the same examples every run, so a CI failure reproduces);
+``LOWBIT_HYPOTHESIS=random`` draws fresh examples (and more of them) for exploration.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,22 @@ import torch
 TRITON_INTERPRETED = not torch.cuda.is_available()
 if TRITON_INTERPRETED:
     os.environ["TRITON_INTERPRET"] = "1"
+import pytest
 from hypothesis import settings
+from torch import nn
 
 import lowbit  # noqa: F401  (registers the ops)
-from lowbit import formats
+from lowbit import _extension, formats
 
-settings.register_profile("lowbit", deadline=None, max_examples=25, derandomize=False)
-settings.load_profile("lowbit")
+settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
+settings.register_profile("random", deadline=None, max_examples=100, derandomize=False)
+settings.load_profile("random" if os.environ.get("LOWBIT_HYPOTHESIS") == "random" else "ci")
+
+# The test-only extension with the CPU models of the CUDA kernels (built by `make test`).
+try:
+    MODELS = _extension.load("_models")
+except ImportError:
+    MODELS = None
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TRITON_DEVICE = "cpu" if TRITON_INTERPRETED else "cuda"
@@ -65,3 +79,76 @@ def pytest_generate_tests(metafunc):
     # A parameter rather than a fixture, so hypothesis tests can take it too.
     if "device" in metafunc.fixturenames:
         metafunc.parametrize("device", DEVICES)
+
+
+# --- tolerances ----------------------------------------------------------------------------
+
+OUT_EPS = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def assert_linear_close(out, ref, x, w_float, bias=None, extra=None):
+    """|out - ref| within twice the fp32 summation bound plus one rounding of the output.
+
+    The sum has K products, the bias and one scale multiplication (kernels may apply
+    the scale after the sum), so the bound counts K + 2 roundings of its magnitude.
+    ``extra``: a kernel's own documented error beyond that ([rows, N], added).
+    """
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    k = x.shape[-1]
+    mag = x.float().abs().reshape(-1, k) @ w_float.float().abs().t()
+    if bias is not None:
+        mag = mag + bias.float().abs()
+    bound = 2 * (k + 2) * 2.0**-23 * mag + 2 * OUT_EPS[out.dtype] * ref.float().abs().reshape(mag.shape)
+    if extra is not None:
+        bound = bound + extra
+    err = (out.float() - ref.float()).abs().reshape(mag.shape)
+    assert torch.all(err <= bound + 1e-30), f"max excess {(err - bound).max().item()}"
+
+
+def require_kernel(op: str, device: str) -> None:
+    """Skip, saying so, where this build has no kernel for op on the device (the CUDA
+    backend covers W8A8, quantize and dequantize; the Triton backend the rest)."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(op, device.upper()):
+        pytest.skip(f"no {device} kernel for {op} in this build")
+
+
+# --- a small model with every structure the replacement pass must handle -------------------
+
+
+class Block(nn.Module):
+    def __init__(self, d=128):
+        super().__init__()
+        self.attn = nn.ModuleDict({"q": nn.Linear(d, d), "k": nn.Linear(d, d)})
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        return x + self.mlp(self.attn["q"](x) * torch.sigmoid(self.attn["k"](x)))
+
+
+class Net(nn.Module):
+    """Nested blocks, a tiny head, a layer reachable under two names, and tied weights."""
+
+    def __init__(self, d=128):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(d) for _ in range(2)])
+        self.shared = nn.Linear(d, d)
+        self.alias = self.shared  # same module, second name
+        self.tied_a = nn.Linear(d, d, bias=False)
+        self.tied_b = nn.Linear(d, d)
+        self.tied_b.weight = self.tied_a.weight  # distinct modules, one weight
+        self.odd = nn.Linear(100, d)  # in_features not a multiple of any group size
+        self.head = nn.Linear(d, 4)  # tiny
+        self.mha = nn.MultiheadAttention(d, 4, batch_first=True)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        x = self.alias(self.shared(x)) + self.tied_b(self.tied_a(x))
+        x = x + self.odd(x[..., :100])
+        x = x + self.mha(x, x, x, need_weights=False)[0]
+        return self.head(x)
+
+
+def net(seed=0):
+    torch.manual_seed(seed)
+    return Net().eval()

@@ -6,8 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE, activation, weight
-from test_ops import assert_linear_close
+from conftest import TRITON_DEVICE, activation, assert_linear_close, weight
 
 import lowbit
 from lowbit import reference
@@ -18,7 +17,7 @@ SCHEMES = ["w8a8", "w8a8-static", "w8a16", "w4a16-g32", "w4a16-g128-sym", "w4a16
 
 
 def test_report_lists_every_backend_with_a_reason():
-    report = lowbit.backends()
+    report = lowbit.list_backends()
     names = [s.name for s in report]
     assert names == ["cuda", "cpu", "triton", "reference"]
     assert all(s.reason for s in report)
@@ -37,7 +36,7 @@ def test_cpu_tensors_get_the_native_cpu_backend(scheme):
 def test_disable_variable_moves_the_choice_down_the_list(monkeypatch):
     monkeypatch.setenv(DISABLE_ENV, "cpu")
     assert choose_backend(Scheme.parse("w8a8"), "cpu").name == "reference"
-    assert "disabled" in {s.name: s.reason for s in lowbit.backends()}["cpu"]
+    assert "disabled" in {s.name: s.reason for s in lowbit.list_backends()}["cpu"]
 
 
 def test_no_fitting_backend_lists_every_reason(monkeypatch):

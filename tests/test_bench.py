@@ -33,7 +33,7 @@ def test_run_times_every_backend_and_baseline(result):
     for scheme, name in [("w8a8", "lowbit:cpu"), ("w8a8", "lowbit:reference"), ("w8a8", "torch:fbgemm"),
                          ("w8a8", "torch:bf16"), ("w4a16-g64", "torch:int4pack"), ("w4a16-g64", "torch:fp32")]:
         assert (scheme, name) in impls
-    for p in plan.runnable_paths("w8a8"):
+    for p in plan.runnable_paths("int8"):
         if p != "scalar":
             assert ("w8a8", f"lowbit:cpu[{p}]") in impls
     assert all(r.seconds > 0 and r.tflops > 0 and r.m in (1, 16) for r in result.rows)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_quantize import net
+from conftest import net
 
 import lowbit
 from lowbit import CheckpointError

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, activation, int4_weight, int8_values, int8_weight
+from conftest import FLOAT_DTYPES, activation, assert_linear_close, int4_weight, int8_values, int8_weight
 from hypothesis import given
 from hypothesis import strategies as st
 
 import lowbit
-from lowbit import ops, reference
+from lowbit import ops, plan, reference
 from lowbit.backends.cpu import best_cpu_isa, set_cpu_isa
-from test_ops import assert_linear_close
 
 ORDER = ["scalar", "avx2", "avx512_vnni", "amx"]
 ISAS = [pytest.param(isa, marks=pytest.mark.skipif(ORDER.index(isa) > ORDER.index(best_cpu_isa()),
@@ -41,7 +40,7 @@ def test_w8a8_linear_bit_exact_on_every_path(isa, m, n, k, dtype, static, with_b
     packed = ops.int8_prepack(w)
     with lowbit.use_cpu_isa(isa):
         assert torch.equal(ops.w8a8_linear(x, w, sw, bias, xs), expected)
-        assert torch.equal(ops.w8a8_linear_prepacked(x, packed, sw, bias, xs), expected)
+        assert torch.equal(ops.w8a8_linear_prepacked(x, packed, sw, x.shape[-1], bias, xs), expected)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -104,11 +103,11 @@ def test_prepacked_weights_of_another_shape_are_refused():
     packed = ops.int8_prepack(w)
     x = torch.randn(2, 128)
     with pytest.raises(ValueError, match="int8_prepack"):
-        ops.w8a8_linear_prepacked(x, packed, sw[:60], None)
+        ops.w8a8_linear_prepacked(x, packed, sw[:60], x.shape[-1], None)
     with pytest.raises(ValueError, match="int8_prepack"):
-        ops.w8a8_linear_prepacked(torch.randn(2, 132), packed, sw, None)
+        ops.w8a8_linear_prepacked(torch.randn(2, 132), packed, sw, 132, None)
     with pytest.raises(TypeError, match="packed"):
-        ops.w8a8_linear_prepacked(x, packed.view(torch.int8), sw, None)
+        ops.w8a8_linear_prepacked(x, packed.view(torch.int8), sw, x.shape[-1], None)
     with pytest.raises(ValueError, match="K <= 65536"):
         ops.int8_prepack(torch.zeros(1, 65540, dtype=torch.int8))
 
@@ -130,7 +129,7 @@ def test_w4a16_on_every_path(isa, m, n, groups, g, sym, dtype, with_bias, seed):
         assert_linear_close(ops.w4a16_linear_prepacked(x, w, params, gs, n, bias), expected, x, w_full, bias)
 
 
-AMX_BF16 = 3  # the w4a16 ops' path argument for the AMX-BF16 kernel (lowbit.plan.WEIGHT_ONLY_PATHS)
+AMX_BF16 = plan.path_id("weight_only", "amx")  # the AMX-BF16 kernels
 
 
 @pytest.mark.skipif(best_cpu_isa() != "amx", reason="this CPU has no AMX")
@@ -184,7 +183,8 @@ def test_amx_path_with_k_past_one_chunk(m, g):
                         reference.w8a16_linear(x8, q, sw, None), x8, reference.dequantize_int8(q, sw, torch.float32))
 
 
-GEMV_VNNI = 5  # the weight-only ops' path argument for the integer GEMV (lowbit.plan.WEIGHT_ONLY_PATHS)
+GEMV_VNNI = plan.path_id("weight_only", "gemv_vnni")  # the integer GEMV
+GEMV = plan.path_id("weight_only", "gemv")  # the FMA GEMV
 needs_avx512 = pytest.mark.skipif(best_cpu_isa() not in ("avx512_vnni", "amx"), reason="needs AVX-512 VNNI")
 
 
@@ -235,7 +235,7 @@ def test_w4a16_gemv_vnni_path(lead, n, groups, g, sym, spread, with_bias, nc, se
 @pytest.mark.parametrize("g", [128, None])
 def test_gemv_vnni_with_k_past_one_chunk_and_special_rows(g):
     # K = 8194 > 2 x 4096: a group of K has three chunks of k (the last one a lone pair);
-    # a zero row gives the bias; rows holding NaN or Inf take the FMA GEMV (path 4) and
+    # a zero row gives the bias; rows holding NaN or Inf take the FMA GEMV (path gemv) and
     # come out as it computes them, bit for bit, beside rows that take the integer one.
     k, n = 8194 if g is None else 8192, 72
     gs = g or k
@@ -247,7 +247,7 @@ def test_gemv_vnni_with_k_past_one_chunk_and_special_rows(g):
     bias = torch.randn(n).to(torch.bfloat16)
     w, params = ops.w4a16_prepack(packed, scales, zeros, gs)
     out = ops.w4a16_linear_prepacked(x, w, params, gs, n, bias, GEMV_VNNI)
-    fma = ops.w4a16_linear_prepacked(x, w, params, gs, n, bias, 4)
+    fma = ops.w4a16_linear_prepacked(x, w, params, gs, n, bias, GEMV)
     w_full = reference.dequantize_int4(packed, scales, zeros, gs, torch.float32)
     finite = [0, 1, 4]
     assert_linear_close(out[finite], reference.w4a16_linear(x[finite], packed, scales, zeros, gs, bias), x[finite],
@@ -291,7 +291,7 @@ def test_bf16_rows_up_to_two_take_gemv_vnni_by_default():
         assert torch.equal(auto, ops.w4a16_linear_prepacked(x, w, params, 128, 130, None, GEMV_VNNI))
     xf = activation((1, 512), torch.float32, seed=5)
     assert torch.equal(ops.w4a16_linear_prepacked(xf, w, params, 128, 130, None),
-                       ops.w4a16_linear_prepacked(xf, w, params, 128, 130, None, 4))
+                       ops.w4a16_linear_prepacked(xf, w, params, 128, 130, None, GEMV))
     q, sw = int8_weight(130, 512, seed=2)
     w8 = ops.w8a16_prepack(q)
     x = activation((1, 512), torch.bfloat16, seed=3)
@@ -310,7 +310,7 @@ def test_gemv_vnni_refuses_other_activation_dtypes():
             ops.w8a16_linear_prepacked(torch.randn(2, 128).to(dtype), ops.w8a16_prepack(q), sw, None, GEMV_VNNI)
 
 
-WEIGHT_ONLY_PATHS = {"scalar": 0, "gemm": 2, "amx": AMX_BF16, "gemv": 4, "gemv_vnni": GEMV_VNNI}
+WEIGHT_ONLY_PATHS = plan.paths_for("weight_only")
 
 
 @pytest.mark.parametrize("path", WEIGHT_ONLY_PATHS)

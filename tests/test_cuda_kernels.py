@@ -2,7 +2,8 @@
 GPU — their results against the reference.
 
 Without a GPU these checks still run: the CPU models of the int8 and W4A16 tensor-core
-GEMMs (csrc/cuda/int8_gemm_model.cpp, w4a16_prepack.cpp), which replay the kernels'
+GEMMs (csrc/cuda/int8_gemm_model.cpp, w4a16_model.cpp, in the test-only extension
+lowbit._models), which replay the kernels'
 shared-memory layout, ldmatrix addresses, weight shuffle and fragment mapping with the PTX
 ISA's definitions, must equal the reference (int8 exactly; W4A16 within the fp32
 summation bound), on the real prepacked weights; and the built extension's cubins (sm_80
@@ -18,22 +19,22 @@ import subprocess
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, activation, int4_weight, int8_values, int8_weight
+from conftest import MODELS, FLOAT_DTYPES, activation, assert_linear_close, int4_weight, int8_values, int8_weight
 from hypothesis import given
 from hypothesis import strategies as st
 
 import lowbit
 from lowbit import ops, reference
-from test_ops import assert_linear_close
 
-NUM_TILES = 3  # LOWBIT_INT8_GEMM_TILES in csrc/cuda/int8_gemm_layout.h (mma.sync)
-WGMMA_TILE = 3  # kWgmmaTile: the Hopper kernel
+needs_models = pytest.mark.skipif(MODELS is None, reason="lowbit._models not built (LOWBIT_TEST_MODELS=ON; make test)")
+WGMMA_TILE = MODELS.wgmma_tile if MODELS else 0  # the Hopper kernel's tile id; mma.sync tiles are below it
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh)")
 
 
 # --- the CPU model of the int8 GEMM ---------------------------------------------------------
 
 
+@needs_models
 @given(m=st.integers(1, 140), n=st.integers(1, 140), k16=st.integers(1, 20), tile=st.integers(0, WGMMA_TILE),
        seed=st.integers(0, 2**31 - 1))
 def test_int8_gemm_model_is_exact(m, n, k16, tile, seed):
@@ -42,6 +43,7 @@ def test_int8_gemm_model_is_exact(m, n, k16, tile, seed):
     assert torch.equal(out, (a.double() @ b.double().t()).to(torch.int32))
 
 
+@needs_models
 def test_int8_gemm_model_covers_full_tiles_and_extremes():
     for tile in range(WGMMA_TILE + 1):
         a = torch.full((130, 256), -127, dtype=torch.int8)
@@ -50,6 +52,7 @@ def test_int8_gemm_model_covers_full_tiles_and_extremes():
         assert torch.equal(torch.ops.lowbit_model.int8_gemm(a, b, tile), (a.double() @ b.double().t()).int())
 
 
+@needs_models
 def test_int8_gemm_model_rejects_bad_input():
     a = int8_values((4, 32), 0)
     with pytest.raises(ValueError, match="multiple of 16"):
@@ -61,6 +64,7 @@ def test_int8_gemm_model_rejects_bad_input():
 # --- the W4A16 weight shuffle and its CPU model ---------------------------------------------------
 
 
+@needs_models
 @given(m=st.integers(1, 40), n=st.integers(1, 600), groups=st.integers(1, 5), g=st.sampled_from([32, 64, 128, None]),
        sym=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_w4a16_prepack_and_model_match_the_reference(m, n, groups, g, sym, seed):
@@ -105,6 +109,7 @@ def _cuobjdump() -> str:
 built_with_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("lowbit::int8_scaled_mm", "CUDA")
 
 
+@needs_models
 @pytest.mark.skipif(not built_with_cuda, reason="this build has no CUDA kernels (no nvcc)")
 def test_cuda_binaries_have_tensor_core_gemms_without_spills():
     so = str(_extension())
@@ -114,7 +119,7 @@ def test_cuda_binaries_have_tensor_core_gemms_without_spills():
     usage = subprocess.run([_cuobjdump(), "-res-usage", so], capture_output=True, text=True, check=True).stdout
     kernels = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     gemms = [k for k in kernels if "16int8_gemm_kernelI" in k[0]]  # mangled name; the file name holds it too
-    assert len(gemms) == 2 * NUM_TILES * len(FLOAT_DTYPES)  # two architectures, every tile and output type
+    assert len(gemms) == 2 * WGMMA_TILE * len(FLOAT_DTYPES)  # two architectures, every tile and output type
     for name, regs, stack, local in kernels:
         assert stack == "0" and local == "0", f"{name}: {stack} B stack, {local} B local memory"
     sass = subprocess.run([_cuobjdump(), "-sass", "-fun", gemms[0][0], so], capture_output=True, text=True,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import activation
-from test_ops import assert_linear_close
+from conftest import activation, assert_linear_close
 from torch import nn
 
 import lowbit

@@ -11,44 +11,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, activation, int4_weight, int8_values, int8_weight
+from conftest import (FLOAT_DTYPES, activation, assert_linear_close, int4_weight, int8_values, int8_weight,
+                      require_kernel)
 from hypothesis import given
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lowbit import ops, reference
 
-OUT_EPS = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
 dtypes = st.sampled_from(FLOAT_DTYPES)
 seeds = st.integers(0, 2**31 - 1)
 group_sizes = st.sampled_from([32, 64, 128, None])
-
-
-def assert_linear_close(out, ref, x, w_float, bias=None, extra=None):
-    """|out - ref| within twice the fp32 summation bound plus one rounding of the output.
-
-    The sum has K products, the bias and one scale multiplication (kernels may apply
-    the scale after the sum), so the bound counts K + 2 roundings of its magnitude.
-    ``extra``: a kernel's own documented error beyond that ([rows, N], added).
-    """
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    k = x.shape[-1]
-    mag = x.float().abs().reshape(-1, k) @ w_float.float().abs().t()
-    if bias is not None:
-        mag = mag + bias.float().abs()
-    bound = 2 * (k + 2) * 2.0**-23 * mag + 2 * OUT_EPS[out.dtype] * ref.float().abs().reshape(mag.shape)
-    if extra is not None:
-        bound = bound + extra
-    err = (out.float() - ref.float()).abs().reshape(mag.shape)
-    assert torch.all(err <= bound + 1e-30), f"max excess {(err - bound).max().item()}"
-
-
-def require_kernel(op: str, device: str) -> None:
-    """Skip, saying so, where this build has no kernel for op on the device (the CUDA
-    backend covers W8A8, quantize and dequantize; the Triton backend the rest)."""
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(op, device.upper()):
-        pytest.skip(f"no {device} kernel for {op} in this build")
 
 
 def leading_shapes():
@@ -188,7 +161,7 @@ def sample_calls(device="cpu"):
                 calls.append((torch.ops.lowbit.w4a16_linear_prepacked.default, (x, w4, params, 32, 12, bias)))
         if device == "cpu":
             calls += [
-                (torch.ops.lowbit.w8a8_linear_prepacked.default, (x, ops.int8_prepack(w), sw, bias, None)),
+                (torch.ops.lowbit.w8a8_linear_prepacked.default, (x, ops.int8_prepack(w), sw, x.shape[-1], bias, None)),
                 (torch.ops.lowbit.w8a16_linear_prepacked.default, (x, ops.w8a16_prepack(w), sw, bias)),
             ]
         a = int8_values((5, 64), 4, device)

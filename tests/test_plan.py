@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lowbit import formats, ops, plan, reference
+from lowbit.formats import Scheme
 from lowbit.nn import QuantLinear
 
 
@@ -18,25 +19,25 @@ def test_every_path_matches_the_reference(m):
     q, s = formats.quantize_int8_per_channel(w)
     packed = ops.int8_prepack(q)
     ref = reference.w8a8_linear(x, q, s, None)
-    for name in plan.runnable_paths("w8a8"):
-        assert torch.equal(ops.w8a8_linear_prepacked(x, packed, s, None, None, plan.INT8_PATHS[name]), ref), name
+    for name in plan.runnable_paths("int8"):
+        assert torch.equal(ops.w8a8_linear_prepacked(x, packed, s, x.shape[-1], None, None, plan.path_id("int8", name)), ref), name
     p4, s4, z4 = formats.quantize_int4_groupwise(w, 64, False)
     wp, params = ops.w4a16_prepack(p4, s4, z4, 64)
     ref4 = reference.w4a16_linear(x, p4, s4, z4, 64, None)
     wp8 = ops.w8a16_prepack(q)
     ref8 = reference.w8a16_linear(x, q, s, None)
-    for name in plan.runnable_paths("w8a16"):
+    for name in plan.runnable_paths("weight_only"):
         if name in ("amx", "gemv_vnni"):
             continue  # bf16 activations only: below
-        path = plan.WEIGHT_ONLY_PATHS[name]
+        path = plan.path_id("weight_only", name)
         assert torch.allclose(ops.w4a16_linear_prepacked(x, wp, params, 64, 72, None, path), ref4, atol=1e-4), name
         assert torch.allclose(ops.w8a16_linear_prepacked(x, wp8, s, None, path), ref8, atol=1e-4), name
     xb = x.to(torch.bfloat16)
-    for name in {"amx", "gemv_vnni"} & set(plan.runnable_paths("w4a16")):  # bf16 activations only
-        out = ops.w4a16_linear_prepacked(xb, wp, params, 64, 72, None, plan.WEIGHT_ONLY_PATHS[name])
+    for name in {"amx", "gemv_vnni"} & set(plan.runnable_paths("weight_only")):  # bf16 activations only
+        out = ops.w4a16_linear_prepacked(xb, wp, params, 64, 72, None, plan.path_id("weight_only", name))
         assert torch.allclose(out.float(), reference.w4a16_linear(xb, p4, s4, z4, 64, None).float(), rtol=2**-7,
                               atol=0.05), name
-        out8 = ops.w8a16_linear_prepacked(xb, wp8, s, None, plan.WEIGHT_ONLY_PATHS[name])
+        out8 = ops.w8a16_linear_prepacked(xb, wp8, s, None, plan.path_id("weight_only", name))
         assert torch.allclose(out8.float(), reference.w8a16_linear(xb, q, s, None).float(), rtol=2**-7,
                               atol=0.05), name
 
@@ -44,15 +45,32 @@ def test_every_path_matches_the_reference(m):
 def test_bad_paths_are_refused_by_name():
     x = torch.randn(2, 64)
     q, s = formats.quantize_int8_per_channel(torch.randn(64, 64))
-    with pytest.raises(ValueError, match="unknown path 9"):
-        ops.w8a8_linear_prepacked(x, ops.int8_prepack(q), s, None, None, 9)
-    with pytest.raises(ValueError, match="weight-only kernels take"):
-        ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(q), s, None, 1)
+    with pytest.raises(ValueError, match="path 9 is not a int8 kernel path"):
+        ops.w8a8_linear_prepacked(x, ops.int8_prepack(q), s, x.shape[-1], None, None, 9)
+    # An int8 path's id is not a weight-only path: the families never share an id.
+    int8_avx2 = plan.path_id("int8", "avx2")
+    assert int8_avx2 not in plan.paths_for("weight_only").values()
+    with pytest.raises(ValueError, match=f"path {int8_avx2} is not a weight_only kernel path"):
+        ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(q), s, None, int8_avx2)
+    for p in plan.KERNEL_PATHS:
+        if not p.runnable:
+            with pytest.raises(ValueError, match="this CPU cannot run it"):
+                ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(q), s, None, p.id) if p.family == "weight_only" \
+                    else ops.w8a8_linear_prepacked(x, ops.int8_prepack(q), s, 64, None, None, p.id)
+    with pytest.raises(ValueError, match="unknown weight_only kernel path"):
+        plan.path_id("weight_only", "avx2")
+
+
+def test_the_path_table_is_the_extensions():
+    names = {(p.family, p.name) for p in plan.KERNEL_PATHS}
+    assert ("int8", "avx512_vnni") in names and ("weight_only", "gemv_vnni") in names
+    assert len({p.id for p in plan.KERNEL_PATHS}) == len(plan.KERNEL_PATHS)  # ids unique across families
+    assert set(plan.runnable_paths("int8")) >= {"scalar"}
 
 
 def test_dispatch_takes_the_bucket_at_or_above_m():
     # The "amx" path refuses fp32 activations, which shows exactly where dispatch takes it.
-    if "amx" not in plan.runnable_paths("w8a16"):
+    if "amx" not in plan.runnable_paths("weight_only"):
         pytest.skip("this CPU has no AMX")
     p = plan.Plan()
     p.entries[plan.key("w8a16", "cpu", 64, 128)] = {b: ("amx" if 16 < b <= 64 else "gemm") for b in plan.BUCKETS}
@@ -80,7 +98,7 @@ def test_layers_dispatch_through_the_plan_and_compile():
     linear = torch.nn.Linear(128, 96)
     with plan.use_plan(_plan()):
         layer = QuantLinear.from_linear(linear, "w4a16-g64")
-    assert layer.packed.paths == ((16, plan.WEIGHT_ONLY_PATHS["gemv"]), (2048, plan.WEIGHT_ONLY_PATHS["gemm"]))
+    assert layer.packed.paths == ((16, plan.path_id("weight_only", "gemv")), (2048, plan.path_id("weight_only", "gemm")))
     with plan.use_plan(None):
         plain = QuantLinear.from_linear(linear, "w4a16-g64")
     assert plain.packed.paths is None
@@ -95,8 +113,8 @@ def test_an_all_auto_entry_dispatches_nothing():
     p = plan.Plan()
     p.entries[plan.key("w8a8", "cpu", 96, 128)] = {b: "auto" for b in plan.BUCKETS}
     p.entries[plan.key("w8a8", "cpu", 64, 128)] = {b: ("auto" if b < 16 else "amx") for b in plan.BUCKETS}
-    assert p.paths("w8a8", "cpu", 96, 128, "w8a8") is None
-    assert p.paths("w8a8", "cpu", 64, 128, "w8a8") == ((8, -1), (2048, 3))
+    assert p.paths(Scheme("w8a8"), "cpu", 96, 128) is None
+    assert p.paths(Scheme("w8a8"), "cpu", 64, 128) == ((8, -1), (2048, 3))
 
 
 def test_plan_files_round_trip_and_bad_files_fail(tmp_path):

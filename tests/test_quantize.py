@@ -6,47 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import net
+
 import lowbit
 from lowbit.nn import QuantLinear, W4A16Linear, W8A8Linear, W8A16Linear
-
-
-class Block(nn.Module):
-    def __init__(self, d=128):
-        super().__init__()
-        self.attn = nn.ModuleDict({"q": nn.Linear(d, d), "k": nn.Linear(d, d)})
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x):
-        return x + self.mlp(self.attn["q"](x) * torch.sigmoid(self.attn["k"](x)))
-
-
-class Net(nn.Module):
-    """Nested blocks, a tiny head, a layer reachable under two names, and tied weights."""
-
-    def __init__(self, d=128):
-        super().__init__()
-        self.blocks = nn.ModuleList([Block(d) for _ in range(2)])
-        self.shared = nn.Linear(d, d)
-        self.alias = self.shared  # same module, second name
-        self.tied_a = nn.Linear(d, d, bias=False)
-        self.tied_b = nn.Linear(d, d)
-        self.tied_b.weight = self.tied_a.weight  # distinct modules, one weight
-        self.odd = nn.Linear(100, d)  # in_features not a multiple of any group size
-        self.head = nn.Linear(d, 4)  # tiny
-        self.mha = nn.MultiheadAttention(d, 4, batch_first=True)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        x = self.alias(self.shared(x)) + self.tied_b(self.tied_a(x))
-        x = x + self.odd(x[..., :100])
-        x = x + self.mha(x, x, x, need_weights=False)[0]
-        return self.head(x)
-
-
-def net(seed=0):
-    torch.manual_seed(seed)
-    return Net().eval()
 
 
 def test_quantizes_every_eligible_layer_and_reports_the_rest():

@@ -16,10 +16,10 @@ import copy
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, TRITON_DEVICE, TRITON_INTERPRETED, activation, int4_weight, int8_values, int8_weight
+from conftest import (FLOAT_DTYPES, TRITON_DEVICE, TRITON_INTERPRETED, activation, assert_linear_close, int4_weight,
+                      int8_values, int8_weight)
 from hypothesis import given
 from hypothesis import strategies as st
-from test_ops import assert_linear_close
 
 import lowbit
 from lowbit import reference
@@ -330,7 +330,7 @@ def test_quantize_with_the_triton_backend(scheme):
 
 
 def test_backend_listing():
-    status = {s.name: s for s in lowbit.backends()}["triton"]
+    status = {s.name: s for s in lowbit.list_backends()}["triton"]
     assert status.available
     assert ("interpreter" in status.reason) == TRITON_INTERPRETED
 

@@ -18,6 +18,7 @@
 #include "checks.h"
 #include "cpu/int8_gemm_driver.h"
 #include "cpu/isa.h"
+#include "cpu/paths.h"
 #include "cpu/quantize.h"
 
 namespace lowbit::cpu {
@@ -125,13 +126,13 @@ std::optional<at::Tensor> float_contiguous(const std::optional<at::Tensor>& t) {
 
 // out[M, N] (row stride ldo) from the activation buffer a ([M][kp]); row_comp as in
 // int8::Epilogue (used by the VNNI kernel only).
-void run_gemm(Isa path, const int8_t* a, int64_t m, int64_t kp, const at::Tensor& packed, const int32_t* row_comp,
+void run_gemm(Isa isa_wanted, const int8_t* a, int64_t m, int64_t kp, const at::Tensor& packed, const int32_t* row_comp,
               const float* a_scale, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
               at::Tensor& out) {
   const std::optional<at::Tensor> bf = float_contiguous(bias);
   const at::Tensor sw = w_scale.contiguous();
   // Below one AMX tile of rows, the tile's padding rows would be wasted work: VNNI instead.
-  const Isa isa = path == Isa::kAmx && m < int8::kAlignM ? Isa::kAvx512Vnni : path;
+  const Isa isa = isa_wanted == Isa::kAmx && m < int8::kAlignM ? Isa::kAvx512Vnni : isa_wanted;
   const Epilogue ep{a_scale, sw.const_data_ptr<float>(), bf ? bf->const_data_ptr<float>() : nullptr,
                     has_avx512(isa) ? row_comp : nullptr, out.mutable_data_ptr(),
                     float_type(out.scalar_type()), w_scale.size(0), w_scale.size(0)};
@@ -162,21 +163,15 @@ std::optional<float> static_scale(const at::Tensor& x, const std::optional<at::T
   return x_scale->item<float>();
 }
 
-// The ISA of an int8 op's `path` argument (-1: the current one).
-Isa int8_path(int64_t path) {
-  if (path == kPathAuto) return current_isa();
-  const std::string error = path_error(path);
-  TORCH_CHECK_VALUE(error.empty(), "path: ", error, " (the int8 GEMM takes -1 = auto, 0 = scalar, 1 = avx2, ",
-                    "2 = avx512_vnni, 3 = amx)");
-  return static_cast<Isa>(path);
-}
-
 at::Tensor w8a8_linear_prepacked(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& w_scale,
-                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& x_scale,
-                                 int64_t path) {
-  const Isa isa = int8_path(path);
+                                 int64_t in_features, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& x_scale, int64_t path) {
+  const Path chosen = checked_path(path, Family::kInt8);
+  const Isa isa = chosen == Path::kAuto ? current_isa() : int8_path_isa(chosen);
   check_activation(x, "x");
   const int64_t k = x.size(-1);
+  // The packed weight's K is padded to whole blocks: only in_features tells a short input.
+  TORCH_CHECK_VALUE(k == in_features, "x has K = ", k, " features but the weight has K = ", in_features);
   check_prepacked(packed, w_scale, k);
   const int64_t n = w_scale.size(0);
   check_bias(bias, n);
@@ -199,7 +194,8 @@ at::Tensor w8a8_linear_prepacked(const at::Tensor& x, const at::Tensor& packed, 
 at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& x_scale) {
   check_int8_linear(x, w, w_scale, bias);
-  return w8a8_linear_prepacked(x, int8_prepack(w), w_scale, bias, x_scale, kPathAuto);
+  return w8a8_linear_prepacked(x, int8_prepack(w), w_scale, w.size(1), bias, x_scale,
+                               static_cast<int64_t>(Path::kAuto));
 }
 
 at::Tensor int8_scaled_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,

@@ -79,13 +79,4 @@ void set_isa(const std::string& name) {
   forced().store(static_cast<int>(wanted), std::memory_order_relaxed);
 }
 
-std::string path_error(int64_t path) {
-  if (path < 0 || path > static_cast<int64_t>(Isa::kAmx)) return "unknown path " + std::to_string(path);
-  const Isa wanted = static_cast<Isa>(path);
-  if (static_cast<int>(wanted) > static_cast<int>(best_isa()))
-    return std::string("this CPU cannot run the ") + isa_name(wanted) + " path (best available: " +
-           isa_name(best_isa()) + ")";
-  return "";
-}
-
 }  // namespace lowbit::cpu

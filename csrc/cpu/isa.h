@@ -27,19 +27,6 @@ const char* isa_name(Isa isa);
 // Throws std::invalid_argument for an unknown name or a path this CPU lacks.
 void set_isa(const std::string& name);
 
-// The `path` argument of the prepacked linear ops: -1 lets the kernel choose (the current
-// ISA and its built-in M thresholds); otherwise an Isa value, or kPathGemv (weight-only
-// ops: the in-register small-M kernel at every M). A tuned plan (python/lowbit/plan.py)
-// passes one per M bucket.
-constexpr int64_t kPathAuto = -1;
-constexpr int64_t kPathGemv = 4;
-// Weight-only, bf16 activations: the integer GEMV (vpdpbusd on block floating point) at
-// every M.
-constexpr int64_t kPathGemvVnni = 5;
-// The Isa an explicit path 0..3 runs on, or an error message when this CPU cannot run it
-// (empty when it can); the ops raise it as a ValueError.
-std::string path_error(int64_t path);
-
 enum class PeakKind { kVnni, kFma };
 // Operations per second one thread sustains (int8: 2 per multiply-add; fp32: 2 per FMA),
 // measured for about `seconds`; AVX-512 VNNI CPUs only (csrc/cpu/peak_avx512.cpp).

@@ -16,6 +16,7 @@
 
 #include "checks.h"
 #include "cpu/isa.h"
+#include "cpu/paths.h"
 
 namespace lowbit::cpu {
 
@@ -162,34 +163,24 @@ at::Tensor run_panels(const at::Tensor& x, int64_t m, int64_t n, const std::opti
 
 // Activations of any float dtype, widened to fp32, times the int4 or int8 panels from
 // panel_at(p): in registers from the packed bytes up to kMaxGemvRows rows, else through
-// dequantized fp32 blocks.
-// path: -1 auto (AVX-512 when current, registers up to kMaxGemvRows rows), 0 scalar,
-// 2 AVX-512 through fp32 blocks at every M, kPathGemv AVX-512 in registers at every M
-// (kMaxGemvRows rows at a time).
+// dequantized fp32 blocks. `path` is checked (checked_path); kWoAmx is taken before this.
 template <typename PanelAt>
-at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, int64_t path,
+at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, Path path,
                            PanelAt panel_at) {
-  TORCH_CHECK_VALUE(path == kPathAuto || path == 0 || path == 2 || path == kPathGemv || path == kPathGemvVnni,
-                    "path: the weight-only kernels take -1 = auto, 0 = scalar, 2 = avx512 (blocked GEMM), ",
-                    "4 = gemv (in registers) or, for bf16 activations, 3 = amx and 5 = gemv_vnni; ",
-                    "got ", path);
   const Panel first = panel_at(0);
-  if (path == kPathGemvVnni) {
-    TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "path 5 (gemv_vnni) multiplies bf16 activations; x is ",
+  if (path == Path::kWoGemvVnni) {
+    TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "path gemv_vnni multiplies bf16 activations; x is ",
                      x.scalar_type());
   }
-  if (path == 2 || path == kPathGemv || path == kPathGemvVnni)
-    TORCH_CHECK_VALUE(has_avx512(best_isa()), "path: this CPU cannot run the AVX-512 weight-only kernels (best ",
-                      "available: ", isa_name(best_isa()), ")");
   const int64_t k = x.size(-1);
   const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const float* xp = xf.const_data_ptr<float>();
-  const bool avx512 = path == kPathAuto ? has_avx512(current_isa()) : path != 0;
+  const bool avx512 = path == Path::kAuto ? has_avx512(current_isa()) : path != Path::kWoScalar;
   const int64_t m = xf.size(0);
   const bool int4 = first.kind == Weights::kInt4;
-  const bool vnni = path == kPathGemvVnni || (path == kPathAuto && avx512 && x.scalar_type() == at::kBFloat16 &&
+  const bool vnni = path == Path::kWoGemvVnni || (path == Path::kAuto && avx512 && x.scalar_type() == at::kBFloat16 &&
                                                m <= (int4 ? wo::kVnniMaxRows : wo::kVnniMaxRowsInt8));
-  const bool gemv = vnni || path == kPathGemv || (path == kPathAuto && avx512 && m <= wo::kMaxGemvRows);
+  const bool gemv = vnni || path == Path::kWoGemv || (path == Path::kAuto && avx512 && m <= wo::kMaxGemvRows);
   // The integer GEMV's rows in block floating point (wo_gemm.h); a row holding NaN or Inf
   // has no such form and goes through the FMA GEMV, which propagates them as the reference.
   const int64_t kpad = (k + 3) / 4 * 4, chunk = int4 ? std::min(first.group_size, wo::kVnniChunkK) : wo::kVnniChunkK8,
@@ -258,22 +249,20 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
   });
 }
 
-// Whether a weight-only call runs on the AMX-BF16 kernels: asked for (path 3, checked), or
-// chosen (path -1) for bf16 activations from min_rows rows (wo::kAmxMinRowsInt4 / Int8)
-// when AMX is current. group: the quantization group size (K for int8); AMX takes k in
-// tiles of 32.
-bool takes_amx(const at::Tensor& x, int64_t path, int64_t group, int64_t min_rows) {
-  if (path == static_cast<int64_t>(Isa::kAmx)) {
-    TORCH_CHECK_VALUE(has_amx_bf16(), "path: this CPU cannot run the AMX-BF16 weight-only kernel (best available: ",
-                      isa_name(best_isa()), ")");
-    TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "path 3 (amx) multiplies bf16 activations; x is ",
+// Whether a weight-only call runs on the AMX-BF16 kernels: asked for (kWoAmx, which
+// checked_path has checked against the CPU), or chosen (kAuto) for bf16 activations from
+// min_rows rows (wo::kAmxMinRowsInt4 / Int8) when AMX is current. group: the quantization
+// group size (K for int8); AMX takes k in tiles of 32.
+bool takes_amx(const at::Tensor& x, Path path, int64_t group, int64_t min_rows) {
+  if (path == Path::kWoAmx) {
+    TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "path amx multiplies bf16 activations; x is ",
                      x.scalar_type());
-    TORCH_CHECK_VALUE(group % 32 == 0, "path 3 (amx) needs a group size (K for int8 weights) that is a multiple ",
+    TORCH_CHECK_VALUE(group % 32 == 0, "path amx needs a group size (K for int8 weights) that is a multiple ",
                       "of 32 (one AMX tile of k), got ", group);
     return true;
   }
   const int64_t k = x.size(-1), m = k ? x.numel() / k : 0;
-  return path == kPathAuto && current_isa() == Isa::kAmx && has_amx_bf16() && x.scalar_type() == at::kBFloat16 &&
+  return path == Path::kAuto && current_isa() == Isa::kAmx && has_amx_bf16() && x.scalar_type() == at::kBFloat16 &&
          m >= min_rows && group % 32 == 0;
 }
 
@@ -335,7 +324,8 @@ void check_prepacked_x(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
 
 at::Tensor w4a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, const at::Tensor& params,
                                   int64_t group_size, int64_t out_features, const std::optional<at::Tensor>& bias,
-                                  int64_t path) {
+                                  int64_t path_id) {
+  const Path path = checked_path(path_id, Family::kWeightOnly);
   check_dtype(w, at::kByte, "w");
   check_prepacked_x(x, w, out_features, bias, /*pairs=*/true);
   const int64_t k = x.size(-1);
@@ -358,7 +348,8 @@ at::Tensor w4a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
 }
 
 at::Tensor w8a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
-                                  const std::optional<at::Tensor>& bias, int64_t path) {
+                                  const std::optional<at::Tensor>& bias, int64_t path_id) {
+  const Path path = checked_path(path_id, Family::kWeightOnly);
   check_dtype(w, at::kChar, "w");
   check_dtype(w_scale, at::kFloat, "w_scale");
   TORCH_CHECK_VALUE(w_scale.dim() == 1, "w_scale must be 1-D, got ", w_scale.sizes());
@@ -378,7 +369,7 @@ at::Tensor w8a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
 at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
                         const std::optional<at::Tensor>& bias) {
   check_int8_linear(x, w, w_scale, bias);
-  return w8a16_linear_prepacked(x, w8a16_prepack(w), w_scale, bias, kPathAuto);
+  return w8a16_linear_prepacked(x, w8a16_prepack(w), w_scale, bias, static_cast<int64_t>(Path::kAuto));
 }
 
 at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
@@ -386,7 +377,7 @@ at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& packed, const at:
                         const std::optional<at::Tensor>& bias) {
   check_int4_linear(x, packed, scales, zeros, group_size, bias);
   const auto [w, params] = w4a16_prepack(packed, scales, zeros, group_size);
-  return w4a16_linear_prepacked(x, w, params, group_size, packed.size(0), bias, kPathAuto);
+  return w4a16_linear_prepacked(x, w, params, group_size, packed.size(0), bias, static_cast<int64_t>(Path::kAuto));
 }
 
 }  // namespace

@@ -12,7 +12,8 @@
 //   mma.m16n8k32.row.col.s8: lane l (g = l/4, t = l%4) holds A[g][4t..4t+3] in a0,
 //     A[g+8][4t..] in a1, A[g][16+4t..] in a2, A[g+8][16+4t..] in a3; B[k][g] for
 //     k = 4t..4t+3 in b0 and 16+4t.. in b1; D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1].
-// Compiled into every build (no CUDA needed); slow, for small test shapes only.
+// Built only into the test extension lowbit._models (no CUDA needed); slow, for small
+// test shapes only.
 #include <ATen/ops/full.h>
 #include <torch/library.h>
 

@@ -1,30 +1,50 @@
-"""lowbit: low-bit (INT8 / INT4) inference for PyTorch."""
+"""lowbit: low-bit (INT8 / INT4) inference for PyTorch.
 
-import importlib.util
-import os
-import sys
+``lowbit.quantize(model, "w4a16-g128")`` swaps a model's ``nn.Linear`` layers for
+quantized ones; ``lowbit.save`` / ``lowbit.load`` write and read checkpoints; the
+subpackages hold the rest: ``lowbit.ops`` (the custom ops), ``lowbit.formats`` (schemes
+and canonical weights), ``lowbit.nn`` (the modules), ``lowbit.backends`` (who runs a
+layer), ``lowbit.calibrate`` (GPTQ, AWQ, SmoothQuant, observers), ``lowbit.plan`` (per-M
+kernel choice), and, imported on first use, ``lowbit.bench`` and ``lowbit.tools``.
+"""
 
-import torch
+import importlib
+
+import torch  # noqa: F401  (the extension links against it)
+
+from lowbit import _extension
 
 # Loading the extension registers the torch.ops.lowbit schemas and kernels.
-# LOWBIT_EXTENSION points at another build of it (the sanitizer build of `make sanitize`).
-if os.environ.get("LOWBIT_EXTENSION"):
-    _spec = importlib.util.spec_from_file_location("lowbit._C", os.environ["LOWBIT_EXTENSION"])
-    _C = importlib.util.module_from_spec(_spec)
-    sys.modules["lowbit._C"] = _C
-    _spec.loader.exec_module(_C)
-else:
-    from lowbit import _C  # noqa: F401
+_C = _extension.load("_C")
 
 from lowbit import ops  # noqa: E402  (fake implementations for torch.compile)
-from lowbit.backends import backends, choose_backend, cpu_isa, use_cpu_isa  # noqa: E402
+from lowbit import backends, formats, nn  # noqa: E402
+from lowbit.backends import (  # noqa: E402
+    best_cpu_isa,
+    choose_backend,
+    cpu_isa,
+    list_backends,
+    set_cpu_isa,
+    use_cpu_isa,
+)
 from lowbit.checkpoint import CheckpointError, load, save  # noqa: E402
 from lowbit.formats import QuantizedWeight, Scheme, quantize_weight  # noqa: E402
 from lowbit.nn import QuantLinear, W4A16Linear, W8A8Linear, W8A8StaticLinear, W8A16Linear  # noqa: E402
 from lowbit.quantize import QuantConfig, QuantizeReport, dequantize, quantize  # noqa: E402
-from lowbit import calibrate, plan  # noqa: E402  (lowbit.calibrate.GPTQ, lowbit.plan.Plan, ...)
+from lowbit import calibrate, plan  # noqa: E402
 
 __version__ = "0.1.0"
+
+# Heavier subpackages, imported when first named (``lowbit.bench.run`` after ``import lowbit``).
+_LAZY = ("bench", "tools", "demo", "cli")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f"lowbit.{name}")
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
+
 __all__ = [
     "CheckpointError",
     "QuantConfig",
@@ -37,15 +57,22 @@ __all__ = [
     "W8A8StaticLinear",
     "W8A16Linear",
     "backends",
+    "bench",
+    "best_cpu_isa",
     "calibrate",
     "choose_backend",
     "cpu_isa",
     "dequantize",
+    "formats",
+    "list_backends",
     "load",
+    "nn",
     "ops",
     "plan",
     "quantize",
     "quantize_weight",
     "save",
+    "set_cpu_isa",
+    "tools",
     "use_cpu_isa",
 ]

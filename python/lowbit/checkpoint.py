@@ -19,6 +19,7 @@ its backend for the target device at load time, so a checkpoint loads anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -108,11 +109,10 @@ def _canonical(name: str, spec: dict, tensors: dict[str, torch.Tensor], path) ->
         scheme = Scheme.parse(spec["scheme"])
         parts = {part: tensors.get(f"{name}.{part}") for part in CANONICAL}
         n, k, g = int(spec["out_features"]), int(spec["in_features"]), int(spec["group_size"])
-        qw = QuantizedWeight(scheme, parts["qweight"], parts["scales"], parts["zeros"], g, n, k, parts["act_scale"],
-                             parts["input_scale"])
+        qw = QuantizedWeight(scheme=scheme, group_size=g, out_features=n, in_features=k, **parts)
         if qw.qweight is None or qw.scales is None:
             raise ValueError("qweight or scales missing")
-        if scheme.kind == "w4a16":
+        if scheme.is_int4:
             checks.int4_weight(qw.qweight, qw.scales, qw.zeros, g)
             if (qw.zeros is None) != scheme.symmetric:
                 raise ValueError(f"zero points {'present' if qw.zeros is not None else 'missing'} for {scheme}")
@@ -120,10 +120,10 @@ def _canonical(name: str, spec: dict, tensors: dict[str, torch.Tensor], path) ->
                 raise ValueError("zero points above 15")
         else:
             checks.int8_weight(qw.qweight, qw.scales)
-            if (qw.act_scale is None) != (scheme.kind != "w8a8-static"):
+            if (qw.act_scale is None) == scheme.static_activations:
                 raise ValueError(f"activation scale does not fit {scheme}")
         rows, cols = qw.qweight.shape
-        stored = (rows, cols * 2) if scheme.kind == "w4a16" else (rows, cols)
+        stored = (rows, cols * 2) if scheme.is_int4 else (rows, cols)
         if stored != (n, k):
             raise ValueError(f"weight is {stored[0]}x{stored[1]}, metadata says {n}x{k}")
         if not (torch.isfinite(qw.scales).all() and (qw.scales > 0).all()):
@@ -191,9 +191,7 @@ def load(
                                   f"{spec.get('out_features')}x{spec.get('in_features')} in the checkpoint")
         qw, bias = _canonical(name, spec, tensors, path)
         if id(old) not in built:
-            moved_qw = QuantizedWeight(qw.scheme, to_device(qw.qweight), to_device(qw.scales), to_device(qw.zeros),
-                                       qw.group_size, qw.out_features, qw.in_features, to_device(qw.act_scale),
-                                       to_device(qw.input_scale))
+            moved_qw = dataclasses.replace(qw, **{part: to_device(t) for part, t in qw.tensors().items()})
             built[id(old)] = module_for(qw.scheme)(moved_qw, to_device(bias), backend)
         new_modules[name] = built[id(old)]
 

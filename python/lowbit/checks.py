@@ -91,11 +91,16 @@ def int8_scaled_mm(a, b, a_scale, b_scale, bias_, out_dtype) -> None:
     same_device({"a": a, "b": b, "a_scale": a_scale, "b_scale": b_scale, "bias": bias_})
 
 
-def weight_linear(x, w, w_scale, bias_, wdtype: torch.dtype) -> None:
+def in_features(x: torch.Tensor, k: int) -> None:
+    if x.shape[-1] != k:
+        raise ValueError(f"x has K = {x.shape[-1]} features but the weight has K = {k}")
+
+
+def weight_linear(x, w, w_scale, bias_) -> None:
+    """The arguments of an int8-weight linear op (w8a8_linear, w8a16_linear)."""
     activation(x, "x")
     int8_weight(w, w_scale)
-    if x.shape[-1] != w.shape[1]:
-        raise ValueError(f"x has K = {x.shape[-1]} features but w is [N, K] = {tuple(w.shape)}")
+    in_features(x, w.shape[1])
     bias(bias_, w.shape[0])
     same_device({"x": x, "w": w, "bias": bias_})
 
@@ -135,8 +140,6 @@ def int4_weight(packed, scales, zeros, g: int) -> None:
 def w4a16_linear(x, packed, scales, zeros, g: int, bias_) -> None:
     activation(x, "x")
     int4_weight(packed, scales, zeros, g)
-    k = packed.shape[1] * 2
-    if x.shape[-1] != k:
-        raise ValueError(f"x has K = {x.shape[-1]} features but the int4 weight has K = {k}")
+    in_features(x, packed.shape[1] * 2)
     bias(bias_, packed.shape[0])
     same_device({"x": x, "packed": packed, "bias": bias_})

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "backends":
-            print(lowbit.backends())
+            print(lowbit.list_backends())
         elif args.command == "demo":
             from lowbit import demo as demo_module
 

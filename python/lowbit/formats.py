@@ -1,4 +1,4 @@
-"""The canonical quantization schemes and weight formats (DESIGN.md section 3).
+"""The canonical quantization schemes and weight formats (docs/design.md, "Canonical formats").
 
 ``quantize_weight(w, scheme)`` turns a float weight ``w[N, K]`` into the canonical
 tensors that checkpoints hold and that every backend prepacks from:
@@ -45,7 +45,7 @@ class Scheme:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown scheme kind {self.kind!r}; expected one of {KINDS}")
-        if self.kind == "w4a16":
+        if self.is_int4:
             if self.group_size is not None and self.group_size not in checks.GROUP_SIZES:
                 raise ValueError(
                     f"w4a16 group_size must be one of {checks.GROUP_SIZES} or None (= K), "
@@ -55,8 +55,40 @@ class Scheme:
             raise ValueError(f"{self.kind} is per-channel symmetric: no group_size or symmetric flag")
 
     @property
-    def weight_bits(self) -> int:
-        return 4 if self.kind == "w4a16" else 8
+    def is_int4(self) -> bool:
+        """Group-wise int4 weights (w4a16); the others hold int8 per output channel."""
+        return self.kind == "w4a16"
+
+    @property
+    def weight_only(self) -> bool:
+        """Float activations (w8a16, w4a16); the w8a8 kinds quantize them to int8."""
+        return self.kind in ("w8a16", "w4a16")
+
+    @property
+    def static_activations(self) -> bool:
+        """A calibrated per-tensor activation scale (w8a8-static)."""
+        return self.kind == "w8a8-static"
+
+    @property
+    def kernel_family(self) -> str:
+        """Which CPU kernel paths run it (``lowbit.plan.KERNEL_PATHS``): "int8" or "weight_only"."""
+        return "weight_only" if self.weight_only else "int8"
+
+    @property
+    def op(self) -> str:
+        """The ``torch.ops.lowbit`` op of its linear layer (canonical weights)."""
+        return {"w8a8": "w8a8_linear", "w8a8-static": "w8a8_linear", "w8a16": "w8a16_linear",
+                "w4a16": "w4a16_linear"}[self.kind]
+
+    def group_for(self, k: int) -> int:
+        """The quantization group size along K of a layer with ``k`` inputs (K for per-row
+        groups and for the per-channel int8 kinds)."""
+        return k if self.group_size is None or not self.is_int4 else self.group_size
+
+    @classmethod
+    def default(cls, kind: str) -> Scheme:
+        """A kind with its default options (w4a16: asymmetric, G = 128)."""
+        return cls(kind, 128) if kind == "w4a16" else cls(kind)
 
     @classmethod
     def parse(cls, text: str) -> Scheme:
@@ -77,15 +109,16 @@ class Scheme:
         return cls(kind, group_size, sym is not None)
 
     def __str__(self) -> str:
-        if self.kind != "w4a16":
+        if not self.is_int4:
             return self.kind
         g = "K" if self.group_size is None else str(self.group_size)
         return f"w4a16-g{g}" + ("-sym" if self.symmetric else "")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class QuantizedWeight:
-    """A weight in canonical form. ``group_size`` is resolved (K for per-row groups)."""
+    """A weight in canonical form, built by keyword. ``group_size`` is resolved (K for
+    per-row groups and for int8 weights)."""
 
     scheme: Scheme
     qweight: torch.Tensor
@@ -98,7 +131,7 @@ class QuantizedWeight:
     input_scale: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self.scheme.kind == "w4a16":
+        if self.scheme.is_int4:
             return reference.dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, dtype)
         return reference.dequantize_int8(self.qweight, self.scales, dtype)
 
@@ -110,6 +143,11 @@ class QuantizedWeight:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """The same weight with every tensor on ``device``."""
+        moved = {name: t.to(device) for name, t in self.tensors().items()}
+        return dataclasses.replace(self, **moved)
 
 
 def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -175,7 +213,7 @@ def quantize_int4_groupwise(
     """
     _check_weight(w, name)
     n, k = w.shape
-    g = k if group_size is None else group_size
+    g = k if group_size is None else group_size  # None: one group per row
     if k % 2:
         raise ValueError(f"{name}: int4 needs an even in_features, got {k}")
     checks.group_size(g, k)
@@ -197,7 +235,7 @@ def check_input_scale(input_scale: torch.Tensor, in_features: int, name: str) ->
 
 def check_act_scale(scheme: Scheme, act_scale: torch.Tensor | None, name: str) -> None:
     """w8a8-static needs a finite positive per-tensor activation scale; the others take none."""
-    static = scheme.kind == "w8a8-static"
+    static = scheme.static_activations
     if static and act_scale is None:
         raise ValueError(f"{name}: w8a8-static needs a calibrated activation scale (act_scale)")
     if not static and act_scale is not None:
@@ -226,23 +264,23 @@ def quantize_weight(
     check_act_scale(scheme, act_scale, name)
     if input_scale is not None:
         check_input_scale(input_scale, k, name)
-    if scheme.kind == "w4a16":
-        packed, scales, zeros = quantize_int4_groupwise(w, scheme.group_size, scheme.symmetric, name)
-        g = k if scheme.group_size is None else scheme.group_size
-        return QuantizedWeight(scheme, packed, scales, zeros, g, n, k, None, input_scale)
-    q, scales = quantize_int8_per_channel(w, name)
-    return QuantizedWeight(scheme, q, scales, None, k, n, k, act_scale, input_scale)
+    if scheme.is_int4:
+        qweight, scales, zeros = quantize_int4_groupwise(w, scheme.group_size, scheme.symmetric, name)
+    else:
+        (qweight, scales), zeros = quantize_int8_per_channel(w, name), None
+    return QuantizedWeight(scheme=scheme, qweight=qweight, scales=scales, zeros=zeros, group_size=scheme.group_for(k),
+                           out_features=n, in_features=k, act_scale=act_scale, input_scale=input_scale)
 
 
 def fake_quantize(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """``w`` quantized to ``scheme`` and dequantized again, in float32 — what
     ``quantize_weight(w, scheme).dequantize()`` returns, without packing (for searches)."""
     wf = w.float()
-    if scheme.kind != "w4a16":
+    if not scheme.is_int4:
         q, scale = _int8_codes(wf)
         return q * scale.unsqueeze(1)
     n, k = wf.shape
-    g = k if scheme.group_size is None else scheme.group_size
+    g = scheme.group_for(k)
     q, scale, zero = _int4_codes(wf.reshape(n, k // g, g), scheme.symmetric)
     return ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(n, k)
 
@@ -263,9 +301,11 @@ def from_codes(
     check_act_scale(scheme, act_scale, "weight")
     if input_scale is not None:
         check_input_scale(input_scale, k, "weight")
-    if scheme.kind == "w4a16":
-        g = k if scheme.group_size is None else scheme.group_size
-        packed = reference.pack_int4(codes.to(torch.uint8))
-        z = None if scheme.symmetric else zeros.to(torch.uint8)
-        return QuantizedWeight(scheme, packed, scales.float(), z, g, n, k, None, input_scale)
-    return QuantizedWeight(scheme, codes.to(torch.int8), scales.float(), None, k, n, k, act_scale, input_scale)
+    if scheme.is_int4:
+        qweight = reference.pack_int4(codes.to(torch.uint8))
+        zeros = None if scheme.symmetric else zeros.to(torch.uint8)
+    else:
+        qweight, zeros = codes.to(torch.int8), None
+    return QuantizedWeight(scheme=scheme, qweight=qweight, scales=scales.float(), zeros=zeros,
+                           group_size=scheme.group_for(k), out_features=n, in_features=k, act_scale=act_scale,
+                           input_scale=input_scale)

@@ -75,8 +75,8 @@ class QuantLinear(nn.Module):
         return linear
 
     def canonical(self) -> QuantizedWeight:
-        return QuantizedWeight(self.scheme, self.qweight, self.scales, self.zeros, self.group_size,
-                               self.out_features, self.in_features, self.act_scale, self.input_scale)
+        return QuantizedWeight(scheme=self.scheme, group_size=self.group_size, out_features=self.out_features,
+                               in_features=self.in_features, **{name: getattr(self, name) for name in CANONICAL})
 
     # --- backend and device ------------------------------------------------------------------
 
@@ -151,7 +151,7 @@ def _scheme_for(cls: type[QuantLinear], config: str | Scheme | None) -> Scheme:
     if config is None:
         if cls is QuantLinear:
             raise ValueError("QuantLinear.from_linear needs a scheme")
-        return Scheme.parse(cls.KIND) if cls.KIND != "w4a16" else Scheme("w4a16", 128)
+        return Scheme.default(cls.KIND)
     scheme = Scheme.parse(config) if isinstance(config, str) else config
     if cls is not QuantLinear and scheme.kind != cls.KIND:
         raise ValueError(f"{cls.__name__} cannot hold {scheme}; use {module_for(scheme).__name__}")

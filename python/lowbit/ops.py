@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from lowbit import checks
+from lowbit import _extension, checks
 
 _ops = torch.ops.lowbit
+# The prepacked layouts' constants, from the extension that defines them (csrc/cpu/*.h,
+# csrc/cuda/w4a16_layout.h).
+LAYOUT = _extension.load("_C").layout()
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,7 +26,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.library.register_fake("lowbit::quantize_per_token")
-def _(x):
+def quantize_per_token_fake(x):
     checks.activation(x, "x")
     return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
@@ -41,7 +44,7 @@ def int8_scaled_mm(
 
 
 @torch.library.register_fake("lowbit::int8_scaled_mm")
-def _(a, b, a_scale, b_scale, bias, out_dtype):
+def int8_scaled_mm_fake(a, b, a_scale, b_scale, bias, out_dtype):
     checks.int8_scaled_mm(a, b, a_scale, b_scale, bias, out_dtype)
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
@@ -57,16 +60,17 @@ def w8a8_linear(
     return _ops.w8a8_linear(x, w, w_scale, bias, x_scale)
 
 
-def _linear_out(x: torch.Tensor, n: int) -> torch.Tensor:
+def linear_out(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The (fake) output of a linear op: x's leading shape, ``n`` features, x's dtype."""
     return x.new_empty((*x.shape[:-1], n))
 
 
 @torch.library.register_fake("lowbit::w8a8_linear")
-def _(x, w, w_scale, bias, x_scale=None):
-    checks.weight_linear(x, w, w_scale, bias, torch.int8)
+def w8a8_linear_fake(x, w, w_scale, bias, x_scale=None):
+    checks.weight_linear(x, w, w_scale, bias)
     if x_scale is not None:
         checks.per_tensor_scale(x_scale, "x_scale")
-    return _linear_out(x, w.shape[0])
+    return linear_out(x, w.shape[0])
 
 
 def w8a16_linear(
@@ -78,8 +82,8 @@ def w8a16_linear(
 
 @torch.library.register_fake("lowbit::w8a16_linear")
 def _(x, w, w_scale, bias):
-    checks.weight_linear(x, w, w_scale, bias, torch.int8)
-    return _linear_out(x, w.shape[0])
+    checks.weight_linear(x, w, w_scale, bias)
+    return linear_out(x, w.shape[0])
 
 
 def w4a16_linear(
@@ -97,7 +101,7 @@ def w4a16_linear(
 @torch.library.register_fake("lowbit::w4a16_linear")
 def _(x, packed, scales, zeros, group_size, bias):
     checks.w4a16_linear(x, packed, scales, zeros, group_size, bias)
-    return _linear_out(x, packed.shape[0])
+    return linear_out(x, packed.shape[0])
 
 
 def dequantize_int8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -106,7 +110,7 @@ def dequantize_int8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 @torch.library.register_fake("lowbit::dequantize_int8")
-def _(w, scale, dtype):
+def dequantize_int8_fake(w, scale, dtype):
     checks.int8_weight(w, scale)
     checks.float_dtype(dtype, "dtype")
     return w.new_empty(w.shape, dtype=dtype)
@@ -124,7 +128,7 @@ def dequantize_int4(
 
 
 @torch.library.register_fake("lowbit::dequantize_int4")
-def _(packed, scales, zeros, group_size, dtype):
+def dequantize_int4_fake(packed, scales, zeros, group_size, dtype):
     checks.int4_weight(packed, scales, zeros, group_size)
     checks.float_dtype(dtype, "dtype")
     return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=dtype)
@@ -135,44 +139,51 @@ def int8_prepack(w: torch.Tensor) -> torch.Tensor:
     return _ops.int8_prepack(w)
 
 
-_PANEL, _GROUP_K, _ALIGN_K = 64, 4, 64  # csrc/cpu/int8_gemm.h and wo_gemm.h
-
-
 def _round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
+
+
+def _int8_packed_shape(n: int, k: int) -> tuple[int, int, int, int]:
+    panel, group_k = LAYOUT["cpu_panel"], LAYOUT["int8_group_k"]
+    return (_round_up(n, panel) // panel, _round_up(k, LAYOUT["int8_align_k"]) // group_k, panel, group_k)
+
+
+def _wo_panels(n: int) -> int:
+    return _round_up(n, LAYOUT["wo_panel"]) // LAYOUT["wo_panel"]
 
 
 @torch.library.register_fake("lowbit::int8_prepack")
 def _(w):
     checks.int8_weight(w, w.new_empty((w.shape[0],), dtype=torch.float32))
-    panels, kp = _round_up(w.shape[0], _PANEL) // _PANEL, _round_up(w.shape[1], _ALIGN_K)
-    return w.new_empty((panels, kp // _GROUP_K, _PANEL, _GROUP_K), dtype=torch.uint8)
+    return w.new_empty(_int8_packed_shape(*w.shape), dtype=torch.uint8)
 
 
 def w8a8_linear_prepacked(
     x: torch.Tensor,
     packed: torch.Tensor,
     w_scale: torch.Tensor,
+    in_features: int,
     bias: torch.Tensor | None = None,
     x_scale: torch.Tensor | None = None,
     path: int = -1,
 ) -> torch.Tensor:
-    """``w8a8_linear`` on weights from ``int8_prepack``; ``path`` fixes the kernel path
-    (``lowbit.plan.INT8_PATHS``; -1: the kernel chooses)."""
-    return _ops.w8a8_linear_prepacked(x, packed, w_scale, bias, x_scale, path)
+    """``w8a8_linear`` on weights from ``int8_prepack`` of an [N, ``in_features``] weight;
+    ``path`` fixes the kernel path (an int8 id of ``lowbit.plan.KERNEL_PATHS``; -1: the
+    kernel chooses)."""
+    return _ops.w8a8_linear_prepacked(x, packed, w_scale, in_features, bias, x_scale, path)
 
 
 @torch.library.register_fake("lowbit::w8a8_linear_prepacked")
-def _(x, packed, w_scale, bias, x_scale=None, path=-1):
+def _(x, packed, w_scale, in_features, bias, x_scale=None, path=-1):
     checks.activation(x, "x")
     n, k = w_scale.shape[0], x.shape[-1]
-    expected = (_round_up(n, _PANEL) // _PANEL, _round_up(k, _ALIGN_K) // _GROUP_K, _PANEL, _GROUP_K)
+    checks.in_features(x, in_features)
     checks.dtype(packed, torch.uint8, "packed")
-    checks.shape(packed, expected, "packed")
+    checks.shape(packed, _int8_packed_shape(n, k), "packed")
     checks.bias(bias, n)
     if x_scale is not None:
         checks.per_tensor_scale(x_scale, "x_scale")
-    return _linear_out(x, n)
+    return linear_out(x, n)
 
 
 def w4a16_prepack(
@@ -186,9 +197,8 @@ def w4a16_prepack(
 def _(packed, scales, zeros, group_size):
     checks.int4_weight(packed, scales, zeros, group_size)
     n, k = packed.shape[0], packed.shape[1] * 2
-    panels = _round_up(n, _PANEL) // _PANEL
-    return (packed.new_empty((panels, k // 2, _PANEL)),
-            scales.new_empty((panels, k // group_size, 2, _PANEL)))
+    panels, panel = _wo_panels(n), LAYOUT["wo_panel"]
+    return (packed.new_empty((panels, k // 2, panel)), scales.new_empty((panels, k // group_size, 2, panel)))
 
 
 def w4a16_linear_prepacked(
@@ -201,14 +211,14 @@ def w4a16_linear_prepacked(
     path: int = -1,
 ) -> torch.Tensor:
     """``w4a16_linear`` on weights from ``w4a16_prepack``; ``path`` fixes the kernel path
-    (``lowbit.plan.WEIGHT_ONLY_PATHS``; -1: the kernel chooses)."""
+    (a weight_only id of ``lowbit.plan.KERNEL_PATHS``; -1: the kernel chooses)."""
     return _ops.w4a16_linear_prepacked(x, w, params, group_size, out_features, bias, path)
 
 
 def _check_wo_prepacked(x, w, wdtype, n, rows, bias):
     checks.activation(x, "x")
     checks.dtype(w, wdtype, "w")
-    checks.shape(w, (_round_up(n, _PANEL) // _PANEL, rows, _PANEL), "w")
+    checks.shape(w, (_wo_panels(n), rows, LAYOUT["wo_panel"]), "w")
     checks.bias(bias, n)
 
 
@@ -216,8 +226,8 @@ def _check_wo_prepacked(x, w, wdtype, n, rows, bias):
 def _(x, w, params, group_size, out_features, bias, path=-1):
     _check_wo_prepacked(x, w, torch.uint8, out_features, x.shape[-1] // 2, bias)
     checks.group_size(group_size, x.shape[-1])
-    checks.shape(params, (w.shape[0], x.shape[-1] // group_size, 2, _PANEL), "params")
-    return _linear_out(x, out_features)
+    checks.shape(params, (w.shape[0], x.shape[-1] // group_size, 2, LAYOUT["wo_panel"]), "params")
+    return linear_out(x, out_features)
 
 
 def w8a16_prepack(w: torch.Tensor) -> torch.Tensor:
@@ -228,7 +238,7 @@ def w8a16_prepack(w: torch.Tensor) -> torch.Tensor:
 @torch.library.register_fake("lowbit::w8a16_prepack")
 def _(w):
     checks.int8_weight(w, w.new_empty((w.shape[0],), dtype=torch.float32))
-    return w.new_empty((_round_up(w.shape[0], _PANEL) // _PANEL, w.shape[1], _PANEL))
+    return w.new_empty((_wo_panels(w.shape[0]), w.shape[1], LAYOUT["wo_panel"]))
 
 
 def w8a16_linear_prepacked(
@@ -242,11 +252,7 @@ def w8a16_linear_prepacked(
 def _(x, w, w_scale, bias, path=-1):
     _check_wo_prepacked(x, w, torch.int8, w_scale.shape[0], x.shape[-1], bias)
     checks.dtype(w_scale, torch.float32, "w_scale")
-    return _linear_out(x, w_scale.shape[0])
-
-
-# The CUDA W4A16 GEMM's layout (csrc/cuda/w4a16_layout.h): N padded to 256, K to 64.
-_CUDA_W4_BN, _CUDA_W4_BK = 256, 64
+    return linear_out(x, w_scale.shape[0])
 
 
 def w4a16_cuda_prepack(
@@ -260,7 +266,7 @@ def w4a16_cuda_prepack(
 def _(packed, scales, zeros, group_size):
     checks.int4_weight(packed, scales, zeros, group_size)
     n, k = packed.shape[0], packed.shape[1] * 2
-    np_, kp = _round_up(n, _CUDA_W4_BN), _round_up(k, _CUDA_W4_BK)
+    np_, kp = _round_up(n, LAYOUT["cuda_w4a16_block_n"]), _round_up(k, LAYOUT["cuda_w4a16_block_k"])
     groups = -(-kp // group_size)
     return (packed.new_empty((kp // 16 * (np_ // 64) * 512,)), scales.new_empty((groups, np_)),
             packed.new_empty((groups, np_)))
@@ -287,7 +293,7 @@ def _(x, codes, scales, zeros, group_size, out_features, bias):
     checks.dtype(scales, torch.float32, "scales")
     checks.dtype(zeros, torch.uint8, "zeros")
     checks.bias(bias, out_features)
-    return _linear_out(x, out_features)
+    return linear_out(x, out_features)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -9,15 +9,10 @@ and pick the path by M in ``forward`` — a comparison of M against constants, w
 torch.compile turns into guards, not graph breaks. Without a plan entry the kernels'
 built-in heuristics apply (path -1).
 
-CPU paths (the ``path`` argument of the prepacked ops, csrc/cpu/isa.h):
-
-* int8 GEMM (w8a8, w8a8-static): ``scalar``, ``avx2``, ``avx512_vnni``, ``amx`` (AMX
-  below 16 rows runs VNNI);
-* weight-only (w4a16, w8a16): ``scalar``, ``gemm`` (AVX-512, weights dequantized to fp32
-  blocks, at every M), ``gemv`` (AVX-512, weights widened in registers, 8 rows at a time),
-  ``amx`` (bf16 activations only: AMX-BF16 tiles on (q - z) or q, scales per block),
-  ``gemv_vnni`` (bf16 activations only: each row in block floating point, the codes times
-  its integer digits with vpdpbusd, one row at a time).
+The CPU kernel paths (the ``path`` argument of the prepacked ops) are one table in C++
+(csrc/cpu/paths.h), read here as ``KERNEL_PATHS``: each path has a name (unique within its
+family, what plans store), an id (what the ops take), a family (``Scheme.kernel_family``:
+"int8" or "weight_only") and whether this CPU can run it.
 """
 
 from __future__ import annotations
@@ -32,30 +27,50 @@ from pathlib import Path
 
 import torch
 
+from lowbit import _extension
+from lowbit.formats import Scheme
+
 FORMAT_VERSION = 1
 BUCKETS = tuple(2**i for i in range(12))  # 1 .. 2048
-# "auto" (-1): the kernel's own choice; a plan records it wherever that is (within noise)
-# the fastest, so that layers whose plan is all "auto" skip the per-call dispatch.
-INT8_PATHS = {"auto": -1, "scalar": 0, "avx2": 1, "avx512_vnni": 2, "amx": 3}
-WEIGHT_ONLY_PATHS = {"auto": -1, "scalar": 0, "gemm": 2, "amx": 3, "gemv": 4, "gemv_vnni": 5}
+AUTO = "auto"  # the kernel's own choice by M (id -1)
+AUTO_ID = -1
 
 
-def paths_for(scheme_kind: str) -> dict[str, int]:
-    """The CPU kernel paths of a scheme kind, by name."""
-    return WEIGHT_ONLY_PATHS if scheme_kind in ("w4a16", "w8a16") else INT8_PATHS
+@dataclasses.dataclass(frozen=True)
+class KernelPath:
+    name: str
+    id: int
+    family: str
+    unavailable: str  # empty when this CPU can run the path, else why not
+
+    @property
+    def runnable(self) -> bool:
+        return not self.unavailable
 
 
-def runnable_paths(scheme_kind: str) -> list[str]:
-    """The fixed paths this CPU can run, narrowest first."""
-    from lowbit.backends.cpu import best_cpu_isa
+KERNEL_PATHS: tuple[KernelPath, ...] = tuple(KernelPath(*row) for row in _extension.load("_C").kernel_paths())
+FAMILIES = ("int8", "weight_only")
 
-    best = best_cpu_isa()
-    order = ["scalar", "avx2", "avx512_vnni", "amx"]
-    if scheme_kind in ("w4a16", "w8a16"):
-        # AMX-BF16 (bf16 activations only): every AMX CPU so far has it beside AMX-INT8.
-        amx = ["amx"] if best == "amx" else []
-        return ["scalar"] + (["gemm", "gemv", "gemv_vnni"] + amx if order.index(best) >= 2 else [])
-    return order[: order.index(best) + 1]
+
+def paths_for(family: str) -> dict[str, int]:
+    """The kernel paths of a family by name, with "auto" (-1): a plan may name any of them."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown kernel family {family!r}; expected one of {FAMILIES}")
+    return {AUTO: AUTO_ID, **{p.name: p.id for p in KERNEL_PATHS if p.family == family}}
+
+
+def path_id(family: str, name: str) -> int:
+    """The id the ops take for path ``name`` of ``family``."""
+    ids = paths_for(family)
+    if name not in ids:
+        raise ValueError(f"unknown {family} kernel path {name!r}; expected one of {sorted(ids)}")
+    return ids[name]
+
+
+def runnable_paths(family: str) -> list[str]:
+    """The fixed paths of ``family`` this CPU can run, narrowest first."""
+    paths_for(family)
+    return [p.name for p in KERNEL_PATHS if p.family == family and p.runnable]
 
 
 def cache_dir() -> Path:
@@ -96,15 +111,15 @@ class Plan:
     machine: dict = dataclasses.field(default_factory=machine_id)
     timings: dict[str, dict[int, dict[str, float]]] = dataclasses.field(default_factory=dict)
 
-    def paths(self, scheme: str, device: str, n: int, k: int, kind: str) -> tuple[tuple[int, int], ...] | None:
+    def paths(self, scheme: Scheme, device: str, n: int, k: int) -> tuple[tuple[int, int], ...] | None:
         """``((largest M, path id), ...)`` ascending, one pair per run of buckets that share a
         path (so that dispatch compares M with as few bounds as possible; an M beyond the
         last bound takes the last path), or None without an entry or when the entry is
         "auto" throughout."""
-        entry = self.entries.get(key(scheme, device, n, k))
+        entry = self.entries.get(key(str(scheme), device, n, k))
         if not entry:
             return None
-        ids = paths_for(kind)
+        ids = paths_for(scheme.kernel_family)
         runs: list[tuple[int, int]] = []
         for b in sorted(entry):
             if runs and runs[-1][1] == ids[entry[b]]:
@@ -133,8 +148,7 @@ class Plan:
             entries = {}
             for k, v in payload["entries"].items():
                 scheme, device, n, kk = k.split("|")
-                kind = scheme.split("-")[0]
-                names = paths_for(kind)
+                names = paths_for(Scheme.parse(scheme).kernel_family)
                 row = {int(b): p for b, p in v.items()}
                 bad = [p for p in row.values() if p not in names]
                 if bad or not set(row) <= set(BUCKETS) or device not in ("cpu", "cuda"):

@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from lowbit.calibrate import pipeline
-from lowbit.calibrate.methods import RTN, as_method
+from lowbit.calibrate.methods import as_method
+from lowbit.calibrate.pipeline import needs_calibration
+from lowbit.calibrate.stages import Entry
 from lowbit.formats import QuantizedWeight, Scheme, quantize_weight
 from lowbit.nn import QuantLinear, module_for
 
@@ -44,6 +46,9 @@ class QuantConfig:
     calibration (None: on for GPTQ/AWQ when blocks are found). ``blocks``: the blocks'
     container name or a list of modules (None: found automatically). ``propagate``:
     "quantized" or "float" block outputs feed the next block in layer-wise mode.
+    ``calibration_device``: where calibration statistics (GPTQ Hessians, activation
+    ranges) are held (None: on the activations' device; "cpu" for models whose Hessians
+    do not fit beside them on the GPU).
     """
 
     scheme: Scheme | str = "w8a8"
@@ -58,6 +63,7 @@ class QuantConfig:
     sequential: bool | None = None
     blocks: Any = None
     propagate: str = "quantized"
+    calibration_device: str | None = None
 
     def __post_init__(self):
         self.scheme = _as_scheme(self.scheme)
@@ -143,8 +149,8 @@ def _decide(config: QuantConfig, module: nn.Linear, name: str, parent: nn.Module
         return None, f"tiny: {n * k} weights < min_numel={config.min_numel}"
     if module.weight.device.type == "meta":
         return None, "weight on the meta device"
-    if scheme.kind == "w4a16":
-        g = k if scheme.group_size is None else scheme.group_size
+    if scheme.is_int4:
+        g = scheme.group_for(k)
         if k % 2 or k % g:
             return None, f"in_features={k} is not a multiple of the group size {g}"
     return scheme, ""
@@ -191,7 +197,7 @@ def quantize(
     report.calibration = None
     by_weight: dict[tuple[int, Scheme], QuantizedWeight] = {}
     rows: dict[int, LayerReport] = {}
-    entries: list[pipeline.Entry] = []
+    entries: list[Entry] = []
     sites_of: dict[int, list] = {}
     weight_users: dict[int, int] = {}
     for sites in _linear_sites(model).values():
@@ -205,9 +211,9 @@ def quantize(
         rows[id(linear)] = row
         sites_of[id(linear)] = sites
         weight_users[id(linear.weight)] = weight_users.get(id(linear.weight), 0) + 1
-        entries.append(pipeline.Entry(name, linear, scheme, act_scales.get(name)))
+        entries.append(Entry(name, linear, scheme, act_scales.get(name)))
 
-    def replace(entry: pipeline.Entry, weight: QuantizedWeight) -> None:
+    def replace(entry: Entry, weight: QuantizedWeight) -> None:
         key = (id(entry.linear.weight), entry.scheme)
         shared = key in by_weight
         if not shared:
@@ -226,25 +232,18 @@ def quantize(
         row.scheme, row.backend, row.reason = str(entry.scheme), new.backend.name, "; ".join(notes)
         row.bytes_after = 0 if shared else by_weight[key].nbytes()
 
-    needs_data = not isinstance(config.method, RTN) or any(
-        e.scheme.kind == "w8a8-static" and e.act_scale is None for e in entries)
-    if needs_data and entries:
-        if calibration is None:
-            static = [e.name for e in entries if e.scheme.kind == "w8a8-static" and e.act_scale is None]
-            what = (f"method {config.method.name!r}" if not isinstance(config.method, RTN)
-                    else f"w8a8-static layers without an activation scale ({', '.join(static[:3])})")
-            raise ValueError(f"{what}: needs calibration data (calibration=batches) or act_scales")
-        shared_weights = {w for w, users in weight_users.items() if users > 1}
-        report.calibration = pipeline.run(
-            model, entries, config.method, calibration, replace=replace,
-            calibration_forward=calibration_forward, observer=config.observer, sequential=config.sequential,
-            blocks=config.blocks, propagate=config.propagate, shared_weights=shared_weights, progress=progress)
-    else:
+    reason = needs_calibration(config.method, entries) if entries else None
+    if reason is None:
         for e in entries:
-            if e.scheme.kind == "w8a8-static" and e.act_scale is None:
-                raise ValueError(f"{e.name}: w8a8-static needs a calibrated activation scale "
-                                 "(pass act_scales, or calibrate)")
             replace(e, quantize_weight(e.linear.weight.detach(), e.scheme, e.name, act_scale=e.act_scale))
+        return report
+    if calibration is None:
+        raise ValueError(f"{reason}: needs calibration data (calibration=batches) or act_scales")
+    shared_weights = {w for w, users in weight_users.items() if users > 1}
+    report.calibration = pipeline.run(
+        model, entries, config.method, calibration, replace=replace, calibration_forward=calibration_forward,
+        observer=config.observer, sequential=config.sequential, blocks=config.blocks, propagate=config.propagate,
+        shared_weights=shared_weights, stats_device=config.calibration_device, progress=progress)
     return report
 
 

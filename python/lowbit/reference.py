@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of every lowbit op: the test oracle and the fallback backend.
 
-Each function here is the executable form of the canonical formats (DESIGN.md section 3).
+Each function here is the executable form of the canonical formats (docs/design.md, "Canonical formats").
 Every kernel, on every device, is tested against these functions. They favour
 clarity over speed and run on any device torch supports.
 
@@ -81,7 +81,7 @@ def w8a8_linear(
     x_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W8A8 linear: int8 activations (dynamic per token, or static with ``x_scale``)."""
-    checks.weight_linear(x, w, w_scale, bias, torch.int8)
+    checks.weight_linear(x, w, w_scale, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x_scale is None:
@@ -104,7 +104,7 @@ def w8a16_linear(
     x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``y = x @ (q * s_w)^T + b`` with fp32 accumulation, cast to x's dtype."""
-    checks.weight_linear(x, w, w_scale, bias, torch.int8)
+    checks.weight_linear(x, w, w_scale, bias)
     y = x.float() @ dequantize_int8(w, w_scale, torch.float32).t()
     if bias is not None:
         y = y + bias.float()

@@ -82,9 +82,9 @@ def read_lines(path: str | None) -> list[str]:
 
 def quantize_model(path: str, scheme: str, out: str, *, method: str = "rtn", observer: str = "minmax",
                    calibration: str | None = None, exclude=()) -> str:
-    Scheme.parse(scheme)  # refuse a bad scheme before loading anything
+    parsed = Scheme.parse(scheme)  # refuse a bad scheme before loading anything
     loaded = load_model(path)
-    needs = method != "rtn" or scheme == "w8a8-static"
+    needs = method != "rtn" or parsed.static_activations
     if needs and calibration is None:
         raise ValueError(f"method {method!r} / scheme {scheme!r} needs --calibration (a text file)")
     batches = [loaded.encode([t]) for t in read_lines(calibration)] if needs else None
@@ -205,7 +205,7 @@ def _layer_memory(shape: tuple[int, int], scheme: str) -> tuple[int, int]:
     if scheme in ("fp32", "bf16"):
         return n * k * (4 if scheme == "fp32" else 2), 0
     s = Scheme.parse(scheme)
-    act = torch.tensor([0.05]) if s.kind == "w8a8-static" else None
+    act = torch.tensor([0.05]) if s.static_activations else None
     qw = lowbit.quantize_weight(w, s, act_scale=act)
     packed = lowbit.choose_backend(s, "cpu").prepack(qw)
     runtime = sum(t.numel() * t.element_size() for t in getattr(packed, "tensors", ()))
@@ -221,8 +221,8 @@ def _time_layers(shapes: list[tuple[int, int]], scheme: str, tokens: int) -> flo
         linear = nn.Linear(k, n)
         layer = linear.to(torch.bfloat16) if scheme == "bf16" else linear
         if scheme not in ("fp32", "bf16"):
-            layer = QuantLinear.from_linear(linear, scheme, act_scale=torch.tensor([0.05])
-                                            if scheme == "w8a8-static" else None)
+            static = Scheme.parse(scheme).static_activations
+            layer = QuantLinear.from_linear(linear, scheme, act_scale=torch.tensor([0.05]) if static else None)
         x = torch.randn(tokens, k, dtype=torch.bfloat16 if scheme == "bf16" else torch.float32)
         with torch.inference_mode():
             total += median_seconds(lambda _: layer(x), min_time=0.1)

@@ -9,9 +9,9 @@ from lowbit.backends.base import (
     Backend,
     BackendReport,
     BackendStatus,
-    backends,
     choose_backend,
     get_backend,
+    list_backends,
     register,
 )
 from lowbit.backends.cpu import CpuBackend, best_cpu_isa, cpu_isa, set_cpu_isa, use_cpu_isa
@@ -29,12 +29,12 @@ __all__ = [
     "Backend",
     "BackendReport",
     "BackendStatus",
-    "backends",
     "best_cpu_isa",
     "cpu_isa",
     "set_cpu_isa",
     "use_cpu_isa",
     "choose_backend",
     "get_backend",
+    "list_backends",
     "register",
 ]

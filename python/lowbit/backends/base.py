@@ -1,4 +1,4 @@
-"""The backend interface, the registry and the chooser (DESIGN.md section 2).
+"""The backend interface, the registry and the chooser (docs/design.md, "Backends").
 
 A backend states what it can run (``can_implement``), turns canonical weights into its
 own layout once (``prepack``), and runs a linear layer on them (``apply``). The chooser
@@ -20,15 +20,9 @@ DISABLE_ENV = "LOWBIT_DISABLE_BACKENDS"
 
 
 class Backend:
-    """One way of running quantized linear layers.
-
-    Subclasses set ``name`` and ``ops``: a namespace with the linear functions of
-    ``lowbit.reference`` (``w8a8_linear``, ``w8a16_linear``, ``w4a16_linear``, same
-    signatures), which the default ``apply`` calls.
-    """
+    """One way of running quantized linear layers; subclasses set ``name``."""
 
     name: str = ""
-    ops = None
 
     def available(self) -> tuple[bool, str]:
         """Whether this backend can run anything here at all, and why (not)."""
@@ -50,12 +44,7 @@ class Backend:
         self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None
     ) -> torch.Tensor:
         """``y = x @ w'^T + bias`` for a prepacked weight."""
-        kind = weight.scheme.kind
-        if kind == "w4a16":
-            return self.ops.w4a16_linear(x, weight.qweight, weight.scales, weight.zeros, weight.group_size, bias)
-        if kind == "w8a16":
-            return self.ops.w8a16_linear(x, weight.qweight, weight.scales, bias)
-        return self.ops.w8a8_linear(x, weight.qweight, weight.scales, bias, weight.act_scale)
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<lowbit backend {self.name}>"
@@ -118,7 +107,7 @@ class BackendStatus:
 
 
 class BackendReport(list):
-    """``lowbit.backends()``: one row per backend; prints as a table."""
+    """``lowbit.list_backends()``: one row per backend; prints as a table."""
 
     def __str__(self) -> str:
         width = max((len(s.name) for s in self), default=7)
@@ -127,6 +116,6 @@ class BackendReport(list):
         return "\n".join(lines)
 
 
-def backends() -> BackendReport:
+def list_backends() -> BackendReport:
     """Every registered backend, whether it is available here, and why (not)."""
     return BackendReport(BackendStatus(b.name, *_status(b)) for b in _REGISTRY)

@@ -1,43 +1,43 @@
 """The ``cpu`` backend: lowbit's C++ kernels, each weight prepacked once for its kernel.
 
 The kernels pick an instruction-set path at run time (AMX, AVX-512 VNNI, AVX2 or portable
-C++); ``use_cpu_isa`` forces a lower one, for tests and A/B benchmarks.
+C++); ``use_cpu_isa`` forces a lower one for a block of code (tests, A/B benchmarks), and
+``set_cpu_isa`` for the rest of the process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 
 import torch
 
-from lowbit import ops, plan
+from lowbit import _extension, ops, plan
 from lowbit.backends.native import NativeBackend
-from lowbit.formats import QuantizedWeight
+from lowbit.formats import QuantizedWeight, Scheme
 
-
-def _ext():
-    return sys.modules["lowbit._C"]
-
+_C = _extension.load("_C")
 
 def cpu_isa() -> str:
     """The instruction-set path the CPU kernels take now."""
-    return _ext().cpu_isa()[0]
+    return _C.cpu_isa()[0]
 
 
 def best_cpu_isa() -> str:
     """The best path this CPU supports."""
-    return _ext().cpu_isa()[1]
+    return _C.cpu_isa()[1]
 
 
 def set_cpu_isa(name: str) -> None:
-    """Force the CPU kernels' path: "auto", "scalar", "avx2", "avx512_vnni" or "amx"."""
-    _ext().set_cpu_isa(name)
+    """Force the CPU kernels' path from now on: "auto", "scalar", "avx2", "avx512_vnni" or
+    "amx" (a path this CPU lacks raises ValueError)."""
+    _C.set_cpu_isa(name)
 
 
 @contextlib.contextmanager
 def use_cpu_isa(name: str):
+    """``with use_cpu_isa("avx2"): ...`` runs the block on that path, then restores the
+    previous one."""
     previous = cpu_isa()
     set_cpu_isa(name)
     try:
@@ -54,8 +54,8 @@ class CpuPacked:
 
     canonical: QuantizedWeight
     tensors: tuple[torch.Tensor, ...]
-    # ((M bucket, kernel path), ...) from the tuned plan (lowbit.plan), or None: the kernel
-    # chooses by its built-in heuristics.
+    # ((M bucket, kernel path id), ...) from the tuned plan (lowbit.plan), or None: the
+    # kernel chooses by its built-in heuristics.
     paths: tuple[tuple[int, int], ...] | None = None
 
 
@@ -67,23 +67,24 @@ class CpuBackend(NativeBackend):
         ok, why = super().available()
         return ok, f"{why} ({cpu_isa()} path; best here: {best_cpu_isa()})" if ok else why
 
+    def kernel_op(self, scheme: Scheme) -> str:
+        return f"lowbit::{scheme.op}_prepacked"  # the linear op on this backend's own layout
+
     def prepack(self, weight: QuantizedWeight) -> CpuPacked:
-        kind = weight.scheme.kind
-        if kind == "w4a16":
+        scheme = weight.scheme
+        if scheme.is_int4:
             tensors = ops.w4a16_prepack(weight.qweight, weight.scales, weight.zeros, weight.group_size)
-        elif kind == "w8a16":
+        elif scheme.weight_only:
             tensors = (ops.w8a16_prepack(weight.qweight),)
         else:
             tensors = (ops.int8_prepack(weight.qweight),)
         active = plan.active_plan()
-        paths = None if active is None else active.paths(str(weight.scheme), "cpu", weight.out_features,
-                                                         weight.in_features, kind)
+        paths = None if active is None else active.paths(scheme, "cpu", weight.out_features, weight.in_features)
         return CpuPacked(weight, tuple(tensors), paths)
 
     def apply(self, x, weight: CpuPacked, bias):
         w, t = weight.canonical, weight.tensors
-        kind = w.scheme.kind
-        path = -1
+        path = plan.AUTO_ID
         if weight.paths is not None:
             # The first run of buckets whose bound is at or above M (Plan.paths), inline:
             # this runs on every call, where a function call alone would cost about 3% of
@@ -95,8 +96,8 @@ class CpuBackend(NativeBackend):
                 if m <= bound:
                     path = p
                     break
-        if kind == "w4a16":
+        if w.scheme.is_int4:
             return ops.w4a16_linear_prepacked(x, t[0], t[1], w.group_size, w.out_features, bias, path)
-        if kind == "w8a16":
+        if w.scheme.weight_only:
             return ops.w8a16_linear_prepacked(x, t[0], w.scales, bias, path)
-        return ops.w8a8_linear_prepacked(x, t[0], w.scales, bias, w.act_scale, path)
+        return ops.w8a8_linear_prepacked(x, t[0], w.scales, w.in_features, bias, w.act_scale, path)

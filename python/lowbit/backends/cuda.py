@@ -15,10 +15,8 @@ import dataclasses
 import torch
 
 from lowbit import ops
-from lowbit.backends.native import LINEAR_OPS, NativeBackend, has_kernel
+from lowbit.backends.native import NativeBackend
 from lowbit.formats import QuantizedWeight, Scheme
-
-W4A16_OP = "lowbit::w4a16_linear_cuda_prepacked"
 
 
 @dataclasses.dataclass
@@ -31,16 +29,17 @@ class CudaBackend(NativeBackend):
     def __init__(self):
         super().__init__("cuda", "cuda", "CUDA")
 
-    def can_implement(self, scheme: Scheme, device: torch.device) -> tuple[bool, str]:
-        if device.type != "cuda":
-            return False, f"runs on cuda tensors, not {device.type}"
-        op = W4A16_OP if scheme.kind == "w4a16" else LINEAR_OPS[scheme.kind]
-        if not has_kernel(op, self.dispatch_key):
-            return False, f"no CUDA kernel for {scheme.kind} in this build"
-        return True, ""
+    def kernel_op(self, scheme: Scheme) -> str:
+        return "lowbit::w4a16_linear_cuda_prepacked" if scheme.is_int4 else f"lowbit::{scheme.op}"
+
+    def available(self) -> tuple[bool, str]:
+        ok, why = super().available()
+        if ok and not torch.cuda.is_available():
+            return False, "built, but no CUDA device is visible"
+        return ok, why
 
     def prepack(self, weight: QuantizedWeight) -> CudaPacked:
-        if weight.scheme.kind != "w4a16":
+        if not weight.scheme.is_int4:
             return CudaPacked(weight, ())
         device = weight.qweight.device
         cpu = [None if t is None else t.cpu() for t in (weight.qweight, weight.scales, weight.zeros)]

@@ -57,11 +57,10 @@ class TritonBackend(Backend):
 
     def prepack(self, weight: QuantizedWeight) -> TritonPacked:
         _, weight_only = _kernels()
-        kind = weight.scheme.kind
-        if kind == "w4a16":
+        if weight.scheme.is_int4:
             return TritonPacked(weight, weight_only.prepack_int4(weight.qweight, weight.scales, weight.zeros,
                                                                  weight.group_size))
-        if kind == "w8a16":
+        if weight.scheme.weight_only:
             return TritonPacked(weight, weight_only.prepack_int8(weight.qweight, weight.scales))
         return TritonPacked(weight, None)
 

@@ -76,17 +76,17 @@ Impl = tuple[list[Callable[[torch.Tensor], torch.Tensor]], torch.dtype]
 
 
 def _lowbit_impls(scheme: Scheme, w: torch.Tensor, paths: Sequence[str], active: plan.Plan | None) -> dict:
-    act = torch.tensor([0.05]) if scheme.kind == "w8a8-static" else None
+    act = torch.tensor([0.05]) if scheme.static_activations else None
     qw = formats.quantize_weight(w, scheme, act_scale=act)
-    dtype = torch.float32 if scheme.kind.startswith("w8a8") else torch.bfloat16
+    dtype = torch.bfloat16 if scheme.weight_only else torch.float32
     cpu = choose_backend(scheme, "cpu", "cpu")
     packed: CpuPacked = cpu.prepack(qw)
     impls = {"lowbit:cpu": ([lambda x, p=dataclasses.replace(packed, paths=None): cpu.apply(x, p, None)], dtype)}
     if active and plan.key(str(scheme), "cpu", qw.out_features, qw.in_features) in active.entries:
-        entry = active.paths(str(scheme), "cpu", qw.out_features, qw.in_features, scheme.kind)
+        entry = active.paths(scheme, "cpu", qw.out_features, qw.in_features)
         impls["lowbit:cpu[plan]"] = ([lambda x, p=dataclasses.replace(packed, paths=entry): cpu.apply(x, p, None)],
                                      dtype)
-    ids = plan.paths_for(scheme.kind)
+    ids = plan.paths_for(scheme.kernel_family)
     for name in paths:
         fixed = dataclasses.replace(packed, paths=((plan.BUCKETS[-1], ids[name]),))
         impls[f"lowbit:cpu[{name}]"] = ([lambda x, p=fixed: cpu.apply(x, p, None)], dtype)
@@ -105,13 +105,13 @@ def _torch_impls(scheme: Scheme, w: torch.Tensor) -> dict:
     with torch.no_grad():
         bf16.weight.copy_(w)
     impls = {"torch:fp32": ([fp32], torch.float32), BASELINE: ([bf16], torch.bfloat16)}
-    if scheme.kind.startswith("w8a8"):
+    if not scheme.weight_only:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dyn = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(fp32), {torch.nn.Linear},
                                                          dtype=torch.qint8)
         impls["torch:fbgemm"] = ([dyn], torch.float32)
-    elif scheme.kind == "w8a16":
+    elif not scheme.is_int4:
         q, s = formats.quantize_int8_per_channel(w)
         sb = s.to(torch.bfloat16)
         impls["torch:int8pack"] = ([lambda x, q=q, s=sb: torch._weight_int8pack_mm(x, q, s)], torch.bfloat16)
@@ -228,7 +228,7 @@ class BenchResult:
 
 
 def _ceiling_name(scheme: str) -> str:
-    return "vpdpbusd" if scheme.startswith("w8a8") else "fp32 FMA"
+    return "fp32 FMA" if Scheme.parse(scheme).weight_only else "vpdpbusd"
 
 
 def _header(meta: dict, c: Ceilings) -> str:
@@ -268,17 +268,17 @@ def run(
     jobs = [(s, k, n) for s in parsed for k, n in shapes]
     with torch.inference_mode():
         for scheme, k, n in tqdm(jobs, desc="lowbit bench", disable=not progress):
-            if scheme.kind == "w4a16" and k % (scheme.group_size or k):
+            if k % scheme.group_for(k):
                 raise ValueError(f"{scheme} needs K divisible by its group size; got K={k}")
             if paths and list(paths) == ["all"]:
-                chosen = [p for p in plan.runnable_paths(scheme.kind) if p != "scalar"]
+                chosen = [p for p in plan.runnable_paths(scheme.kernel_family) if p != "scalar"]
             else:
                 chosen = list(paths or [])
-            unknown = set(chosen) - set(plan.paths_for(scheme.kind))
-            if unknown:
-                raise ValueError(f"{scheme}: unknown kernel paths {sorted(unknown)}; "
-                                 f"{scheme.kind} takes {sorted(plan.paths_for(scheme.kind))}")
-            ceiling = ceilings.int8_ops if scheme.kind.startswith("w8a8") else ceilings.fp32_flops
+            known = plan.paths_for(scheme.kernel_family)
+            if set(chosen) - set(known):
+                raise ValueError(f"{scheme}: unknown kernel paths {sorted(set(chosen) - set(known))}; "
+                                 f"{scheme} takes {sorted(known)}")
+            ceiling = ceilings.fp32_flops if scheme.weight_only else ceilings.int8_ops
             table: dict[str, Impl] = {}
             weight_bytes = 0
             w0 = torch.randn(n, k, generator=gen) / k**0.5

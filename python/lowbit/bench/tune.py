@@ -45,13 +45,13 @@ def tune(
     with torch.inference_mode():
         for scheme, k, n in tqdm(jobs, desc="lowbit tune", disable=not progress):
             w = torch.randn(n, k, generator=gen) / k**0.5
-            act = torch.tensor([0.05]) if scheme.kind == "w8a8-static" else None
+            act = torch.tensor([0.05]) if scheme.static_activations else None
             qw = formats.quantize_weight(w, scheme, act_scale=act)
             cpu = choose_backend(scheme, "cpu", "cpu")
             packed = cpu.prepack(qw)
-            ids = plan.paths_for(scheme.kind)
-            live = ["auto"] + [p for p in plan.runnable_paths(scheme.kind) if p != "scalar"]
-            dtype = torch.float32 if scheme.kind.startswith("w8a8") else torch.bfloat16
+            ids = plan.paths_for(scheme.kernel_family)
+            live = [plan.AUTO] + [p for p in plan.runnable_paths(scheme.kernel_family) if p != "scalar"]
+            dtype = torch.bfloat16 if scheme.weight_only else torch.float32
             key = plan.key(str(scheme), "cpu", n, k)
             entry, timings = result.entries.setdefault(key, {}), result.timings.setdefault(key, {})
             for m in sorted(m_values):

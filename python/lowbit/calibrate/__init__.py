@@ -23,7 +23,8 @@ from lowbit.calibrate.observers import (
     PercentileObserver,
     make_observer,
 )
-from lowbit.calibrate.pipeline import CalibrationSummary, find_blocks
+from lowbit.calibrate.blocks import find_blocks
+from lowbit.calibrate.pipeline import CalibrationSummary
 from lowbit.calibrate.scaling import awq_clip_search, awq_scale_search, smoothquant_factors
 
 __all__ = [

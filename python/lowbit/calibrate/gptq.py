@@ -114,8 +114,8 @@ def gptq_quantize(
     act_order, perm, u = factor.act_order, factor.perm, factor.upper
     w[:, factor.dead] = 0
 
-    int4 = scheme.kind == "w4a16"
-    g = (k if scheme.group_size is None else scheme.group_size) if int4 else k
+    int4 = scheme.is_int4
+    g = scheme.group_for(k)
     if int4:
         qmin, qmax, code_dtype = 0, 15, torch.uint8
         # Static group parameters (act_order, or one group per row): from the original weight.

@@ -16,7 +16,7 @@ their own parameters and ``L`` values per channel. The granularity fixes the vie
 ``[C]`` (a 0-d tensor for per-tensor). Symmetric: ``scale = t / (2^(bits-1) - 1)`` for a
 threshold ``t`` and no zero point (``None``). Asymmetric: the range ``[lo, hi]`` widened to
 include zero, ``scale = (hi - lo) / (2^bits - 1)``, ``zero = clamp(round(-lo/scale))`` —
-the canonical format's rule (DESIGN.md section 3). A zero scale becomes 1.
+the canonical format's rule (docs/design.md, "Canonical formats"). A zero scale becomes 1.
 
 Observers (``OBSERVERS`` maps names to classes):
 

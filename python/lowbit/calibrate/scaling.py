@@ -44,7 +44,7 @@ def _weight_salience(weights: list[torch.Tensor], scheme: Scheme) -> torch.Tenso
     rel = []
     for w in weights:
         n, k = w.shape
-        g = k if scheme.kind != "w4a16" or scheme.group_size is None else scheme.group_size
+        g = scheme.group_for(k)
         wg = w.abs().reshape(n, k // g, g)
         rel.append((wg / wg.amax(-1, keepdim=True).clamp(min=1e-12)).reshape(n, k))
     return torch.cat(rel).mean(0)
@@ -87,7 +87,7 @@ def awq_clip_search(
     x = x.float()
     w = w.detach().float()
     n, k = w.shape
-    g = k if scheme.group_size is None or scheme.kind != "w4a16" else scheme.group_size
+    g = scheme.group_for(k)
     xg = x.reshape(x.shape[0], k // g, g)  # [T, groups, G]
     out = torch.empty_like(w)
     for r0 in range(0, n, chunk):
