@@ -313,8 +313,9 @@ void check_prepacked_x(const at::Tensor& x, const at::Tensor& w, int64_t n, cons
                        bool pairs) {
   check_activation(x, "x");
   const int64_t k = x.size(-1), rows = pairs ? k / 2 : k;
-  TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == panels_for(n) && w.size(1) == rows && w.size(2) == kPanel &&
-                        (!pairs || k % 2 == 0),
+  TORCH_CHECK_VALUE(w.dim() != 3 || w.size(1) * (pairs ? 2 : 1) == k, "x has K = ", k,
+                    " features but the weight has K = ", w.size(1) * (pairs ? 2 : 1));
+  TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == panels_for(n) && w.size(1) == rows && w.size(2) == kPanel,
                     "w must be the prepacked weight of an [N, K] = [", n, ", ", k,
                     "] layer: expected shape (", panels_for(n), ", ", rows, ", ", kPanel, "), got ", w.sizes());
   check_contiguous(w, "w");
@@ -350,6 +351,7 @@ at::Tensor w4a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
 at::Tensor w8a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
                                   const std::optional<at::Tensor>& bias, int64_t path_id) {
   const Path path = checked_path(path_id, Family::kWeightOnly);
+  check_activation(x, "x");
   check_dtype(w, at::kChar, "w");
   check_dtype(w_scale, at::kFloat, "w_scale");
   TORCH_CHECK_VALUE(w_scale.dim() == 1, "w_scale must be 1-D, got ", w_scale.sizes());

@@ -192,7 +192,7 @@ def load(
         qw, bias = _canonical(name, spec, tensors, path)
         if id(old) not in built:
             moved_qw = dataclasses.replace(qw, **{part: to_device(t) for part, t in qw.tensors().items()})
-            built[id(old)] = module_for(qw.scheme)(moved_qw, to_device(bias), backend)
+            built[id(old)] = module_for(qw.scheme)(moved_qw, to_device(bias), backend, name)
         new_modules[name] = built[id(old)]
 
     layer_keys = {f"{name}.{part}" for name in layers for part in (*CANONICAL, "bias", "weight")}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit import checks
 from lowbit.backends import Backend, choose_backend
 from lowbit.formats import QuantizedWeight, Scheme, quantize_weight
 
@@ -24,10 +25,12 @@ class QuantLinear(nn.Module):
 
     KIND = ""
 
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, backend: str | None = None):
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, backend: str | None = None,
+                 name: str = ""):
         super().__init__()
         if weight.scheme.kind != self.KIND:
             raise ValueError(f"{type(self).__name__} holds {self.KIND} weights, got {weight.scheme}")
+        self.name = name  # the layer's name in its model, for error messages (set by lowbit.quantize)
         self.scheme = weight.scheme
         self.in_features = weight.in_features
         self.out_features = weight.out_features
@@ -58,7 +61,7 @@ class QuantLinear(nn.Module):
         scheme = _scheme_for(cls, config)
         qw = quantize_weight(linear.weight.detach(), scheme, name, act_scale=act_scale)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return module_for(scheme)(qw, bias, backend)
+        return module_for(scheme)(qw, bias, backend, name)
 
     def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
         """A float ``nn.Linear`` with the dequantized weight (what this layer computes; an
@@ -82,7 +85,8 @@ class QuantLinear(nn.Module):
 
     def _prepare(self) -> None:
         """Choose the backend for the weight's device and prepack for it."""
-        self.backend: Backend = choose_backend(self.scheme, self.qweight.device, self.preferred_backend)
+        self.device = self.qweight.device
+        self.backend: Backend = choose_backend(self.scheme, self.device, self.preferred_backend)
         self.packed = self.backend.prepack(self.canonical())
 
     def _apply(self, fn, recurse=True):
@@ -105,10 +109,28 @@ class QuantLinear(nn.Module):
     # --- forward -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Checked here, before any op, as nn.Linear checks its input: a kernel sees only the
+        # padded or prepacked weight, which may not tell a short input from a right one.
+        if x.dim() == 0 or x.shape[-1] != self.in_features or x.dtype not in checks.FLOAT_DTYPES \
+                or x.device != self.device:
+            self._reject(x)
         # input_scale is set or not for the layer's lifetime, so this is no run-time branch.
         if self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)
         return self.backend.apply(x, self.packed, self.bias)
+
+    def _reject(self, x: torch.Tensor) -> None:
+        layer = f"{type(self).__name__} {self.name!r}" if self.name else type(self).__name__
+        if x.dim() == 0:
+            raise ValueError(f"{layer}: the input must have at least one dimension of in_features="
+                             f"{self.in_features}, got a 0-d tensor")
+        if x.dtype not in checks.FLOAT_DTYPES:
+            raise TypeError(f"{layer}: the input must be float32, bfloat16 or float16, got {x.dtype}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{layer}: the input has {x.shape[-1]} features (shape {tuple(x.shape)}) but the layer "
+                             f"takes in_features={self.in_features}")
+        raise ValueError(f"{layer}: the input is on {x.device} but the layer's weights are on {self.device}; "
+                         f"move one of them (layer.to({str(x.device)!r}))")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -219,7 +219,7 @@ def quantize(
         if not shared:
             by_weight[key] = weight
         bias = None if entry.linear.bias is None else entry.linear.bias.detach().clone()
-        new = module_for(entry.scheme)(by_weight[key], bias, config.backend)
+        new = module_for(entry.scheme)(by_weight[key], bias, config.backend, entry.name)
         sites = sites_of[id(entry.linear)]
         for _, site_parent, attr, _ in sites:
             setattr(site_parent, attr, new)
