@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call (../shared/GPU.md), on a machine with a GPU and no
+# The whole GPU check in one call (docs/design.md, "Testing"), on a machine with a GPU and no
 # package index: build the extension from source, run the CUDA and Triton tests on CUDA
 # tensors, compute-sanitizer memcheck on small cases of every CUDA-device kernel, then the
 # benchmarks. Logs and bench/gpu.py's JSON go to the folder given as $1 (or $OUT); the
@@ -24,7 +24,7 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, report time and res
   return "$rc"
 }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv >"$OUT/gpu.txt" 2>&1
-step build $PY -m pip install --no-build-isolation --no-deps -e . || exit 1
+step build $PY -m pip install --no-build-isolation --no-deps -C cmake.define.LOWBIT_TEST_MODELS=ON -e . || exit 1
 # Tests compile one config per shape (the every-config tests cover the rest); the bench tunes.
 step tests env LOWBIT_TRITON_AUTOTUNE=0 $PY -m pytest tests/test_cuda_kernels.py tests/test_triton_kernels.py tests/test_ops.py tests/test_backends.py \
   -q -x -p no:cacheprovider

@@ -100,7 +100,7 @@ def train(cfg: Config, progress: bool = True) -> TinyLM:
     warmup = cfg.steps // 20
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-    bar = tqdm(range(cfg.steps), desc="training the benchmark LM", disable=not progress)
+    bar = tqdm(range(cfg.steps), desc="training the benchmark LM", disable=None if progress else True)
     for step in bar:
         batch = windows(data, cfg.batch, cfg.context, seed=cfg.seed * 100003 + step)
         logits = model(batch[:, :-1])

@@ -384,5 +384,5 @@ def test_weight_only_prepacked_weights_of_another_shape_are_refused():
     with pytest.raises(ValueError, match="params"):
         ops.w4a16_linear_prepacked(x, w, params, 32, 70, None)
     w8, s8 = int8_weight(70, 128)
-    with pytest.raises(ValueError, match="prepacked weight"):
+    with pytest.raises(ValueError, match="x has K = 64 features but the weight has K = 128"):
         ops.w8a16_linear_prepacked(torch.randn(2, 64), ops.w8a16_prepack(w8), s8, None)

@@ -1,7 +1,7 @@
 """The reference ops against independent computations: hand-worked cases and numpy.
 
 The kernels are tested against lowbit.reference; these tests make sure the reference
-itself computes what DESIGN.md section 3 says, so a wrong reference cannot hide behind
+itself computes what docs/design.md ("Canonical formats") says, so a wrong reference cannot hide behind
 kernels that copy its mistake.
 """
 

@@ -105,7 +105,7 @@ def evaluate(model, schemes=SCHEMES, texts: list[str] | None = None, repeats: in
     reference = encode(model, texts)
     fp32_ms = _median_ms(lambda: encode(model, texts), repeats)
     rows = [Row("fp32", "torch", _model_mb(model), fp32_ms, 1.0, 1.0, 1.0)]
-    for scheme in tqdm(schemes, desc="quantizing", leave=False):
+    for scheme in tqdm(schemes, desc="quantizing", leave=False, disable=None):
         qmodel, backends = quantized_copy(model, scheme)
         cos = cosine_to(reference, encode(qmodel, texts))
         ms = _median_ms(lambda: encode(qmodel, texts), repeats)

@@ -267,7 +267,7 @@ def run(
     rows: list[Row] = []
     jobs = [(s, k, n) for s in parsed for k, n in shapes]
     with torch.inference_mode():
-        for scheme, k, n in tqdm(jobs, desc="lowbit bench", disable=not progress):
+        for scheme, k, n in tqdm(jobs, desc="lowbit bench", disable=None if progress else True):
             if k % scheme.group_for(k):
                 raise ValueError(f"{scheme} needs K divisible by its group size; got K={k}")
             if paths and list(paths) == ["all"]:

@@ -43,7 +43,7 @@ def tune(
     gen = torch.Generator().manual_seed(0)
     jobs = [(Scheme.parse(s), k, n) for s in schemes for k, n in shapes]
     with torch.inference_mode():
-        for scheme, k, n in tqdm(jobs, desc="lowbit tune", disable=not progress):
+        for scheme, k, n in tqdm(jobs, desc="lowbit tune", disable=None if progress else True):
             w = torch.randn(n, k, generator=gen) / k**0.5
             act = torch.tensor([0.05]) if scheme.static_activations else None
             qw = formats.quantize_weight(w, scheme, act_scale=act)
