@@ -9,7 +9,6 @@ import torch
 from conftest import TRITON_DEVICE, activation, assert_linear_close, weight
 
 import lowbit
-from lowbit import reference
 from lowbit.backends import DISABLE_ENV, choose_backend, get_backend
 from lowbit.formats import Scheme, quantize_weight
 
@@ -63,20 +62,19 @@ def test_apply_matches_the_reference_linear(backend, scheme):
     s = Scheme.parse(scheme)
     w = weight(24, 256, seed=5)
     x, bias = activation((3, 256), seed=6), torch.randn(24)
-    act = (x.abs().amax() / 127).reshape(1) if s.kind == "w8a8-static" else None
+    act = (x.abs().amax() / 127).reshape(1) if s.static_activations else None
     qw = quantize_weight(w, s, act_scale=act)
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     on_device = dataclasses.replace(qw, **{k: v.to(device) for k, v in qw.tensors().items()})
     y = get_backend(backend).apply(x.to(device), get_backend(backend).prepack(on_device), bias.to(device)).cpu()
-    if s.kind.startswith("w8a8"):  # integer GEMM and the reference's epilogue: bit-exact
-        assert torch.equal(y, reference.w8a8_linear(x, qw.qweight, qw.scales, bias, act))
+    ref = get_backend("reference").apply(x, qw, bias)
+    if not s.weight_only:  # integer GEMM and the reference's epilogue: bit-exact
+        assert torch.equal(y, ref)
     else:  # fp32 sums in another order: within the summation bound
-        ref = reference.w8a16_linear(x, qw.qweight, qw.scales, bias) if s.kind == "w8a16" else \
-            reference.w4a16_linear(x, qw.qweight, qw.scales, qw.zeros, qw.group_size, bias)
         assert_linear_close(y, ref, x, qw.dequantize(), bias)
     # and the quantized layer approximates the float one
     exact = x @ w.t() + bias
-    assert (y - exact).norm() / exact.norm() < (0.2 if s.kind == "w4a16" else 0.05)
+    assert (y - exact).norm() / exact.norm() < (0.2 if s.is_int4 else 0.05)
 
 
 def test_cli_lists_the_backends(capsys):

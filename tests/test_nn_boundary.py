@@ -16,7 +16,8 @@ from conftest import TRITON_DEVICE, assert_linear_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit import reference
+from lowbit.backends import get_backend
+from lowbit.formats import Scheme
 from lowbit.nn import QuantLinear
 
 SCHEMES = ["w8a8", "w8a8-static", "w8a16", "w4a16-g32", "w4a16-g64-sym"]
@@ -30,19 +31,10 @@ def layer(scheme: str, backend: str) -> QuantLinear:
     if (scheme, backend) not in _layers:
         torch.manual_seed(0)
         linear = torch.nn.Linear(IN_FEATURES, OUT_FEATURES)
-        act = torch.tensor([0.04]) if scheme == "w8a8-static" else None
+        act = torch.tensor([0.04]) if Scheme.parse(scheme).static_activations else None
         _layers[scheme, backend] = QuantLinear.from_linear(linear, scheme, act_scale=act, backend=backend,
                                                            name="blocks.0.proj")
     return _layers[scheme, backend]
-
-
-def expected(q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    w = q.canonical()
-    if w.scheme.is_int4:
-        return reference.w4a16_linear(x, w.qweight, w.scales, w.zeros, w.group_size, q.bias)
-    if w.scheme.weight_only:
-        return reference.w8a16_linear(x, w.qweight, w.scales, q.bias)
-    return reference.w8a8_linear(x, w.qweight, w.scales, q.bias, w.act_scale)
 
 
 inputs = st.fixed_dictionaries({
@@ -80,7 +72,7 @@ def test_any_input_gives_the_right_answer_or_a_clear_error(scheme, backend, spec
             q(x)
         return
     y = q(x)
-    ref = expected(q, x)
+    ref = get_backend("reference").apply(x, q.canonical(), q.bias)
     assert y.shape == (*x.shape[:-1], OUT_FEATURES) and y.dtype == x.dtype and y.device == x.device
     if x.numel():
         w = q.canonical().dequantize()

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import lowbit
 from lowbit import reference
-from lowbit.kernels import configs, int8_mm, ops, quantize, weight_only
+from lowbit.kernels import configs, int8_mm, ops, weight_only
 
 DEV = TRITON_DEVICE
 seeds = st.integers(0, 2**31 - 1)
@@ -320,7 +320,7 @@ def test_quantize_with_the_triton_backend(scheme):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64)).half().to(DEV)
     x = activation((5, 256), torch.float16, DEV, seed=1)
-    calibration = [x] if scheme == "w8a8-static" else None
+    calibration = [x] if lowbit.Scheme.parse(scheme).static_activations else None
     by_reference, by_triton = copy.deepcopy(model), copy.deepcopy(model)
     lowbit.quantize(by_reference, scheme, backend="reference", calibration=calibration, progress=False)
     lowbit.quantize(by_triton, scheme, backend="triton", calibration=calibration, progress=False)
