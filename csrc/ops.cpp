@@ -45,21 +45,29 @@ TORCH_LIBRARY(lowbit, m) {
       "ScalarType dtype) -> Tensor");
   // CPU-blocked int8 weights (csrc/cpu/int8_gemm.h). `path` on the prepacked ops: -1 lets
   // the kernel choose, else a fixed kernel path (csrc/cpu/paths.h), as a tuned plan picks it.
+  // Each prepack has an exact inverse (*_unpack): a layer keeps only the prepacked form and
+  // derives the canonical tensors from it when they are asked for.
   m.def("int8_prepack(Tensor w) -> Tensor");
+  m.def("int8_unpack(Tensor packed, int out_features, int in_features) -> Tensor");
   // in_features: the packed K is padded to whole blocks, so the op is told the real one.
   m.def(
       "w8a8_linear_prepacked(Tensor x, Tensor packed, Tensor w_scale, int in_features, Tensor? bias, "
       "Tensor? x_scale=None, int path=-1) -> Tensor");
   // CPU weight-only layouts (csrc/cpu/wo_gemm.h).
   m.def("w4a16_prepack(Tensor packed, Tensor scales, Tensor? zeros, int group_size) -> (Tensor, Tensor)");
+  m.def("w4a16_unpack(Tensor w, Tensor params, int group_size, int out_features) -> (Tensor, Tensor, Tensor)");
   m.def(
       "w4a16_linear_prepacked(Tensor x, Tensor w, Tensor params, int group_size, int out_features, "
       "Tensor? bias, int path=-1) -> Tensor");
   m.def("w8a16_prepack(Tensor w) -> Tensor");
+  m.def("w8a16_unpack(Tensor w, int out_features) -> Tensor");
   m.def("w8a16_linear_prepacked(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, int path=-1) -> Tensor");
   // The CUDA W4A16 GEMM's layout (csrc/cuda/w4a16_layout.h): prepacked on the CPU,
   // (codes, scales [groups, N padded], zeros [groups, N padded]).
   m.def("w4a16_cuda_prepack(Tensor packed, Tensor scales, Tensor? zeros, int group_size) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "w4a16_cuda_unpack(Tensor codes, Tensor scales, Tensor zeros, int group_size, int out_features, "
+      "int in_features) -> (Tensor, Tensor, Tensor)");
   m.def(
       "w4a16_linear_cuda_prepacked(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int group_size, "
       "int out_features, Tensor? bias) -> Tensor");

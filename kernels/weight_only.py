@@ -85,6 +85,16 @@ def prepack_int8(w: torch.Tensor, scale: torch.Tensor) -> Packed:
     return Packed(_pad_k(w).t().contiguous(), scale.reshape(1, n).contiguous(), None, k, 8, n, k)
 
 
+def unpack(p: Packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The exact inverse of ``prepack_int4`` / ``prepack_int8``: the canonical (weight,
+    scales, zeros)."""
+    if p.bits == 4:
+        packed = p.codes.t().contiguous().view(torch.uint8)[:, : p.in_features // 2].contiguous()
+        zeros = None if p.zeros is None else p.zeros.t().contiguous()
+        return packed, p.scales.t().contiguous(), zeros
+    return p.codes.t()[:, : p.in_features].contiguous(), p.scales.reshape(p.out_features).clone(), None
+
+
 @triton.jit
 def _codes_minus_zero(w_ptr, z_ptr, k0, g, n_cols, N, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):

@@ -16,12 +16,11 @@ import torch
 TRITON_INTERPRETED = not torch.cuda.is_available()
 if TRITON_INTERPRETED:
     os.environ["TRITON_INTERPRET"] = "1"
+import lowbit  # noqa: F401  (registers the ops)
 import pytest
 from hypothesis import settings
-from torch import nn
-
-import lowbit  # noqa: F401  (registers the ops)
 from lowbit import _extension, formats
+from torch import nn
 
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
 settings.register_profile("random", deadline=None, max_examples=100, derandomize=False)
@@ -103,6 +102,24 @@ def assert_linear_close(out, ref, x, w_float, bias=None, extra=None):
         bound = bound + extra
     err = (out.float() - ref.float()).abs().reshape(mag.shape)
     assert torch.all(err <= bound + 1e-30), f"max excess {(err - bound).max().item()}"
+
+
+def assert_same_rounding(out: torch.Tensor, ref: torch.Tensor, triton: bool = True) -> None:
+    """Bit-equal, except one bf16 step for a Triton kernel in the interpreter, whose fp32 ->
+    bf16 conversion truncates instead of rounding to nearest (a GPU rounds)."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    out, ref = out.cpu(), ref.cpu()
+    if triton and out.dtype == torch.bfloat16 and TRITON_INTERPRETED:
+        step = ref.float().abs() * 2.0**-7 + 2.0**-133
+        assert torch.all((out.float() - ref.float()).abs() <= step)
+    else:
+        assert torch.equal(out, ref), f"max diff {(out.float() - ref.float()).abs().max().item()}"
+
+
+def reference_output(x: torch.Tensor, weight: formats.QuantizedWeight, bias=None) -> torch.Tensor:
+    """What a linear layer with this canonical weight computes, by the reference."""
+    ref = lowbit.backends.get_backend("reference")
+    return ref.apply(x, ref.prepack(weight), bias)
 
 
 def require_kernel(op: str, device: str) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import lowbit
 import pytest
 import torch
-from conftest import TRITON_DEVICE, activation, assert_linear_close, weight
-
-import lowbit
+from conftest import TRITON_DEVICE, activation, assert_linear_close, reference_output, weight
 from lowbit.backends import DISABLE_ENV, choose_backend, get_backend
 from lowbit.formats import Scheme, quantize_weight
 
@@ -67,7 +66,7 @@ def test_apply_matches_the_reference_linear(backend, scheme):
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     on_device = dataclasses.replace(qw, **{k: v.to(device) for k, v in qw.tensors().items()})
     y = get_backend(backend).apply(x.to(device), get_backend(backend).prepack(on_device), bias.to(device)).cpu()
-    ref = get_backend("reference").apply(x, qw, bias)
+    ref = reference_output(x, qw, bias)
     if not s.weight_only:  # integer GEMM and the reference's epilogue: bit-exact
         assert torch.equal(y, ref)
     else:  # fp32 sums in another order: within the summation bound

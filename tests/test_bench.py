@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from lowbit import bench, plan
 
 

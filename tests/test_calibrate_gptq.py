@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from lowbit.calibrate.gptq import factor_hessian, gptq_quantize
 from lowbit.formats import Scheme, fake_quantize, from_codes, int4_params, int8_scale, quantize_weight
 

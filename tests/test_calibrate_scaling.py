@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from lowbit.calibrate.scaling import awq_clip_search, awq_scale_search, smoothquant_factors
 from lowbit.formats import Scheme, fake_quantize
 

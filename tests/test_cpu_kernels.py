@@ -8,13 +8,12 @@ the 64-column panel, K that is not a multiple of 4 or that spans several k block
 
 from __future__ import annotations
 
+import lowbit
 import pytest
 import torch
 from conftest import FLOAT_DTYPES, activation, assert_linear_close, int4_weight, int8_values, int8_weight
 from hypothesis import given
 from hypothesis import strategies as st
-
-import lowbit
 from lowbit import ops, plan, reference
 from lowbit.backends.cpu import best_cpu_isa, set_cpu_isa
 

@@ -17,13 +17,12 @@ import pathlib
 import re
 import subprocess
 
+import lowbit
 import pytest
 import torch
-from conftest import MODELS, FLOAT_DTYPES, activation, assert_linear_close, int4_weight, int8_values, int8_weight
+from conftest import FLOAT_DTYPES, MODELS, activation, assert_linear_close, int4_weight, int8_values, int8_weight
 from hypothesis import given
 from hypothesis import strategies as st
-
-import lowbit
 from lowbit import ops, reference
 
 needs_models = pytest.mark.skipif(MODELS is None, reason="lowbit._models not built (LOWBIT_TEST_MODELS=ON; make test)")

@@ -7,7 +7,6 @@ import torch
 from conftest import FLOAT_DTYPES, int8_values, weight
 from hypothesis import given
 from hypothesis import strategies as st
-
 from lowbit import formats, ops, reference
 from lowbit.formats import Scheme
 

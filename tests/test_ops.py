@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (FLOAT_DTYPES, activation, assert_linear_close, int4_weight, int8_values, int8_weight,
-                      require_kernel)
+from conftest import (
+    FLOAT_DTYPES,
+    activation,
+    assert_linear_close,
+    int4_weight,
+    int8_values,
+    int8_weight,
+    require_kernel,
+)
 from hypothesis import given
 from hypothesis import strategies as st
-from torch._subclasses.fake_tensor import FakeTensorMode
-
 from lowbit import ops, reference
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 dtypes = st.sampled_from(FLOAT_DTYPES)
 seeds = st.integers(0, 2**31 - 1)

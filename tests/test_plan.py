@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from lowbit import formats, ops, plan, reference
 from lowbit.formats import Scheme
 from lowbit.nn import QuantLinear

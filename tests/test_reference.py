@@ -12,7 +12,6 @@ import torch
 from conftest import activation, int4_weight, int8_values, int8_weight
 from hypothesis import given
 from hypothesis import strategies as st
-
 from lowbit import reference
 
 seeds = st.integers(0, 2**31 - 1)

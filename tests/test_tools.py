@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import lowbit
 import pytest
 import torch
-
-import lowbit
 from lowbit import demo, plan, tools
 from lowbit.cli import main
 

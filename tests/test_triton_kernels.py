@@ -14,30 +14,27 @@ from __future__ import annotations
 
 import copy
 
+import lowbit
 import pytest
 import torch
-from conftest import (FLOAT_DTYPES, TRITON_DEVICE, TRITON_INTERPRETED, activation, assert_linear_close, int4_weight,
-                      int8_values, int8_weight)
+from conftest import (
+    FLOAT_DTYPES,
+    TRITON_DEVICE,
+    TRITON_INTERPRETED,
+    activation,
+    assert_linear_close,
+    assert_same_rounding,
+    int4_weight,
+    int8_values,
+    int8_weight,
+)
 from hypothesis import given
 from hypothesis import strategies as st
-
-import lowbit
 from lowbit import reference
 from lowbit.kernels import configs, int8_mm, ops, weight_only
 
 DEV = TRITON_DEVICE
 seeds = st.integers(0, 2**31 - 1)
-
-
-def assert_same_rounding(out: torch.Tensor, ref: torch.Tensor) -> None:
-    """Bit-equal, except one bf16 step where the interpreter truncated to bf16."""
-    assert out.dtype == ref.dtype and out.shape == ref.shape
-    out, ref = out.cpu(), ref.cpu()
-    if out.dtype == torch.bfloat16 and TRITON_INTERPRETED:
-        step = ref.float().abs() * 2.0**-7 + 2.0**-133
-        assert torch.all((out.float() - ref.float()).abs() <= step)
-    else:
-        assert torch.equal(out, ref), f"max diff {(out.float() - ref.float()).abs().max().item()}"
 
 
 # --- quantize / dequantize ---------------------------------------------------------------------

@@ -103,6 +103,30 @@ at::Tensor int8_prepack(const at::Tensor& w) {
   return packed;
 }
 
+// The exact inverse of int8_prepack: the int8[N, K] weight back from the blocked layout.
+at::Tensor int8_unpack(const at::Tensor& packed, int64_t n, int64_t k) {
+  check_dtype(packed, at::kByte, "packed");
+  check_contiguous(packed, "packed");
+  TORCH_CHECK_VALUE(n > 0 && k > 0 && k <= int8::kMaxK, "int8_unpack: bad shape [N, K] = [", n, ", ", k, "]");
+  const int64_t panels = round_up(n, kPanel) / kPanel, kp = round_up(k, int8::kAlignK);
+  TORCH_CHECK_VALUE(packed.dim() == 4 && packed.size(0) == panels && packed.size(1) * kGroupK == kp &&
+                        packed.size(2) == kPanel && packed.size(3) == kGroupK,
+                    "packed must come from int8_prepack of an [N, K] = [", n, ", ", k, "] weight, got shape ",
+                    packed.sizes());
+  at::Tensor w = at::empty({n, k}, packed.options().dtype(at::kChar));
+  const uint8_t* src = packed.const_data_ptr<uint8_t>();
+  int8_t* dst = w.mutable_data_ptr<int8_t>();
+  at::parallel_for(0, n, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t col = c0; col < c1; ++col) {
+      const int64_t p = col / kPanel, c = col % kPanel;
+      for (int64_t kk = 0; kk < k; ++kk)
+        dst[col * k + kk] =
+            static_cast<int8_t>(src[((p * (kp / kGroupK) + kk / kGroupK) * kPanel + c) * kGroupK + kk % kGroupK] ^ 0x80);
+    }
+  });
+  return w;
+}
+
 void check_prepacked(const at::Tensor& packed, const at::Tensor& w_scale, int64_t k) {
   check_dtype(packed, at::kByte, "packed");
   check_contiguous(packed, "packed");
@@ -262,6 +286,7 @@ void quantize_activations(Isa isa, const at::Tensor& x2d, std::optional<float> s
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("int8_prepack", &int8_prepack);
+  m.impl("int8_unpack", &int8_unpack);
   m.impl("w8a8_linear_prepacked", &w8a8_linear_prepacked);
   m.impl("w8a8_linear", &w8a8_linear);
   m.impl("int8_scaled_mm", &int8_scaled_mm);

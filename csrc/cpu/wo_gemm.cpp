@@ -120,6 +120,68 @@ at::Tensor w8a16_prepack(const at::Tensor& w) {
   return out;
 }
 
+// The exact inverse of w4a16_prepack: (packed uint8[N, K/2], scales float32[N, K/G], zeros
+// uint8[N, K/G]). Symmetric weights come back with their implicit zero point 8 stored.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> w4a16_unpack(const at::Tensor& w, const at::Tensor& params,
+                                                            int64_t group_size, int64_t n) {
+  check_dtype(w, at::kByte, "w");
+  check_dtype(params, at::kFloat, "params");
+  check_contiguous(w, "w");
+  check_contiguous(params, "params");
+  TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == panels_for(n) && w.size(2) == kPanel,
+                    "w must come from w4a16_prepack of a weight with N = ", n, ", got shape ", w.sizes());
+  const int64_t k = w.size(1) * 2, panels = w.size(0);
+  check_group_size(group_size, k);
+  const int64_t groups = k / group_size;
+  TORCH_CHECK_VALUE(params.dim() == 4 && params.size(0) == panels && params.size(1) == groups &&
+                        params.size(2) == 2 && params.size(3) == kPanel,
+                    "params must come from w4a16_prepack with group_size ", group_size, ", got shape ", params.sizes());
+  at::Tensor packed = at::empty({n, k / 2}, w.options());
+  at::Tensor scales = at::empty({n, groups}, params.options());
+  at::Tensor zeros = at::empty({n, groups}, w.options());
+  const uint8_t* src = w.const_data_ptr<uint8_t>();
+  const float* pp = params.const_data_ptr<float>();
+  uint8_t* dst = packed.mutable_data_ptr<uint8_t>();
+  float* sp = scales.mutable_data_ptr<float>();
+  uint8_t* zp = zeros.mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, n, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t col = c0; col < c1; ++col) {
+      const int64_t p = col / kPanel, c = col % kPanel;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* gp = pp + ((p * groups + g) * 2) * kPanel;
+        sp[col * groups + g] = gp[c];
+        zp[col * groups + g] = static_cast<uint8_t>(gp[kPanel + c]);  // an integer in [0, 15] by construction
+      }
+      for (int64_t kk = 0; kk < k; kk += 2) {
+        uint8_t pair = 0;
+        for (int64_t t = 0; t < 2; ++t) {
+          const uint8_t byte = src[(p * (k / 2) + kk / 2) * kPanel + wo::int4_byte(c, t)];
+          pair |= static_cast<uint8_t>((c % 32 < 16 ? byte & 0x0F : byte >> 4) << (4 * t));
+        }
+        dst[col * (k / 2) + kk / 2] = pair;
+      }
+    }
+  });
+  return {packed, scales, zeros};
+}
+
+// The exact inverse of w8a16_prepack: the int8[N, K] weight.
+at::Tensor w8a16_unpack(const at::Tensor& w, int64_t n) {
+  check_dtype(w, at::kChar, "w");
+  check_contiguous(w, "w");
+  TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == panels_for(n) && w.size(2) == kPanel,
+                    "w must come from w8a16_prepack of a weight with N = ", n, ", got shape ", w.sizes());
+  const int64_t k = w.size(1);
+  at::Tensor out = at::empty({n, k}, w.options());
+  const int8_t* src = w.const_data_ptr<int8_t>();
+  int8_t* dst = out.mutable_data_ptr<int8_t>();
+  at::parallel_for(0, n, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t col = c0; col < c1; ++col)
+      for (int64_t kk = 0; kk < k; ++kk) dst[col * k + kk] = src[((col / kPanel) * k + kk) * kPanel + col % kPanel];
+  });
+  return out;
+}
+
 // out = (x @ dequant(w)^T + bias) as x's dtype; panel_fn(p, m0, rows, c) writes the
 // fp32 product of activation rows [m0, m0 + rows) and panel p into c[rows][64]. Tasks are
 // (panel, row_chunk rows); c holds row_chunk rows, which may exceed rows (padding).
@@ -386,8 +448,10 @@ at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& packed, const at:
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("w4a16_prepack", &w4a16_prepack);
+  m.impl("w4a16_unpack", &w4a16_unpack);
   m.impl("w4a16_linear_prepacked", &w4a16_linear_prepacked);
   m.impl("w8a16_prepack", &w8a16_prepack);
+  m.impl("w8a16_unpack", &w8a16_unpack);
   m.impl("w8a16_linear_prepacked", &w8a16_linear_prepacked);
   m.impl("w8a16_linear", &w8a16_linear);
   m.impl("w4a16_linear", &w4a16_linear);

@@ -1,5 +1,5 @@
-// The CUDA W4A16 GEMM's weight prepack (runs on the CPU; the backend moves its outputs to
-// the GPU).
+// The CUDA W4A16 GEMM's weight prepack and its inverse (both run on the CPU; the backend
+// moves the prepacked tensors to the GPU).
 //
 // lowbit::w4a16_cuda_prepack(packed, scales, zeros, G) -> (codes, scales_t, zeros_t):
 //   codes uint8[KP/16 * NP/64 * 512] in the order of w4a16_layout.h; scales_t float32 and
@@ -58,8 +58,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> w4a16_cuda_prepack(const at::Tens
   return {codes, s_t, z_t};
 }
 
+// The exact inverse of w4a16_cuda_prepack (CPU tensors): (packed uint8[N, K/2], scales
+// float32[N, K/G], zeros uint8[N, K/G]); symmetric weights come back with zero point 8.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> w4a16_cuda_unpack(const at::Tensor& codes, const at::Tensor& s_t,
+                                                                 const at::Tensor& z_t, int64_t group_size,
+                                                                 int64_t out_features, int64_t in_features) {
+  check_dtype(codes, at::kByte, "codes");
+  check_dtype(s_t, at::kFloat, "scales");
+  check_dtype(z_t, at::kByte, "zeros");
+  TORCH_CHECK_VALUE(codes.device().is_cpu() && s_t.device().is_cpu() && z_t.device().is_cpu(),
+                    "w4a16_cuda_unpack runs on CPU tensors");
+  const int n = static_cast<int>(out_features), k = static_cast<int>(in_features);
+  TORCH_CHECK_VALUE(n > 0 && k > 0 && k % 2 == 0, "w4a16_cuda_unpack: bad shape [N, K] = [", n, ", ", k, "]");
+  check_group_size(group_size, k);
+  const int np = round_up(n, kBN), kp = round_up(k, kBK);
+  const int groups = k / static_cast<int>(group_size), groups_p = (kp + group_size - 1) / group_size;
+  TORCH_CHECK_VALUE(codes.numel() == static_cast<int64_t>(kp) / 16 * (np / kWarpN) * 512 &&
+                        s_t.sizes() == at::IntArrayRef({groups_p, np}) && z_t.sizes() == at::IntArrayRef({groups_p, np}),
+                    "codes, scales and zeros must come from w4a16_cuda_prepack of an [N, K] = [", n, ", ", k,
+                    "] weight with group_size ", group_size);
+  const at::Tensor cc = codes.contiguous();
+  const uint8_t* src = cc.const_data_ptr<uint8_t>();
+  at::Tensor packed = at::zeros({n, k / 2}, codes.options());
+  uint8_t* dst = packed.mutable_data_ptr<uint8_t>();
+  for (int kt = 0; kt < kp / 16; ++kt)
+    for (int nt = 0; nt < np / kWarpN; ++nt)
+      for (int lane = 0; lane < 32; ++lane) {
+        const uint8_t* vec = src + vector_index(kt, nt, np, lane) * 16;
+        for (int word = 0; word < 4; ++word)
+          for (int nib = 0; nib < 8; ++nib) {
+            const int row = nt * kWarpN + nibble_n(lane, word, nib), col = kt * 16 + nibble_k(lane, nib);
+            if (row >= n || col >= k) continue;
+            const uint8_t byte = vec[4 * word + nib / 2];
+            const uint8_t q = nib % 2 ? byte >> 4 : byte & 0x0F;
+            dst[static_cast<int64_t>(row) * (k / 2) + col / 2] |= col % 2 ? q << 4 : q;
+          }
+      }
+  at::Tensor scales = s_t.narrow(0, 0, groups).narrow(1, 0, n).t().contiguous();
+  at::Tensor zeros = z_t.narrow(0, 0, groups).narrow(1, 0, n).t().contiguous();
+  return {packed, scales, zeros};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("w4a16_cuda_prepack", &w4a16_cuda_prepack); }
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("w4a16_cuda_prepack", &w4a16_cuda_prepack);
+  m.impl("w4a16_cuda_unpack", &w4a16_cuda_unpack);
+}
 
 }  // namespace lowbit::cuda

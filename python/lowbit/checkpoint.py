@@ -1,141 +1,364 @@
-"""Quantized checkpoints: ``lowbit.save(model, path)`` and ``lowbit.load(model, path)``.
+"""Quantized checkpoints: ``lowbit.save``, ``lowbit.load`` and ``lowbit.load_pretrained``.
 
-A checkpoint is one safetensors file holding the model's whole state_dict with every
-quantized layer in the canonical format, plus metadata:
+A checkpoint is the model's state dict, every quantized layer in the canonical format, in
+safetensors: one file (``model.safetensors``, or any ``*.safetensors`` path), or shards
+``model-0000k-of-0000n.safetensors`` with an index ``model.safetensors.index.json``
+(``weight_map``: key -> shard) as transformers writes them. Each file's metadata holds:
 
   format          "lowbit"
   format_version  FORMAT_VERSION
   layers          JSON {layer name: {scheme, group_size, in_features, out_features, bias}}
-  aliases         JSON {state_dict key: key it shares storage with} (tied or shared
-                  tensors are stored once; safetensors refuses shared storage)
-  sha256          digest of every stored tensor (name, dtype, shape, bytes), so corrupt
+  aliases         JSON {key: key it shares storage with} (tied or shared tensors, and the
+                  layers that share one quantized weight, are stored once)
+  sha256          digest of that file's tensors (name, dtype, shape, bytes), so corrupt
                   data is caught, not just a corrupt header
 
-``load`` reads and checks the whole file first (header, version, digest, every layer's
-shape against the model, every other key against the model's state) and only then
-changes the model, so a bad file leaves the model as it was. Each quantized layer picks
-its backend for the target device at load time, so a checkpoint loads anywhere.
+Saving and loading stream: a shard at a time is written, and a tensor at a time is read,
+so that neither needs the whole checkpoint in memory (a quantized layer's canonical
+tensors exist only while it is being written or prepacked). ``load`` first checks every
+header against the model (names, shapes, dtypes), then reads the data, checking each
+file's digest and each layer's tensors as it goes, and changes the model only when all
+of it has passed: a bad file leaves the model as it was. Parameters still on the ``meta``
+device are replaced by the loaded tensors, so a model built without weights
+(``empty_weights()``) is filled with quantized layers without any float copy of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lowbit import checks
-from lowbit.formats import QuantizedWeight, Scheme, check_input_scale
-from lowbit.nn import CANONICAL, QuantLinear, module_for
+from lowbit.formats import QuantizedWeight, Scheme
+from lowbit.nn import CANONICAL, QuantLinear, WeightStore, module_for
 
 FORMAT = "lowbit"
 FORMAT_VERSION = "1"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 2 * 2**30
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into the given model; the model is unchanged."""
 
 
+def _parse_size(size: int | str) -> int:
+    """Bytes from an int or "500MB" / "2GB" / "1GiB"."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    for suffix, unit in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
+                         ("B", 1)):
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * unit)
+    return int(text)
+
+
+class _Digest:
+    """sha256 over (name, dtype, shape, bytes) of tensors fed in sorted name order."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+
+    def update(self, key: str, t: torch.Tensor) -> None:
+        t = t.detach().cpu().contiguous()
+        self._h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        self._h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+    d = _Digest()
     for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
+        d.update(key, tensors[key])
+    return d.hexdigest()
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model`` (quantized layers canonical, everything else as is) to ``path``."""
-    layers = {}
+# --- save ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What a save writes, decided before any tensor is computed: the quantized layers'
+    specs, the keys in order with how to produce each, and the aliases."""
+
+    layers: dict[str, dict]
+    producers: list[tuple[str, Callable[[], torch.Tensor]]]
+    aliases: dict[str, str]
+
+
+class _CanonicalParts:
+    """A quantized layer's canonical tensors, unpacked when the first is asked for and
+    released after the last, so that one layer's canonical copy exists at a time."""
+
+    def __init__(self, module: QuantLinear, names: list[str]):
+        self.module, self.names, self.weight = module, names, None
+
+    def get(self, name: str) -> torch.Tensor:
+        if self.weight is None:
+            self.weight = self.module.canonical()
+        t = getattr(self.weight, name)
+        if name == self.names[-1]:
+            self.weight = None
+        return t
+
+
+def _modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(prefix, module) under every name, as the state dict visits them, not descending
+    into quantized layers."""
+    inside: list[str] = []
     for name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{name}." if name else ""
+        if any(prefix.startswith(q) for q in inside):
+            continue
         if isinstance(module, QuantLinear):
-            layers[name] = {
-                "scheme": str(module.scheme),
-                "group_size": module.group_size,
-                "in_features": module.in_features,
-                "out_features": module.out_features,
-                "bias": module.bias is not None,
-            }
-    tensors, aliases, first_key = {}, {}, {}
-    for key, t in model.state_dict().items():
-        sk = _storage_key(t)
-        if sk in first_key:
-            aliases[key] = first_key[sk]
-        else:
-            first_key[sk] = key
-            tensors[key] = t.detach().cpu().contiguous()
-    metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "layers": json.dumps(layers, sort_keys=True),
-        "aliases": json.dumps(aliases, sort_keys=True),
-        "sha256": _digest(tensors),
-    }
-    save_file(tensors, os.fspath(path), metadata=metadata)
+            inside.append(prefix)
+        yield prefix, module
 
 
-def _read(path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of everything but the quantized layers (which would unpack)."""
+    state: dict[str, torch.Tensor] = {}
+    for prefix, module in _modules(model):
+        if not isinstance(module, QuantLinear):
+            module._save_to_state_dict(state, prefix, keep_vars=True)
+    return state
+
+
+def _plan(model: nn.Module) -> _Plan:
+    layers, producers, aliases = {}, [], {}
+    first_name: dict[int, str] = {}  # module id -> the first name it was seen at
+    first_store: dict[int, str] = {}  # store id -> the first layer name holding it
+    first_key: dict[tuple, str] = {}  # storage -> the first key holding it
+    for prefix, module in _modules(model):
+        if isinstance(module, QuantLinear):
+            name = prefix[:-1]
+            layers[name] = {"scheme": str(module.scheme), "group_size": module.group_size,
+                            "in_features": module.in_features, "out_features": module.out_features,
+                            "bias": module.bias is not None}
+            names = module._state_names()
+            if id(module) in first_name:  # the same module under a second name
+                aliases.update({prefix + n: f"{first_name[id(module)]}.{n}" for n in names})
+                continue
+            first_name[id(module)] = name
+            canonical_names = [n for n in names if n != "bias"]
+            if id(module.store) in first_store:  # a layer sharing another's quantized weight
+                aliases.update({prefix + n: f"{first_store[id(module.store)]}.{n}" for n in canonical_names})
+            else:
+                first_store[id(module.store)] = name
+                parts = _CanonicalParts(module, canonical_names)
+                producers += [(prefix + n, lambda parts=parts, n=n: parts.get(n)) for n in canonical_names]
+            if module.bias is not None:
+                producers.append((prefix + "bias", lambda b=module.bias: b))
+            continue
+        own: dict[str, torch.Tensor] = {}
+        module._save_to_state_dict(own, prefix, keep_vars=True)
+        for key, t in own.items():
+            if not isinstance(t, torch.Tensor):
+                continue
+            sk = _storage_key(t)
+            if sk in first_key:
+                aliases[key] = first_key[sk]
+            else:
+                first_key[sk] = key
+                producers.append((key, lambda t=t: t))
+    return _Plan(layers, producers, aliases)
+
+
+def _metadata(plan: _Plan, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "layers": json.dumps(plan.layers, sort_keys=True),
+            "aliases": json.dumps(plan.aliases, sort_keys=True), "sha256": _digest(tensors)}
+
+
+def _shards(plan: _Plan, max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The planned tensors (on the CPU, contiguous) grouped into shards of at most
+    ``max_bytes`` (a tensor larger than that gets a shard of its own)."""
+    shard, size = {}, 0
+    for key, produce in plan.producers:
+        t = produce().detach().cpu().contiguous()
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[key] = t
+        size += nbytes
+    if shard or not plan.producers:
+        yield shard
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str | None = None) -> Path:
+    """Write ``model`` (quantized layers canonical, everything else as is) and return where.
+
+    ``path`` ending in ``.safetensors``: one file. Otherwise ``path`` is a directory that
+    gets ``model.safetensors``, or shards of at most ``max_shard_size`` bytes (default
+    2 GiB; "500MB" works too) with an index. Files are written under temporary names and
+    renamed when complete, the index last, so an interrupted save never leaves a
+    checkpoint that loads as if complete."""
+    path = Path(path)
+    plan = _plan(model)
+    if path.suffix == ".safetensors":
+        if max_shard_size is not None:
+            raise ValueError("max_shard_size applies to a directory, not to one .safetensors file")
+        tensors = dict(next(_shards(plan, 2**62)))
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file(tensors, os.fspath(tmp), metadata=_metadata(plan, tensors))
+        tmp.replace(path)
+        return path
+    limit = _parse_size(max_shard_size if max_shard_size is not None else DEFAULT_SHARD_BYTES)
+    if limit <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
+    path.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".lowbit-save-", dir=path))
     try:
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # safetensors raises its own error type for every malformation
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a lowbit checkpoint (metadata format={metadata.get('format')!r})")
-    version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {version!r}; this lowbit reads version {FORMAT_VERSION}")
-    if metadata.get("sha256") != _digest(tensors):
-        raise CheckpointError(f"{path}: tensor data does not match its sha256 digest (corrupt file)")
-    return metadata, tensors
+        written, weight_map, total = [], {}, 0
+        for shard in _shards(plan, limit):
+            name = f"shard-{len(written):05d}"
+            save_file(shard, os.fspath(staging / name), metadata=_metadata(plan, shard))
+            written.append((name, list(shard)))
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+            del shard
+        (path / INDEX_FILE).unlink(missing_ok=True)  # a stale index must not describe the new files
+        if len(written) == 1:
+            (staging / written[0][0]).replace(path / SINGLE_FILE)
+        else:
+            for i, (name, keys) in enumerate(written):
+                final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+                (staging / name).replace(path / final)
+                weight_map.update({k: final for k in keys})
+            weight_map.update({k: weight_map[target] for k, target in plan.aliases.items()
+                               if target in weight_map})
+            index = {"metadata": {"format": FORMAT, "format_version": FORMAT_VERSION, "total_size": total},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            tmp_index = staging / INDEX_FILE
+            tmp_index.write_text(json.dumps(index, indent=2))
+            tmp_index.replace(path / INDEX_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
 
 
-def _canonical(name: str, spec: dict, tensors: dict[str, torch.Tensor], path) -> tuple[QuantizedWeight, torch.Tensor | None]:
-    """The layer's canonical weight from the file, checked like a kernel argument."""
+# --- load ----------------------------------------------------------------------------------------
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint: the file itself, or a directory's
+    ``model.safetensors`` or the shards its index names."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if (path / INDEX_FILE).exists():
+        try:
+            index = json.loads((path / INDEX_FILE).read_text())
+            names = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path / INDEX_FILE}: not a readable checkpoint index: {e}") from e
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: the index names shards that are missing: {missing[:3]}")
+        return [path / n for n in names]
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+@dataclasses.dataclass
+class _Header:
+    """What the files say, before any data is read."""
+
+    layers: dict[str, dict]
+    aliases: dict[str, str]
+    shapes: dict[str, tuple[tuple[int, ...], str]]  # stored key -> (shape, dtype name)
+    file_of: dict[str, Path]
+
+
+def _read_header(files: list[Path]) -> _Header:
+    layers = aliases = None
+    shapes, file_of = {}, {}
+    for file in files:
+        try:
+            with safe_open(os.fspath(file), framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    shapes[key] = (tuple(sl.get_shape()), sl.get_dtype())
+                    file_of[key] = file
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors raises its own error type for every malformation
+            raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+        if metadata.get("format") != FORMAT:
+            raise CheckpointError(f"{file}: not a lowbit checkpoint (metadata format={metadata.get('format')!r})")
+        version = metadata.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"{file}: checkpoint format version {version!r}; this lowbit reads version "
+                                  f"{FORMAT_VERSION}")
+        try:
+            these = json.loads(metadata["layers"]), json.loads(metadata["aliases"])
+        except (KeyError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{file}: corrupt metadata: {e}") from e
+        if layers is None:
+            layers, aliases = these
+        elif (layers, aliases) != these:
+            raise CheckpointError(f"{file}: its layer metadata differs from the other shards'")
+    for key, target in aliases.items():
+        if target not in shapes:
+            raise CheckpointError(f"{files[0].parent}: alias {key!r} points at missing tensor {target!r}")
+    return _Header(layers, aliases, shapes, file_of)
+
+
+def _resolve(header: _Header, key: str) -> str | None:
+    """The stored key behind ``key`` (itself, or what it aliases), or None if absent."""
+    if key in header.shapes:
+        return key
+    return header.aliases.get(key)
+
+
+def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    module_name, _, attr = key.rpartition(".")
+    return model.get_submodule(module_name), attr
+
+
+def _check_layer_header(name: str, spec: dict, old: nn.Module, header: _Header, where) -> dict[str, str]:
+    """The layer's stored keys by part, checked against the model's layer and the scheme."""
+    if not isinstance(old, (nn.Linear, QuantLinear)):
+        raise CheckpointError(f"{where}: {name!r} is a {type(old).__name__} in the model, not a Linear layer")
+    shape = (old.out_features, old.in_features)
+    if shape != (spec.get("out_features"), spec.get("in_features")):
+        raise CheckpointError(f"{where}: layer {name!r} is {shape[0]}x{shape[1]} in the model but "
+                              f"{spec.get('out_features')}x{spec.get('in_features')} in the checkpoint")
     try:
         scheme = Scheme.parse(spec["scheme"])
-        parts = {part: tensors.get(f"{name}.{part}") for part in CANONICAL}
-        n, k, g = int(spec["out_features"]), int(spec["in_features"]), int(spec["group_size"])
-        qw = QuantizedWeight(scheme=scheme, group_size=g, out_features=n, in_features=k, **parts)
-        if qw.qweight is None or qw.scales is None:
-            raise ValueError("qweight or scales missing")
-        if scheme.is_int4:
-            checks.int4_weight(qw.qweight, qw.scales, qw.zeros, g)
-            if (qw.zeros is None) != scheme.symmetric:
-                raise ValueError(f"zero points {'present' if qw.zeros is not None else 'missing'} for {scheme}")
-            if qw.zeros is not None and int(qw.zeros.max()) > 15:
-                raise ValueError("zero points above 15")
-        else:
-            checks.int8_weight(qw.qweight, qw.scales)
-            if (qw.act_scale is None) == scheme.static_activations:
-                raise ValueError(f"activation scale does not fit {scheme}")
-        rows, cols = qw.qweight.shape
-        stored = (rows, cols * 2) if scheme.is_int4 else (rows, cols)
-        if stored != (n, k):
-            raise ValueError(f"weight is {stored[0]}x{stored[1]}, metadata says {n}x{k}")
-        if not (torch.isfinite(qw.scales).all() and (qw.scales > 0).all()):
-            raise ValueError("scales must be finite and positive")
-        if qw.input_scale is not None:
-            check_input_scale(qw.input_scale, k, "input_scale")
-        bias = tensors.get(f"{name}.bias")
-        if spec["bias"] != (bias is not None) or (bias is not None and tuple(bias.shape) != (n,)):
-            raise ValueError("bias missing or of the wrong shape")
+        int(spec["group_size"])
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: layer {name!r}: {e}") from e
-    return qw, bias
+        raise CheckpointError(f"{where}: layer {name!r}: {e}") from e
+    parts = {part: _resolve(header, f"{name}.{part}") for part in (*CANONICAL, "bias")}
+    needed = ["qweight", "scales"] + (["zeros"] if scheme.is_int4 and not scheme.symmetric else [])
+    needed += ["act_scale"] if scheme.static_activations else []
+    needed += ["bias"] if spec.get("bias") else []
+    missing = [p for p in needed if parts[p] is None]
+    if missing:
+        raise CheckpointError(f"{where}: layer {name!r}: {', '.join(missing)} missing for {scheme}")
+    return {p: k for p, k in parts.items() if k is not None}
 
 
 def load(
@@ -145,74 +368,140 @@ def load(
     device: torch.device | str | None = None,
     backend: str | None = None,
 ) -> nn.Module:
-    """Load a lowbit checkpoint into ``model`` (a float skeleton, or an already quantized
-    model of the same structure) on ``device`` (default: where the model's tensors are).
+    """Load a lowbit checkpoint (a file, or a directory with one file or shards) into
+    ``model`` — a float skeleton, one built without weights (``empty_weights()``), or a
+    quantized model of the same structure — on ``device`` (default: where the model's
+    tensors are; the CPU for a model on meta).
 
-    Raises ``CheckpointError`` naming the problem, with the model untouched, when the
-    file is truncated, corrupt, of another format version, or does not fit the model.
-    """
-    metadata, tensors = _read(path)
-    try:
-        layers = json.loads(metadata["layers"])
-        aliases = json.loads(metadata["aliases"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt metadata: {e}") from e
-    for key, target in aliases.items():
-        if target not in tensors:
-            raise CheckpointError(f"{path}: alias {key!r} points at missing tensor {target!r}")
-        tensors[key] = tensors[target]
+    Raises ``CheckpointError`` naming the problem, with the model untouched, when a file is
+    truncated, corrupt, of another format version, or does not fit the model."""
+    files = checkpoint_files(path)
+    header = _read_header(files)
+    state = _plain_state(model)
     if device is None:
-        first = next(iter(model.state_dict().values()), None)
-        device = first.device if first is not None else torch.device("cpu")
+        real = [t for t in state.values() if t.device.type != "meta"]
+        device = real[0].device if real else torch.device("cpu")
     device = torch.device(device)
+    where = os.fspath(path)
 
-    # Plan every change before making any: new modules per layer, then the other keys.
-    new_modules: dict[str, QuantLinear] = {}
-    built: dict[int, QuantLinear] = {}  # by id of the old module (shared modules stay shared)
-    moved: dict[int, torch.Tensor] = {}  # one device copy per stored tensor (ties stay tied)
-
-    def to_device(t):
-        if t is None:
-            return None
-        if id(t) not in moved:
-            moved[id(t)] = t.to(device)
-        return moved[id(t)]
-
-    for name, spec in layers.items():
+    # 1. Check every header against the model before reading any data.
+    layer_parts: dict[str, dict[str, str]] = {}
+    for name, spec in header.layers.items():
         try:
             old = model.get_submodule(name)
         except AttributeError as e:
-            raise CheckpointError(f"{path}: layer {name!r} does not exist in the model") from e
-        if not isinstance(old, (nn.Linear, QuantLinear)):
-            raise CheckpointError(f"{path}: {name!r} is a {type(old).__name__} in the model, not a Linear layer")
-        shape = (old.out_features, old.in_features)
-        if shape != (spec.get("out_features"), spec.get("in_features")):
-            raise CheckpointError(f"{path}: layer {name!r} is {shape[0]}x{shape[1]} in the model but "
-                                  f"{spec.get('out_features')}x{spec.get('in_features')} in the checkpoint")
-        qw, bias = _canonical(name, spec, tensors, path)
-        if id(old) not in built:
-            moved_qw = dataclasses.replace(qw, **{part: to_device(t) for part, t in qw.tensors().items()})
-            built[id(old)] = module_for(qw.scheme)(moved_qw, to_device(bias), backend, name)
-        new_modules[name] = built[id(old)]
-
-    layer_keys = {f"{name}.{part}" for name in layers for part in (*CANONICAL, "bias", "weight")}
-    expected = {k: v for k, v in model.state_dict().items() if k not in layer_keys}
-    stored = {k: v for k, v in tensors.items() if k not in layer_keys}
-    missing = sorted(set(expected) - set(stored))
-    unexpected = sorted(set(stored) - set(expected))
+            raise CheckpointError(f"{where}: layer {name!r} does not exist in the model") from e
+        layer_parts[name] = _check_layer_header(name, spec, old, header, where)
+    layer_keys = {f"{name}.{part}" for name in header.layers for part in (*CANONICAL, "bias", "weight")}
+    expected = {k: v for k, v in state.items() if k not in layer_keys}
+    stored = {k for k in (*header.shapes, *header.aliases) if k not in layer_keys}
+    missing, unexpected = sorted(set(expected) - stored), sorted(stored - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{path}: does not fit the model: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        raise CheckpointError(f"{where}: does not fit the model: missing keys {missing[:5]}, "
+                              f"unexpected keys {unexpected[:5]}")
     for key, value in expected.items():
-        if tuple(value.shape) != tuple(stored[key].shape):
-            raise CheckpointError(f"{path}: {key!r} is {tuple(value.shape)} in the model but "
-                                  f"{tuple(stored[key].shape)} in the checkpoint")
+        shape = header.shapes[_resolve(header, key)][0]
+        if tuple(value.shape) != shape:
+            raise CheckpointError(f"{where}: {key!r} is {tuple(value.shape)} in the model but {shape} in the "
+                                  "checkpoint")
 
-    # Apply: nothing below can fail on a checked plan.
-    for name, module in new_modules.items():
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, module)
+    # 2. Read the data, file by file, building each layer as soon as its tensors are in.
+    wanted_by: dict[str, list[str]] = {}  # stored key -> the layers that read it
+    for name, parts in layer_parts.items():
+        for key in set(parts.values()):
+            wanted_by.setdefault(key, []).append(name)
+    plain_keys = {_resolve(header, k) for k in expected}
+    tensors: dict[str, torch.Tensor] = {}  # stored key -> tensor (CPU, checked there), until used
+    stores: dict[str, WeightStore] = {}  # stored qweight key -> store (layers sharing a weight)
+    built: dict[str, QuantLinear] = {}
+    module_of: dict[int, QuantLinear] = {}  # old module id -> new module (shared modules stay shared)
+
+    def build(name: str) -> None:
+        parts, spec = layer_parts[name], header.layers[name]
+        old = model.get_submodule(name)
+        if id(old) in module_of:
+            built[name] = module_of[id(old)]
+            return
+        store = stores.get(parts["qweight"])
+        if store is None:
+            weight = QuantizedWeight(scheme=Scheme.parse(spec["scheme"]), group_size=int(spec["group_size"]),
+                                     out_features=int(spec["out_features"]), in_features=int(spec["in_features"]),
+                                     **{p: tensors.get(k) for p, k in parts.items() if p != "bias"})
+            try:
+                weight.validate()
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{where}: layer {name!r}: {e}") from e
+            store = stores[parts["qweight"]] = WeightStore.build(weight.to(device), backend)
+        bias = tensors[parts["bias"]].to(device) if "bias" in parts else None
+        built[name] = module_of[id(old)] = module_for(store.packed.scheme)(store, bias, backend, name)
+
+    for file in files:
+        digest = _Digest()
+        with safe_open(os.fspath(file), framework="pt", device="cpu") as f:
+            keys = sorted(f.keys())
+            for key in keys:
+                t = f.get_tensor(key)
+                digest.update(key, t)
+                if key in wanted_by or key in plain_keys:
+                    tensors[key] = t
+                del t
+                for name in wanted_by.get(key, []):
+                    if name not in built and all(k in tensors for k in layer_parts[name].values()):
+                        build(name)
+                # A layer's canonical tensors are dropped once every layer that reads them is built.
+                for done in [k for k in tensors if k in wanted_by and k not in plain_keys
+                             and all(n in built for n in wanted_by[k])]:
+                    del tensors[done]
+            metadata = f.metadata()
+        if metadata.get("sha256") != digest.hexdigest():
+            raise CheckpointError(f"{file}: tensor data does not match its sha256 digest (corrupt file)")
+
+    # 3. Apply: nothing below can fail on a checked plan.
+    for name, module in built.items():
+        parent, attr = _owner(model, name)
+        setattr(parent, attr, module)
+    replaced: dict[int, torch.Tensor] = {}  # old tensor id -> its replacement (ties stay tied)
     with torch.no_grad():
-        state = model.state_dict(keep_vars=True)
-        for key in expected:
-            state[key].copy_(stored[key])
+        for key, old in expected.items():
+            new = tensors[_resolve(header, key)]
+            if old.device.type != "meta":
+                old.copy_(new)
+                continue
+            if id(old) not in replaced:
+                new = new.to(device)
+                replaced[id(old)] = nn.Parameter(new, requires_grad=old.requires_grad) \
+                    if isinstance(old, nn.Parameter) else new
+            owner, attr = _owner(model, key)
+            if attr in owner._parameters:
+                owner._parameters[attr] = replaced[id(old)]
+            else:
+                owner._buffers[attr] = replaced[id(old)]
     return model
+
+
+# --- models built without weights ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def empty_weights():
+    """Build modules with their parameters on the ``meta`` device (buffers stay real, since
+    models compute some, like rotary frequencies, in their constructors and do not store
+    them): ``lowbit.load`` then fills them without a float copy of the quantized layers.
+    Each parameter is allocated for a moment where its module creates it, then moved."""
+    register = nn.Module.register_parameter
+
+    def to_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = to_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def meta_tensors(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of ``model`` still on the meta device."""
+    return [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]

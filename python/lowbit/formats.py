@@ -123,7 +123,7 @@ class QuantizedWeight:
     scheme: Scheme
     qweight: torch.Tensor
     scales: torch.Tensor
-    zeros: torch.Tensor | None
+    zeros: torch.Tensor | None = None
     group_size: int
     out_features: int
     in_features: int
@@ -143,6 +143,33 @@ class QuantizedWeight:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def validate(self) -> None:
+        """Check tensors that come from outside (a checkpoint, a state dict) as a kernel
+        would check its arguments: ValueError / TypeError naming the problem."""
+        scheme, n, k, g = self.scheme, self.out_features, self.in_features, self.group_size
+        if self.qweight is None or self.scales is None:
+            raise ValueError("qweight or scales missing")
+        if scheme.is_int4:
+            checks.int4_weight(self.qweight, self.scales, self.zeros, g)
+            if (self.zeros is None) != scheme.symmetric:
+                raise ValueError(f"zero points {'present' if self.zeros is not None else 'missing'} for {scheme}")
+            if self.zeros is not None and self.zeros.numel() and int(self.zeros.max()) > 15:
+                raise ValueError("zero points above 15")
+        else:
+            checks.int8_weight(self.qweight, self.scales)
+        if (self.act_scale is None) == scheme.static_activations:
+            raise ValueError(f"an activation scale is {'missing' if self.act_scale is None else 'given'} for {scheme}")
+        rows, cols = self.qweight.shape
+        stored = (rows, cols * 2) if scheme.is_int4 else (rows, cols)
+        if stored != (n, k):
+            raise ValueError(f"weight is {stored[0]}x{stored[1]}, expected {n}x{k}")
+        if not (torch.isfinite(self.scales).all() and (self.scales > 0).all()):
+            raise ValueError("scales must be finite and positive")
+        if self.act_scale is not None:
+            check_act_scale(scheme, self.act_scale, "act_scale")
+        if self.input_scale is not None:
+            check_input_scale(self.input_scale, k, "input_scale")
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         """The same weight with every tensor on ``device``."""

@@ -1,10 +1,13 @@
 """Drop-in quantized replacements for ``nn.Linear``, one class per scheme.
 
-A quantized layer keeps its weight in the canonical format (``lowbit.formats``) as
-buffers, so its state_dict is the checkpoint format. The backend is chosen once, when
-the layer is built or moved (``.to()``), and the backend's prepacked copy of the weight
-is rebuilt then; ``forward`` only calls ``backend.apply`` (no branches, so
-torch.compile traces one path).
+A quantized layer holds its weight once, in the runtime layout of the backend that runs
+it (a ``WeightStore``: the backend and its ``Packed`` weight). The canonical tensors
+(``lowbit.formats``) are derived from it on demand, through the backend's exact inverse
+of its prepack: for the state dict (which is the checkpoint format), ``canonical()``,
+``to_linear`` and moves to another device. The backend is chosen when the layer is built,
+loaded or moved; ``forward`` only checks its input and calls ``backend.apply`` (no
+branches, so torch.compile traces one path). Layers that share one weight (tied weights)
+share one store.
 """
 
 from __future__ import annotations
@@ -13,33 +16,83 @@ import torch
 from torch import nn
 
 from lowbit import checks
-from lowbit.backends import Backend, choose_backend
+from lowbit.backends import Backend, Packed, choose_backend
 from lowbit.formats import QuantizedWeight, Scheme, quantize_weight
 
-# The canonical buffers, in state_dict order; absent ones are registered as None.
+# The canonical tensors in a layer's state dict, in order; absent ones are left out.
 CANONICAL = ("qweight", "scales", "zeros", "act_scale", "input_scale")
 
 
+class WeightStore:
+    """A quantized weight in one backend's runtime layout: the only copy a layer holds."""
+
+    def __init__(self, packed: Packed, backend: Backend, preferred: str | None = None):
+        self.packed = packed
+        self.backend = backend
+        self.device = packed.device  # kept beside the packed weight: forward compares it on every call
+        self.preferred = preferred  # the backend asked for by name, kept across moves
+
+    @classmethod
+    def build(cls, weight: QuantizedWeight, preferred: str | None = None) -> WeightStore:
+        """Choose the backend for the weight's device and prepack for it."""
+        backend = choose_backend(weight.scheme, weight.qweight.device, preferred)
+        return cls(backend.prepack(weight), backend, preferred)
+
+    def canonical(self) -> QuantizedWeight:
+        return self.backend.unpack(self.packed)
+
+    def move(self, device: torch.device) -> None:
+        """Re-prepack for ``device``'s backend (a no-op when already there, so that a store
+        shared by several layers moves once)."""
+        if device != self.device:
+            moved = WeightStore.build(self.canonical().to(device), self.preferred)
+            self.packed, self.backend, self.device = moved.packed, moved.backend, moved.device
+
+
 class QuantLinear(nn.Module):
-    """Base of the quantized Linear layers; ``KIND`` names the scheme kind of a subclass."""
+    """Base of the quantized Linear layers; ``KIND`` names the scheme kind of a subclass.
+
+    Built from a canonical weight (prepacked for the backend chosen now) or from another
+    layer's ``WeightStore`` (shared)."""
 
     KIND = ""
 
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, backend: str | None = None,
+    def __init__(self, weight: QuantizedWeight | WeightStore, bias: torch.Tensor | None, backend: str | None = None,
                  name: str = ""):
         super().__init__()
-        if weight.scheme.kind != self.KIND:
-            raise ValueError(f"{type(self).__name__} holds {self.KIND} weights, got {weight.scheme}")
+        store = weight if isinstance(weight, WeightStore) else WeightStore.build(weight, backend)
+        packed = store.packed
+        if packed.scheme.kind != self.KIND:
+            raise ValueError(f"{type(self).__name__} holds {self.KIND} weights, got {packed.scheme}")
         self.name = name  # the layer's name in its model, for error messages (set by lowbit.quantize)
-        self.scheme = weight.scheme
-        self.in_features = weight.in_features
-        self.out_features = weight.out_features
-        self.group_size = weight.group_size
-        self.preferred_backend = backend
-        for name in CANONICAL:
-            self.register_buffer(name, getattr(weight, name))
+        self.scheme = packed.scheme
+        self.in_features = packed.in_features
+        self.out_features = packed.out_features
+        self.group_size = packed.group_size
+        self.store = store
         self.register_buffer("bias", bias)
-        self._prepare()
+
+    @property
+    def backend(self) -> Backend:
+        return self.store.backend
+
+    @property
+    def packed(self) -> Packed:
+        return self.store.packed
+
+    @property
+    def device(self) -> torch.device:
+        return self.store.device
+
+    @property
+    def act_scale(self) -> torch.Tensor | None:
+        """The calibrated per-tensor activation scale (w8a8-static), else None."""
+        return self.store.packed.act_scale
+
+    @property
+    def input_scale(self) -> torch.Tensor | None:
+        """A per-channel factor applied to the input first (unfolded SmoothQuant / AWQ), else None."""
+        return self.store.packed.input_scale
 
     # --- construction ------------------------------------------------------------------------
 
@@ -67,57 +120,92 @@ class QuantLinear(nn.Module):
         """A float ``nn.Linear`` with the dequantized weight (what this layer computes; an
         input scale is folded into the weight's columns)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.qweight.device, dtype=dtype)
+                           device=self.device, dtype=dtype)
         with torch.no_grad():
-            w = self.canonical().dequantize(torch.float32)
-            if self.input_scale is not None:
-                w = w * self.input_scale
+            canonical = self.canonical()
+            w = canonical.dequantize(torch.float32)
+            if canonical.input_scale is not None:
+                w = w * canonical.input_scale
             linear.weight.copy_(w)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
 
     def canonical(self) -> QuantizedWeight:
-        return QuantizedWeight(scheme=self.scheme, group_size=self.group_size, out_features=self.out_features,
-                               in_features=self.in_features, **{name: getattr(self, name) for name in CANONICAL})
+        """The canonical weight, derived from the runtime form (exact)."""
+        return self.store.canonical()
 
-    # --- backend and device ------------------------------------------------------------------
-
-    def _prepare(self) -> None:
-        """Choose the backend for the weight's device and prepack for it."""
-        self.device = self.qweight.device
-        self.backend: Backend = choose_backend(self.scheme, self.device, self.preferred_backend)
-        self.packed = self.backend.prepack(self.canonical())
+    # --- device moves and the state dict -----------------------------------------------------
 
     def _apply(self, fn, recurse=True):
-        # Device moves apply to every buffer; dtype casts only to the bias: the canonical
-        # tensors keep their dtypes (int8/uint8 weights, float32 scales) by definition.
-        target = fn(torch.empty(0, device=self.qweight.device))
-        for name in CANONICAL:
-            t = self._buffers[name]
-            if t is not None:
-                self._buffers[name] = t.to(target.device)
+        # Device moves re-prepack the weight for the new device's backend; dtype casts apply
+        # to the bias only: quantized weights keep their formats by definition.
+        target = fn(torch.empty(0, device=self.device))
+        self.store.move(target.device)
         if self.bias is not None:
             self._buffers["bias"] = fn(self.bias)
-        self._prepare()
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._prepare()
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        canonical = self.canonical()
+        for name in CANONICAL:
+            t = getattr(canonical, name)
+            if t is not None:
+                destination[prefix + name] = t
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _state_names(self) -> list[str]:
+        """The names this layer's state dict holds."""
+        scheme, packed = self.scheme, self.packed
+        names = ["qweight", "scales"] + (["zeros"] if scheme.is_int4 and not scheme.symmetric else [])
+        names += ["act_scale"] if scheme.static_activations else []
+        names += ["input_scale"] if packed.input_scale is not None else []
+        return names + (["bias"] if self.bias is not None else [])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        expected = set(CANONICAL) | {"bias"}
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]
+                                   and k[len(prefix):] not in expected)
+        parts = {name: state_dict.get(prefix + name) for name in CANONICAL}
+        if strict:
+            missing_keys.extend(prefix + name for name in self._state_names() if prefix + name not in state_dict)
+        if parts["qweight"] is None:
+            return
+        device = self.device
+        weight = QuantizedWeight(scheme=self.scheme, group_size=self.group_size, out_features=self.out_features,
+                                 in_features=self.in_features,
+                                 **{n: None if t is None else t.detach().to(device) for n, t in parts.items()})
+        try:
+            weight.validate()
+        except (TypeError, ValueError) as e:
+            error_msgs.append(f"{prefix or type(self).__name__}: {e}")
+            return
+        self.store = WeightStore.build(weight, self.store.preferred)
+        bias = state_dict.get(prefix + "bias")
+        if self.bias is not None and bias is not None:
+            if bias.shape != self.bias.shape:
+                error_msgs.append(f"{prefix}bias: shape {tuple(bias.shape)}, expected {tuple(self.bias.shape)}")
+                return
+            with torch.no_grad():
+                self.bias.copy_(bias)
 
     # --- forward -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        store = self.store
         # Checked here, before any op, as nn.Linear checks its input: a kernel sees only the
         # padded or prepacked weight, which may not tell a short input from a right one.
         if x.dim() == 0 or x.shape[-1] != self.in_features or x.dtype not in checks.FLOAT_DTYPES \
-                or x.device != self.device:
+                or x.device != store.device:
             self._reject(x)
         # input_scale is set or not for the layer's lifetime, so this is no run-time branch.
-        if self.input_scale is not None:
-            x = x * self.input_scale.to(x.dtype)
-        return self.backend.apply(x, self.packed, self.bias)
+        input_scale = store.packed.input_scale
+        if input_scale is not None:
+            x = x * input_scale.to(x.dtype)
+        return store.backend.apply(x, store.packed, self.bias)
 
     def _reject(self, x: torch.Tensor) -> None:
         layer = f"{type(self).__name__} {self.name!r}" if self.name else type(self).__name__
@@ -178,3 +266,9 @@ def _scheme_for(cls: type[QuantLinear], config: str | Scheme | None) -> Scheme:
     if cls is not QuantLinear and scheme.kind != cls.KIND:
         raise ValueError(f"{cls.__name__} cannot hold {scheme}; use {module_for(scheme).__name__}")
     return scheme
+
+
+def runtime_bytes(model: nn.Module) -> int:
+    """Bytes the quantized layers of ``model`` hold at run time (each shared store once)."""
+    stores = {id(m.store): m.store for m in model.modules() if isinstance(m, QuantLinear)}
+    return sum(s.packed.nbytes() for s in stores.values())

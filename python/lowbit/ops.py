@@ -158,6 +158,18 @@ def _(w):
     return w.new_empty(_int8_packed_shape(*w.shape), dtype=torch.uint8)
 
 
+def int8_unpack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The exact inverse of ``int8_prepack``: the int8[N, K] weight."""
+    return _ops.int8_unpack(packed, out_features, in_features)
+
+
+@torch.library.register_fake("lowbit::int8_unpack")
+def _(packed, out_features, in_features):
+    checks.dtype(packed, torch.uint8, "packed")
+    checks.shape(packed, _int8_packed_shape(out_features, in_features), "packed")
+    return packed.new_empty((out_features, in_features), dtype=torch.int8)
+
+
 def w8a8_linear_prepacked(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -201,6 +213,24 @@ def _(packed, scales, zeros, group_size):
     return (packed.new_empty((panels, k // 2, panel)), scales.new_empty((panels, k // group_size, 2, panel)))
 
 
+def w4a16_unpack(
+    w: torch.Tensor, params: torch.Tensor, group_size: int, out_features: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact inverse of ``w4a16_prepack``: (packed, scales, zeros); symmetric weights
+    come back with zero point 8 stored."""
+    return _ops.w4a16_unpack(w, params, group_size, out_features)
+
+
+@torch.library.register_fake("lowbit::w4a16_unpack")
+def _(w, params, group_size, out_features):
+    checks.dtype(w, torch.uint8, "w")
+    k = w.shape[1] * 2
+    checks.group_size(group_size, k)
+    checks.shape(w, (_wo_panels(out_features), k // 2, LAYOUT["wo_panel"]), "w")
+    return (w.new_empty((out_features, k // 2)), params.new_empty((out_features, k // group_size)),
+            w.new_empty((out_features, k // group_size)))
+
+
 def w4a16_linear_prepacked(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -241,6 +271,18 @@ def _(w):
     return w.new_empty((_wo_panels(w.shape[0]), w.shape[1], LAYOUT["wo_panel"]))
 
 
+def w8a16_unpack(w: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The exact inverse of ``w8a16_prepack``: the int8[N, K] weight."""
+    return _ops.w8a16_unpack(w, out_features)
+
+
+@torch.library.register_fake("lowbit::w8a16_unpack")
+def _(w, out_features):
+    checks.dtype(w, torch.int8, "w")
+    checks.shape(w, (_wo_panels(out_features), w.shape[1], LAYOUT["wo_panel"]), "w")
+    return w.new_empty((out_features, w.shape[1]))
+
+
 def w8a16_linear_prepacked(
     x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, path: int = -1
 ) -> torch.Tensor:
@@ -270,6 +312,22 @@ def _(packed, scales, zeros, group_size):
     groups = -(-kp // group_size)
     return (packed.new_empty((kp // 16 * (np_ // 64) * 512,)), scales.new_empty((groups, np_)),
             packed.new_empty((groups, np_)))
+
+
+def w4a16_cuda_unpack(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, out_features: int,
+    in_features: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact inverse of ``w4a16_cuda_prepack`` (CPU tensors): (packed, scales, zeros)."""
+    return _ops.w4a16_cuda_unpack(codes, scales, zeros, group_size, out_features, in_features)
+
+
+@torch.library.register_fake("lowbit::w4a16_cuda_unpack")
+def _(codes, scales, zeros, group_size, out_features, in_features):
+    checks.group_size(group_size, in_features)
+    groups = in_features // group_size
+    return (codes.new_empty((out_features, in_features // 2)), scales.new_empty((out_features, groups)),
+            codes.new_empty((out_features, groups)))
 
 
 def w4a16_linear_cuda_prepacked(

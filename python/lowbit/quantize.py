@@ -33,7 +33,7 @@ from lowbit.calibrate.methods import as_method
 from lowbit.calibrate.pipeline import needs_calibration
 from lowbit.calibrate.stages import Entry
 from lowbit.formats import QuantizedWeight, Scheme, quantize_weight
-from lowbit.nn import QuantLinear, module_for
+from lowbit.nn import QuantLinear, WeightStore, module_for
 
 
 @dataclasses.dataclass
@@ -195,7 +195,7 @@ def quantize(
     act_scales = act_scales or {}
     report = QuantizeReport()
     report.calibration = None
-    by_weight: dict[tuple[int, Scheme], QuantizedWeight] = {}
+    by_weight: dict[tuple[int, Scheme], WeightStore] = {}
     rows: dict[int, LayerReport] = {}
     entries: list[Entry] = []
     sites_of: dict[int, list] = {}
@@ -216,10 +216,10 @@ def quantize(
     def replace(entry: Entry, weight: QuantizedWeight) -> None:
         key = (id(entry.linear.weight), entry.scheme)
         shared = key in by_weight
-        if not shared:
-            by_weight[key] = weight
         bias = None if entry.linear.bias is None else entry.linear.bias.detach().clone()
-        new = module_for(entry.scheme)(by_weight[key], bias, config.backend, entry.name)
+        # Layers that share a weight share its store: held once, as the float weight was.
+        new = module_for(entry.scheme)(by_weight[key] if shared else weight, bias, config.backend, entry.name)
+        by_weight.setdefault(key, new.store)
         sites = sites_of[id(entry.linear)]
         for _, site_parent, attr, _ in sites:
             setattr(site_parent, attr, new)
@@ -230,7 +230,7 @@ def quantize(
             notes.append("weight tied to an earlier layer")
         row = rows[id(entry.linear)]
         row.scheme, row.backend, row.reason = str(entry.scheme), new.backend.name, "; ".join(notes)
-        row.bytes_after = 0 if shared else by_weight[key].nbytes()
+        row.bytes_after = 0 if shared else new.packed.nbytes()
 
     reason = needs_calibration(config.method, entries) if entries else None
     if reason is None:
@@ -261,9 +261,9 @@ def dequantize(model: nn.Module) -> nn.Module:
             if id(child) not in replaced:
                 dtype = child.bias.dtype if child.bias is not None else torch.float32
                 linear = child.to_linear(dtype)
-                if id(child.qweight) in weights:
-                    linear.weight = weights[id(child.qweight)]
-                weights.setdefault(id(child.qweight), linear.weight)
+                if id(child.store) in weights:
+                    linear.weight = weights[id(child.store)]
+                weights.setdefault(id(child.store), linear.weight)
                 replaced[id(child)] = linear
             setattr(parent, attr, replaced[id(child)])
     return model

@@ -207,9 +207,7 @@ def _layer_memory(shape: tuple[int, int], scheme: str) -> tuple[int, int]:
     s = Scheme.parse(scheme)
     act = torch.tensor([0.05]) if s.static_activations else None
     qw = lowbit.quantize_weight(w, s, act_scale=act)
-    packed = lowbit.choose_backend(s, "cpu").prepack(qw)
-    runtime = sum(t.numel() * t.element_size() for t in getattr(packed, "tensors", ()))
-    return qw.nbytes(), runtime
+    return qw.nbytes(), lowbit.choose_backend(s, "cpu").prepack(qw).nbytes()
 
 
 def _time_layers(shapes: list[tuple[int, int]], scheme: str, tokens: int) -> float:

@@ -1,7 +1,8 @@
 """The backend interface, the registry and the chooser (docs/design.md, "Backends").
 
 A backend states what it can run (``can_implement``), turns canonical weights into its
-own layout once (``prepack``), and runs a linear layer on them (``apply``). The chooser
+own layout once (``prepack``), gives them back exactly (``unpack``: a quantized layer holds
+only the prepacked form), and runs a linear layer on them (``apply``). The chooser
 walks the registry in priority order once, when a layer is quantized or moved; nothing
 falls back silently at run time. ``LOWBIT_DISABLE_BACKENDS=cpu,cuda`` takes backends out
 of the choice (for debugging and A/B benchmarks).
@@ -17,6 +18,47 @@ import torch
 from lowbit.formats import QuantizedWeight, Scheme
 
 DISABLE_ENV = "LOWBIT_DISABLE_BACKENDS"
+
+
+@dataclasses.dataclass(kw_only=True)
+class Packed:
+    """A weight in a backend's runtime layout: the one copy a quantized layer holds.
+
+    ``tensors`` are the backend's runtime tensors by name; the other fields are what the
+    backend's ``unpack`` needs to give the canonical weight back."""
+
+    scheme: Scheme
+    group_size: int
+    out_features: int
+    in_features: int
+    tensors: dict[str, torch.Tensor]
+    act_scale: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, weight: QuantizedWeight, tensors: dict[str, torch.Tensor], **fields) -> Packed:
+        """``tensors`` in place of ``weight``'s canonical ones, with its shape and scales."""
+        return cls(scheme=weight.scheme, group_size=weight.group_size, out_features=weight.out_features,
+                   in_features=weight.in_features, tensors=tensors, act_scale=weight.act_scale,
+                   input_scale=weight.input_scale, **fields)
+
+    def canonical(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> QuantizedWeight:
+        """The canonical weight made of these tensors and this weight's shape and scales."""
+        if zeros is not None and self.scheme.symmetric:
+            zeros = None  # an unpacked symmetric weight stores its implicit zero point 8
+        return QuantizedWeight(scheme=self.scheme, qweight=qweight, scales=scales, zeros=zeros,
+                               group_size=self.group_size, out_features=self.out_features,
+                               in_features=self.in_features, act_scale=self.act_scale,
+                               input_scale=self.input_scale)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    def nbytes(self) -> int:
+        """Bytes held at run time (the backend's tensors and the scales beside them)."""
+        extra = [t for t in (self.act_scale, self.input_scale) if t is not None]
+        return sum(t.numel() * t.element_size() for t in (*self.tensors.values(), *extra))
 
 
 class Backend:
@@ -36,13 +78,15 @@ class Backend:
         """False where the backend runs only when asked for by name (``prefer``)."""
         return True
 
-    def prepack(self, weight: QuantizedWeight) -> QuantizedWeight:
-        """The weight in this backend's layout (the canonical layout unless overridden)."""
-        return weight
+    def prepack(self, weight: QuantizedWeight) -> Packed:
+        """The weight in this backend's layout."""
+        raise NotImplementedError
 
-    def apply(
-        self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None
-    ) -> torch.Tensor:
+    def unpack(self, packed: Packed) -> QuantizedWeight:
+        """The exact inverse of ``prepack``: the canonical weight, on the packed weight's device."""
+        raise NotImplementedError
+
+    def apply(self, x: torch.Tensor, weight: Packed, bias: torch.Tensor | None) -> torch.Tensor:
         """``y = x @ w'^T + bias`` for a prepacked weight."""
         raise NotImplementedError
 

@@ -13,6 +13,7 @@ import dataclasses
 import torch
 
 from lowbit import _extension, ops, plan
+from lowbit.backends.base import Packed
 from lowbit.backends.native import NativeBackend
 from lowbit.formats import QuantizedWeight, Scheme
 
@@ -46,14 +47,13 @@ def use_cpu_isa(name: str):
         set_cpu_isa(previous)
 
 
-@dataclasses.dataclass
-class CpuPacked:
-    """A weight in the CPU kernels' layout: ``tensors`` from the scheme's prepack op
-    (int8_prepack: blocked weights; w8a16_prepack: panels; w4a16_prepack: panels and
-    per-group parameters)."""
+@dataclasses.dataclass(kw_only=True)
+class CpuPacked(Packed):
+    """A weight in the CPU kernels' layout. ``tensors``: int8 — "weight" (int8_prepack's
+    blocked layout) and "scales" (canonical); w8a16 — "weight" (w8a16_prepack's panels) and
+    "scales"; w4a16 — "weight" and "params" (w4a16_prepack's panels and per-group scales
+    and zero points)."""
 
-    canonical: QuantizedWeight
-    tensors: tuple[torch.Tensor, ...]
     # ((M bucket, kernel path id), ...) from the tuned plan (lowbit.plan), or None: the
     # kernel chooses by its built-in heuristics.
     paths: tuple[tuple[int, int], ...] | None = None
@@ -73,17 +73,26 @@ class CpuBackend(NativeBackend):
     def prepack(self, weight: QuantizedWeight) -> CpuPacked:
         scheme = weight.scheme
         if scheme.is_int4:
-            tensors = ops.w4a16_prepack(weight.qweight, weight.scales, weight.zeros, weight.group_size)
+            w, params = ops.w4a16_prepack(weight.qweight, weight.scales, weight.zeros, weight.group_size)
+            tensors = {"weight": w, "params": params}
         elif scheme.weight_only:
-            tensors = (ops.w8a16_prepack(weight.qweight),)
+            tensors = {"weight": ops.w8a16_prepack(weight.qweight), "scales": weight.scales}
         else:
-            tensors = (ops.int8_prepack(weight.qweight),)
+            tensors = {"weight": ops.int8_prepack(weight.qweight), "scales": weight.scales}
         active = plan.active_plan()
         paths = None if active is None else active.paths(scheme, "cpu", weight.out_features, weight.in_features)
-        return CpuPacked(weight, tuple(tensors), paths)
+        return CpuPacked.of(weight, tensors, paths=paths)
+
+    def unpack(self, packed: CpuPacked) -> QuantizedWeight:
+        t, n = packed.tensors, packed.out_features
+        if packed.scheme.is_int4:
+            return packed.canonical(*ops.w4a16_unpack(t["weight"], t["params"], packed.group_size, n))
+        if packed.scheme.weight_only:
+            return packed.canonical(ops.w8a16_unpack(t["weight"], n), t["scales"], None)
+        return packed.canonical(ops.int8_unpack(t["weight"], n, packed.in_features), t["scales"], None)
 
     def apply(self, x, weight: CpuPacked, bias):
-        w, t = weight.canonical, weight.tensors
+        t = weight.tensors
         path = plan.AUTO_ID
         if weight.paths is not None:
             # The first run of buckets whose bound is at or above M (Plan.paths), inline:
@@ -96,8 +105,9 @@ class CpuBackend(NativeBackend):
                 if m <= bound:
                     path = p
                     break
-        if w.scheme.is_int4:
-            return ops.w4a16_linear_prepacked(x, t[0], t[1], w.group_size, w.out_features, bias, path)
-        if w.scheme.weight_only:
-            return ops.w8a16_linear_prepacked(x, t[0], w.scales, bias, path)
-        return ops.w8a8_linear_prepacked(x, t[0], w.scales, w.in_features, bias, w.act_scale, path)
+        if weight.scheme.is_int4:
+            return ops.w4a16_linear_prepacked(x, t["weight"], t["params"], weight.group_size, weight.out_features,
+                                              bias, path)
+        if weight.scheme.weight_only:
+            return ops.w8a16_linear_prepacked(x, t["weight"], t["scales"], bias, path)
+        return ops.w8a8_linear_prepacked(x, t["weight"], t["scales"], weight.in_features, bias, weight.act_scale, path)

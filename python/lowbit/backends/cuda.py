@@ -10,19 +10,12 @@ built.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from lowbit import ops
+from lowbit.backends.base import Packed
 from lowbit.backends.native import NativeBackend
 from lowbit.formats import QuantizedWeight, Scheme
-
-
-@dataclasses.dataclass
-class CudaPacked:
-    canonical: QuantizedWeight
-    tensors: tuple[torch.Tensor, ...]  # W4A16: (codes, scales, zeros) on the GPU; W8A8: ()
 
 
 class CudaBackend(NativeBackend):
@@ -38,16 +31,28 @@ class CudaBackend(NativeBackend):
             return False, "built, but no CUDA device is visible"
         return ok, why
 
-    def prepack(self, weight: QuantizedWeight) -> CudaPacked:
+    def prepack(self, weight: QuantizedWeight) -> Packed:
+        """W8A8: the canonical tensors. W4A16: the GEMM's (codes, scales, zeros), built on
+        the CPU and moved to the layer's GPU."""
         if not weight.scheme.is_int4:
-            return CudaPacked(weight, ())
+            return Packed.of(weight, {"qweight": weight.qweight, "scales": weight.scales})
         device = weight.qweight.device
         cpu = [None if t is None else t.cpu() for t in (weight.qweight, weight.scales, weight.zeros)]
-        packed = ops.w4a16_cuda_prepack(*cpu, weight.group_size)
-        return CudaPacked(weight, tuple(t.to(device) for t in packed))
+        codes, scales, zeros = (t.to(device) for t in ops.w4a16_cuda_prepack(*cpu, weight.group_size))
+        return Packed.of(weight, {"codes": codes, "scales": scales, "zeros": zeros})
 
-    def apply(self, x, weight: CudaPacked, bias):
-        w = weight.canonical
-        if weight.tensors:
-            return ops.w4a16_linear_cuda_prepacked(x, *weight.tensors, w.group_size, w.out_features, bias)
-        return ops.w8a8_linear(x, w.qweight, w.scales, bias, w.act_scale)
+    def unpack(self, packed: Packed) -> QuantizedWeight:
+        t = packed.tensors
+        if not packed.scheme.is_int4:
+            return packed.canonical(t["qweight"], t["scales"], None)
+        device = packed.device
+        cpu = [t[name].cpu() for name in ("codes", "scales", "zeros")]
+        canonical = ops.w4a16_cuda_unpack(*cpu, packed.group_size, packed.out_features, packed.in_features)
+        return packed.canonical(*(c.to(device) for c in canonical))
+
+    def apply(self, x, weight: Packed, bias):
+        t = weight.tensors
+        if weight.scheme.is_int4:
+            return ops.w4a16_linear_cuda_prepacked(x, t["codes"], t["scales"], t["zeros"], weight.group_size,
+                                                   weight.out_features, bias)
+        return ops.w8a8_linear(x, t["qweight"], t["scales"], bias, weight.act_scale)

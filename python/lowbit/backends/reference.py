@@ -2,6 +2,7 @@
 
 It is the oracle the kernels are tested against and the backend of last resort; when
 the chooser picks it, the choice shows in the layer's repr and in the quantize report.
+Its runtime form is the canonical one.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from lowbit import reference
-from lowbit.backends.base import Backend
+from lowbit.backends.base import Backend, Packed
 from lowbit.formats import QuantizedWeight, Scheme
 
 
@@ -22,9 +23,20 @@ class ReferenceBackend(Backend):
     def can_implement(self, scheme: Scheme, device: torch.device) -> tuple[bool, str]:
         return True, ""
 
-    def apply(self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    def prepack(self, weight: QuantizedWeight) -> Packed:
+        tensors = {"qweight": weight.qweight, "scales": weight.scales}
+        if weight.zeros is not None:
+            tensors["zeros"] = weight.zeros
+        return Packed.of(weight, tensors)
+
+    def unpack(self, packed: Packed) -> QuantizedWeight:
+        t = packed.tensors
+        return packed.canonical(t["qweight"], t["scales"], t.get("zeros"))
+
+    def apply(self, x: torch.Tensor, weight: Packed, bias: torch.Tensor | None) -> torch.Tensor:
+        t = weight.tensors
         if weight.scheme.is_int4:
-            return reference.w4a16_linear(x, weight.qweight, weight.scales, weight.zeros, weight.group_size, bias)
+            return reference.w4a16_linear(x, t["qweight"], t["scales"], t.get("zeros"), weight.group_size, bias)
         if weight.scheme.weight_only:
-            return reference.w8a16_linear(x, weight.qweight, weight.scales, bias)
-        return reference.w8a8_linear(x, weight.qweight, weight.scales, bias, weight.act_scale)
+            return reference.w8a16_linear(x, t["qweight"], t["scales"], bias)
+        return reference.w8a8_linear(x, t["qweight"], t["scales"], bias, weight.act_scale)

@@ -9,12 +9,11 @@ chosen by priority; ask for it by name (``backend="triton"``).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 
 import torch
 
-from lowbit.backends.base import Backend
+from lowbit.backends.base import Backend, Packed
 from lowbit.formats import QuantizedWeight, Scheme
 from lowbit.kernels import interpreting
 
@@ -25,12 +24,6 @@ def _kernels():
     from lowbit.kernels import ops, weight_only
 
     return ops, weight_only
-
-
-@dataclasses.dataclass
-class TritonPacked:
-    canonical: QuantizedWeight
-    weight_only: object | None  # lowbit.kernels.weight_only.Packed for W4A16 / W8A16
 
 
 class TritonBackend(Backend):
@@ -55,19 +48,38 @@ class TritonBackend(Backend):
     def chosen_by_priority(self, device: torch.device) -> bool:
         return device.type != "cpu"  # the interpreter is for tests, never a fallback
 
-    def prepack(self, weight: QuantizedWeight) -> TritonPacked:
+    def prepack(self, weight: QuantizedWeight) -> Packed:
+        """W8A8: the canonical tensors (the int8 GEMM reads them K-major); weight-only: the
+        weight-only GEMM's layout (``lowbit.kernels.weight_only``)."""
+        if not weight.scheme.weight_only:
+            return Packed.of(weight, {"qweight": weight.qweight, "scales": weight.scales})
         _, weight_only = _kernels()
         if weight.scheme.is_int4:
-            return TritonPacked(weight, weight_only.prepack_int4(weight.qweight, weight.scales, weight.zeros,
-                                                                 weight.group_size))
-        if weight.scheme.weight_only:
-            return TritonPacked(weight, weight_only.prepack_int8(weight.qweight, weight.scales))
-        return TritonPacked(weight, None)
+            p = weight_only.prepack_int4(weight.qweight, weight.scales, weight.zeros, weight.group_size)
+        else:
+            p = weight_only.prepack_int8(weight.qweight, weight.scales)
+        tensors = {"codes": p.codes, "scales": p.scales}
+        if p.zeros is not None:
+            tensors["zeros"] = p.zeros
+        return Packed.of(weight, tensors)
 
-    def apply(self, x, weight: TritonPacked, bias):
+    def _kernel_packed(self, weight: Packed):
+        _, weight_only = _kernels()
+        t = weight.tensors
+        return weight_only.Packed(t["codes"], t["scales"], t.get("zeros"), weight.group_size,
+                                  4 if weight.scheme.is_int4 else 8, weight.out_features, weight.in_features)
+
+    def unpack(self, packed: Packed) -> QuantizedWeight:
+        if not packed.scheme.weight_only:
+            return packed.canonical(packed.tensors["qweight"], packed.tensors["scales"], None)
+        _, weight_only = _kernels()
+        return packed.canonical(*weight_only.unpack(self._kernel_packed(packed)))
+
+    def apply(self, x, weight: Packed, bias):
         ops, _ = _kernels()
-        w, p = weight.canonical, weight.weight_only
-        if p is not None:
+        t = weight.tensors
+        if weight.scheme.weight_only:
+            p = self._kernel_packed(weight)
             return ops.weight_only_linear(x, p.codes, p.scales, p.zeros, bias, p.group_size, p.bits,
                                           p.out_features, p.in_features)
-        return ops.w8a8_linear(x, w.qweight, w.scales, bias, w.act_scale)
+        return ops.w8a8_linear(x, t["qweight"], t["scales"], bias, weight.act_scale)
