@@ -176,8 +176,15 @@ def sample_calls(device="cpu"):
     q = torch.randint(0, 16, (6, 10), dtype=torch.uint8).to(device)
     if device == "cpu":
         packed, scales, zeros = int4_weight(12, 64, 32, False, 3, device)
+        w4, params = ops.w4a16_prepack(packed, scales, zeros, 32)
+        codes, s_t, z_t = ops.w4a16_cuda_prepack(packed, scales, zeros, 32)
         calls += [(torch.ops.lowbit.int8_prepack.default, (w,)), (torch.ops.lowbit.w8a16_prepack.default, (w,)),
-                  (torch.ops.lowbit.w4a16_prepack.default, (packed, scales, zeros, 32))]
+                  (torch.ops.lowbit.w4a16_prepack.default, (packed, scales, zeros, 32)),
+                  (torch.ops.lowbit.int8_unpack.default, (ops.int8_prepack(w), 12, 64)),
+                  (torch.ops.lowbit.w8a16_unpack.default, (ops.w8a16_prepack(w), 12)),
+                  (torch.ops.lowbit.w4a16_unpack.default, (w4, params, 32, 12)),
+                  (torch.ops.lowbit.w4a16_cuda_prepack.default, (packed, scales, zeros, 32)),
+                  (torch.ops.lowbit.w4a16_cuda_unpack.default, (codes, s_t, z_t, 32, 12, 64))]
     calls += [(torch.ops.lowbit.pack_int4.default, (q,)),
               (torch.ops.lowbit.unpack_int4.default, (reference.pack_int4(q),))]
     return calls

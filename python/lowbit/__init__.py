@@ -27,10 +27,11 @@ from lowbit.backends import (  # noqa: E402
     set_cpu_isa,
     use_cpu_isa,
 )
-from lowbit.checkpoint import CheckpointError, load, save  # noqa: E402
+from lowbit.checkpoint import CheckpointError, empty_weights, load, save  # noqa: E402
 from lowbit.formats import QuantizedWeight, Scheme, quantize_weight  # noqa: E402
 from lowbit.nn import QuantLinear, W4A16Linear, W8A8Linear, W8A8StaticLinear, W8A16Linear  # noqa: E402
 from lowbit.quantize import QuantConfig, QuantizeReport, dequantize, quantize  # noqa: E402
+from lowbit.pretrained import load_pretrained, quantize_pretrained, save_pretrained  # noqa: E402
 from lowbit import calibrate, plan  # noqa: E402
 
 __version__ = "0.1.0"
@@ -63,15 +64,19 @@ __all__ = [
     "choose_backend",
     "cpu_isa",
     "dequantize",
+    "empty_weights",
     "formats",
     "list_backends",
     "load",
+    "load_pretrained",
     "nn",
     "ops",
     "plan",
     "quantize",
+    "quantize_pretrained",
     "quantize_weight",
     "save",
+    "save_pretrained",
     "set_cpu_isa",
     "tools",
     "use_cpu_isa",

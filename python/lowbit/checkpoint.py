@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -183,59 +183,63 @@ def _plan(model: nn.Module) -> _Plan:
     return _Plan(layers, producers, aliases)
 
 
-def _metadata(plan: _Plan, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "layers": json.dumps(plan.layers, sort_keys=True),
-            "aliases": json.dumps(plan.aliases, sort_keys=True), "sha256": _digest(tensors)}
+def _metadata(layers: dict, aliases: dict, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "layers": json.dumps(layers, sort_keys=True),
+            "aliases": json.dumps(aliases, sort_keys=True), "sha256": _digest(tensors)}
 
 
-def _shards(plan: _Plan, max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The planned tensors (on the CPU, contiguous) grouped into shards of at most
-    ``max_bytes`` (a tensor larger than that gets a shard of its own)."""
-    shard, size = {}, 0
-    for key, produce in plan.producers:
-        t = produce().detach().cpu().contiguous()
+def _shards(items: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Tensors (moved to the CPU, contiguous) grouped into shards of at most ``max_bytes``
+    (a tensor larger than that gets a shard of its own); always at least one shard."""
+    shard, size, empty = {}, 0, True
+    for key, t in items:
+        t = t.detach().cpu().contiguous()
         nbytes = t.numel() * t.element_size()
         if shard and size + nbytes > max_bytes:
             yield shard
             shard, size = {}, 0
         shard[key] = t
         size += nbytes
-    if shard or not plan.producers:
+        empty = False
+    if shard or empty:
         yield shard
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str | None = None) -> Path:
-    """Write ``model`` (quantized layers canonical, everything else as is) and return where.
+def write(path: str | os.PathLike, layers: dict, aliases: dict, items: Iterable[tuple[str, torch.Tensor]], *,
+          max_shard_size: int | str | None = None) -> Path:
+    """Write a checkpoint of ``items`` ((key, tensor), consumed lazily) with the quantized
+    layers' specs ``layers`` and the ``aliases`` (see the module doc); ``save`` and the
+    streaming quantizer (``lowbit.pretrained``) both write through here.
 
     ``path`` ending in ``.safetensors``: one file. Otherwise ``path`` is a directory that
     gets ``model.safetensors``, or shards of at most ``max_shard_size`` bytes (default
     2 GiB; "500MB" works too) with an index. Files are written under temporary names and
-    renamed when complete, the index last, so an interrupted save never leaves a
+    renamed when complete, the index last, so an interrupted write never leaves a
     checkpoint that loads as if complete."""
     path = Path(path)
-    plan = _plan(model)
     if path.suffix == ".safetensors":
         if max_shard_size is not None:
             raise ValueError("max_shard_size applies to a directory, not to one .safetensors file")
-        tensors = dict(next(_shards(plan, 2**62)))
+        tensors = next(_shards(items, 2**62))
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(tensors, os.fspath(tmp), metadata=_metadata(plan, tensors))
+        save_file(tensors, os.fspath(tmp), metadata=_metadata(layers, aliases, tensors))
         tmp.replace(path)
         return path
     limit = _parse_size(max_shard_size if max_shard_size is not None else DEFAULT_SHARD_BYTES)
     if limit <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
     path.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".lowbit-save-", dir=path))
+    staging = Path(tempfile.mkdtemp(prefix=".lowbit-write-", dir=path))
     try:
         written, weight_map, total = [], {}, 0
-        for shard in _shards(plan, limit):
+        for shard in _shards(items, limit):
             name = f"shard-{len(written):05d}"
-            save_file(shard, os.fspath(staging / name), metadata=_metadata(plan, shard))
+            save_file(shard, os.fspath(staging / name), metadata=_metadata(layers, aliases, shard))
             written.append((name, list(shard)))
             total += sum(t.numel() * t.element_size() for t in shard.values())
             del shard
-        (path / INDEX_FILE).unlink(missing_ok=True)  # a stale index must not describe the new files
+        for stale in [INDEX_FILE, SINGLE_FILE, *(p.name for p in path.glob("model-*-of-*.safetensors"))]:
+            (path / stale).unlink(missing_ok=True)  # the old index first: it must not describe new files
         if len(written) == 1:
             (staging / written[0][0]).replace(path / SINGLE_FILE)
         else:
@@ -243,8 +247,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str
                 final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
                 (staging / name).replace(path / final)
                 weight_map.update({k: final for k in keys})
-            weight_map.update({k: weight_map[target] for k, target in plan.aliases.items()
-                               if target in weight_map})
+            weight_map.update({k: weight_map[t] for k, t in aliases.items() if t in weight_map})
             index = {"metadata": {"format": FORMAT, "format_version": FORMAT_VERSION, "total_size": total},
                      "weight_map": dict(sorted(weight_map.items()))}
             tmp_index = staging / INDEX_FILE
@@ -253,6 +256,15 @@ def save(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str | None = None) -> Path:
+    """Write ``model`` (quantized layers canonical, everything else as is) and return where:
+    one ``.safetensors`` file, or a directory (sharded past ``max_shard_size``); see
+    ``write``."""
+    plan = _plan(model)
+    items = ((key, produce()) for key, produce in plan.producers)
+    return write(path, plan.layers, plan.aliases, items, max_shard_size=max_shard_size)
 
 
 # --- load ----------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
     lowbit backends   what runs here, and why the rest does not
     lowbit bench      time every backend and kernel path beside torch's own paths
     lowbit tune       measure the kernel paths per M and store the plan layers dispatch by
-    lowbit quantize   quantize a local transformers / sentence-transformers model, save it
+    lowbit quantize   quantize a local transformers / sentence-transformers model into a directory
     lowbit inspect    per-layer numerics of a quantized model against its float original
     lowbit report     memory per scheme, which GPUs it fits, cost per million tokens
 
@@ -58,14 +58,16 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--shapes", default="llama3-8b")
     tune.add_argument("--out", help="plan file (default: the cache directory's plan for this machine)")
 
-    quantize = sub.add_parser("quantize", help="quantize a local transformers / sentence-transformers model")
+    quantize = sub.add_parser("quantize", help="quantize a local transformers / sentence-transformers model, block "
+                              "by block, into a model directory")
     quantize.add_argument("model", help="model directory")
     quantize.add_argument("--scheme", default="w4a16-g128")
     quantize.add_argument("--method", default="rtn", help="rtn, gptq, awq or smoothquant")
     quantize.add_argument("--observer", default="minmax", help="observer for w8a8-static activation scales")
     quantize.add_argument("--calibration", help="a text file, one calibration sample per line")
     quantize.add_argument("--exclude", type=_list, default=[], help="glob patterns of layers to keep float")
-    quantize.add_argument("--out", required=True, help="where to write the lowbit safetensors checkpoint")
+    quantize.add_argument("--out", required=True, help="a new directory for the quantized model (lowbit.load_pretrained)")
+    quantize.add_argument("--shard-size", help="largest checkpoint shard, e.g. 2GB (default 2 GiB)")
 
     inspect = sub.add_parser("inspect", help="per-layer numerics of a quantized model against the float one")
     inspect.add_argument("model", help="model directory")

@@ -126,7 +126,8 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _decide(config: QuantConfig, module: nn.Linear, name: str, parent: nn.Module) -> tuple[Scheme | None, str]:
+def _decide(config: QuantConfig, module: nn.Linear, name: str, parent: nn.Module,
+            allow_meta: bool = False) -> tuple[Scheme | None, str]:
     """The scheme for one Linear layer, or None and the reason it stays float."""
     scheme = config.scheme
     for pattern, override in config.overrides.items():
@@ -147,7 +148,7 @@ def _decide(config: QuantConfig, module: nn.Linear, name: str, parent: nn.Module
     n, k = module.weight.shape
     if n * k < config.min_numel:
         return None, f"tiny: {n * k} weights < min_numel={config.min_numel}"
-    if module.weight.device.type == "meta":
+    if module.weight.device.type == "meta" and not allow_meta:
         return None, "weight on the meta device"
     if scheme.is_int4:
         g = scheme.group_for(k)
@@ -166,6 +167,80 @@ def _linear_sites(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str,
                 name = f"{parent_name}.{attr}" if parent_name else attr
                 sites.setdefault(id(child), []).append((name, parent, attr, child))
     return sites
+
+
+class Selection:
+    """Which Linear layers of a model the config quantizes (``entries``, the ``report``
+    row of every Linear), and ``replace(entry, weight)``, which swaps a selected layer for
+    its quantized module at every name it is reachable at. ``allow_meta``: select layers
+    whose weights are still on the meta device (the streaming quantizer fills them later)."""
+
+    def __init__(self, model: nn.Module, config: QuantConfig, act_scales: Mapping[str, torch.Tensor] | None = None,
+                 allow_meta: bool = False):
+        self.config = config
+        self.report = QuantizeReport()
+        self.report.calibration = None
+        self.entries: list[Entry] = []
+        self._rows: dict[int, LayerReport] = {}
+        self._sites: dict[int, list] = {}
+        self._by_weight: dict[tuple[int, Scheme], WeightStore] = {}
+        # Which selected layers share a weight, fixed now: the streaming quantizer swaps the
+        # weights' tensors later, and tensor ids are reused.
+        self._weight_key: dict[int, int] = {}
+        users: dict[int, int] = {}
+        act_scales = act_scales or {}
+        for sites in _linear_sites(model).values():
+            name, parent, _, linear = sites[0]
+            scheme, reason = _decide(config, linear, name, parent, allow_meta)
+            before = linear.weight.numel() * linear.weight.element_size()
+            row = LayerReport(name, tuple(linear.weight.shape), "-", "-", reason, before, before)
+            self.report.append(row)
+            if scheme is None:
+                continue
+            self._rows[id(linear)] = row
+            self._sites[id(linear)] = sites
+            self._weight_key[id(linear)] = id(linear.weight)
+            users[id(linear.weight)] = users.get(id(linear.weight), 0) + 1
+            self.entries.append(Entry(name, linear, scheme, act_scales.get(name)))
+        # Weights read by more than one selected layer: calibration leaves their scaling alone.
+        self.shared_weights = {w for w, n in users.items() if n > 1}
+
+    def skip(self, entry: Entry, reason: str) -> None:
+        """Leave a selected layer float after all, saying why in the report."""
+        self.entries.remove(entry)
+        self._rows[id(entry.linear)].reason = reason
+
+    def spec(self, entry: Entry) -> dict:
+        """The checkpoint's description of a selected layer (``lowbit.checkpoint``)."""
+        n, k = entry.linear.weight.shape
+        return {"scheme": str(entry.scheme), "group_size": entry.scheme.group_for(k), "in_features": k,
+                "out_features": n, "bias": entry.linear.bias is not None}
+
+    def replace(self, entry: Entry, weight: QuantizedWeight) -> None:
+        key = (self._weight_key[id(entry.linear)], entry.scheme)
+        shared = key in self._by_weight
+        bias = None if entry.linear.bias is None else entry.linear.bias.detach().clone()
+        # Layers that share a weight share its store: held once, as the float weight was.
+        new = module_for(entry.scheme)(self._by_weight[key] if shared else weight, bias, self.config.backend,
+                                       entry.name)
+        self._by_weight.setdefault(key, new.store)
+        sites = self._sites[id(entry.linear)]
+        for _, site_parent, attr, _ in sites:
+            setattr(site_parent, attr, new)
+        notes = []
+        if len(sites) > 1:
+            notes.append("also at " + ", ".join(s[0] for s in sites[1:]))
+        if shared:
+            notes.append("weight tied to an earlier layer")
+        row = self._rows[id(entry.linear)]
+        row.scheme, row.backend, row.reason = str(entry.scheme), new.backend.name, "; ".join(notes)
+        row.bytes_after = 0 if shared else new.packed.nbytes()
+
+
+def _as_config(config: QuantConfig | Scheme | str, fields: dict) -> QuantConfig:
+    if not isinstance(config, QuantConfig):
+        config = QuantConfig(scheme=config)
+    return dataclasses.replace(config, **fields) if fields else config
 
 
 def quantize(
@@ -188,63 +263,21 @@ def quantize(
     batch when ``model(*batch)`` / ``model(batch)`` does not. The report's
     ``calibration`` attribute summarizes the calibration (None without one).
     """
-    if not isinstance(config, QuantConfig):
-        config = QuantConfig(scheme=config)
-    if fields:
-        config = dataclasses.replace(config, **fields)
-    act_scales = act_scales or {}
-    report = QuantizeReport()
-    report.calibration = None
-    by_weight: dict[tuple[int, Scheme], WeightStore] = {}
-    rows: dict[int, LayerReport] = {}
-    entries: list[Entry] = []
-    sites_of: dict[int, list] = {}
-    weight_users: dict[int, int] = {}
-    for sites in _linear_sites(model).values():
-        name, parent, _, linear = sites[0]
-        scheme, reason = _decide(config, linear, name, parent)
-        before = linear.weight.numel() * linear.weight.element_size()
-        row = LayerReport(name, tuple(linear.weight.shape), "-", "-", reason, before, before)
-        report.append(row)
-        if scheme is None:
-            continue
-        rows[id(linear)] = row
-        sites_of[id(linear)] = sites
-        weight_users[id(linear.weight)] = weight_users.get(id(linear.weight), 0) + 1
-        entries.append(Entry(name, linear, scheme, act_scales.get(name)))
-
-    def replace(entry: Entry, weight: QuantizedWeight) -> None:
-        key = (id(entry.linear.weight), entry.scheme)
-        shared = key in by_weight
-        bias = None if entry.linear.bias is None else entry.linear.bias.detach().clone()
-        # Layers that share a weight share its store: held once, as the float weight was.
-        new = module_for(entry.scheme)(by_weight[key] if shared else weight, bias, config.backend, entry.name)
-        by_weight.setdefault(key, new.store)
-        sites = sites_of[id(entry.linear)]
-        for _, site_parent, attr, _ in sites:
-            setattr(site_parent, attr, new)
-        notes = []
-        if len(sites) > 1:
-            notes.append("also at " + ", ".join(s[0] for s in sites[1:]))
-        if shared:
-            notes.append("weight tied to an earlier layer")
-        row = rows[id(entry.linear)]
-        row.scheme, row.backend, row.reason = str(entry.scheme), new.backend.name, "; ".join(notes)
-        row.bytes_after = 0 if shared else new.packed.nbytes()
-
+    config = _as_config(config, fields)
+    selection = Selection(model, config, act_scales)
+    entries = selection.entries
     reason = needs_calibration(config.method, entries) if entries else None
     if reason is None:
         for e in entries:
-            replace(e, quantize_weight(e.linear.weight.detach(), e.scheme, e.name, act_scale=e.act_scale))
-        return report
+            selection.replace(e, quantize_weight(e.linear.weight.detach(), e.scheme, e.name, act_scale=e.act_scale))
+        return selection.report
     if calibration is None:
         raise ValueError(f"{reason}: needs calibration data (calibration=batches) or act_scales")
-    shared_weights = {w for w, users in weight_users.items() if users > 1}
-    report.calibration = pipeline.run(
-        model, entries, config.method, calibration, replace=replace, calibration_forward=calibration_forward,
+    selection.report.calibration = pipeline.run(
+        model, entries, config.method, calibration, replace=selection.replace, calibration_forward=calibration_forward,
         observer=config.observer, sequential=config.sequential, blocks=config.blocks, propagate=config.propagate,
-        shared_weights=shared_weights, stats_device=config.calibration_device, progress=progress)
-    return report
+        shared_weights=selection.shared_weights, stats_device=config.calibration_device, progress=progress)
+    return selection.report
 
 
 def dequantize(model: nn.Module) -> nn.Module:

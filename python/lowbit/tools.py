@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import time
+from pathlib import Path
 from collections.abc import Callable
 
 import torch
@@ -81,17 +82,24 @@ def read_lines(path: str | None) -> list[str]:
 
 
 def quantize_model(path: str, scheme: str, out: str, *, method: str = "rtn", observer: str = "minmax",
-                   calibration: str | None = None, exclude=()) -> str:
-    parsed = Scheme.parse(scheme)  # refuse a bad scheme before loading anything
-    loaded = load_model(path)
+                   calibration: str | None = None, exclude=(), max_shard_size: str | None = None) -> str:
+    """``lowbit quantize``: the streaming quantizer (``lowbit.quantize_pretrained``) with
+    calibration samples read from a text file, one per line, tokenized by the model's own
+    tokenizer."""
+    parsed = Scheme.parse(scheme)  # refuse a bad scheme before reading anything
     needs = method != "rtn" or parsed.static_activations
     if needs and calibration is None:
         raise ValueError(f"method {method!r} / scheme {scheme!r} needs --calibration (a text file)")
-    batches = [loaded.encode([t]) for t in read_lines(calibration)] if needs else None
-    report = lowbit.quantize(loaded.model, scheme, method=method, observer=observer, exclude=list(exclude),
-                             calibration=batches, calibration_forward=loaded.forward)
-    lowbit.save(loaded.model, out)
-    return f"{report}\nsaved to {out} ({os.path.getsize(out) / 2**20:.1f} MB)"
+    batches = None
+    if needs:
+        import transformers
+
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        batches = [dict(tok([t], return_tensors="pt", truncation=True, max_length=512)) for t in read_lines(calibration)]
+    report = lowbit.quantize_pretrained(path, out, scheme, method=method, observer=observer, exclude=list(exclude),
+                                        calibration=batches, max_shard_size=max_shard_size)
+    size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+    return f"{report}\nwrote {out} ({size / 2**20:.1f} MB of weights); load it with lowbit.load_pretrained({out!r})"
 
 
 # --- inspect ------------------------------------------------------------------------------------
@@ -279,7 +287,7 @@ def format_report(rows: list[MemoryRow], price: float, tokens: int) -> str:
 
 def quantize(args) -> str:
     return quantize_model(args.model, args.scheme, args.out, method=args.method, observer=args.observer,
-                          calibration=args.calibration, exclude=args.exclude)
+                          calibration=args.calibration, exclude=args.exclude, max_shard_size=args.shard_size)
 
 
 def inspect(args) -> str:

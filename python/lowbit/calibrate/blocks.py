@@ -14,6 +14,8 @@ a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from lowbit.calibrate.accounting import nbytes
@@ -96,7 +98,11 @@ def _capture(model, batches, forward, first_block) -> list:
     return captured
 
 
-def run_sequential(ctx: Context, model, entries, batches, forward, blocks, shared_weights) -> None:
+def run_sequential(ctx: Context, model, entries, batches, forward, blocks, shared_weights,
+                   block_hooks: tuple[Callable, Callable] | None = None) -> None:
+    """``block_hooks``: ``(enter(i, block), leave(i, block))``, called before block i is
+    calibrated and after its outputs have become the next block's inputs (the streaming
+    quantizer reads a block's weights in ``enter`` and writes and frees them in ``leave``)."""
     in_block = {}
     for i, b in enumerate(blocks):
         for m in b.modules():
@@ -133,6 +139,8 @@ def run_sequential(ctx: Context, model, entries, batches, forward, blocks, share
     held = nbytes(inputs)
     ctx.hold(held)
     for i, block in enumerate(blocks):
+        if block_hooks is not None:
+            block_hooks[0](i, block)
         stage_entries = [e for e in entries if in_block.get(id(e.linear)) == i]
         stage = Stage(f"block {i}", block, inputs, lambda inp, block=block: block(*inp[0], **inp[1]), stage_entries)
         weights = sum(p.numel() * p.element_size() for p in block.parameters())
@@ -154,6 +162,8 @@ def run_sequential(ctx: Context, model, entries, batches, forward, blocks, share
         ctx.state.release_all()
         held = nbytes(inputs)
         ctx.hold(held)
+        if block_hooks is not None:
+            block_hooks[1](i, block)
     ctx.release(held)
     del inputs
     if after:

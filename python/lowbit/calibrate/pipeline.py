@@ -108,11 +108,13 @@ def run(
     propagate: str = "quantized",
     shared_weights: set[int] = frozenset(),
     stats_device: torch.device | str | None = None,
+    block_hooks: tuple[Callable, Callable] | None = None,
     progress: bool = True,
 ) -> CalibrationSummary:
     """Calibrate and quantize ``entries`` of ``model``, calling ``replace(entry, weight)`` for
     each; see the module doc. ``stats_device`` holds the statistics (Hessians, ranges,
-    samples) on that device instead of the activations' own."""
+    samples) on that device instead of the activations' own. ``block_hooks`` (layer-wise
+    mode): see ``blocks.run_sequential``."""
     if propagate not in PROPAGATE:
         raise ValueError(f"propagate must be one of {PROPAGATE}, got {propagate!r}")
     batches = list(calibration)
@@ -146,7 +148,7 @@ def run(
                 quantize_stage(ctx, stage, shared_weights)
             else:
                 summary.sequential, summary.blocks = True, resolved[0]
-                run_sequential(ctx, model, entries, batches, forward, resolved[1], shared_weights)
+                run_sequential(ctx, model, entries, batches, forward, resolved[1], shared_weights, block_hooks)
             for entry, weight in ctx.deferred:
                 replace(entry, weight)
         summary.peak_rss_delta_bytes = rss.delta
