@@ -8,7 +8,7 @@ import lowbit
 import pytest
 import torch
 from conftest import net
-from lowbit import CheckpointError
+from lowbit import CheckpointError, checkpoint
 from lowbit.nn import QuantLinear
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -130,3 +130,60 @@ def test_a_checkpoint_of_another_model_shape_is_refused(tmp_path):
 def test_missing_file_is_a_file_not_found_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         lowbit.load(net(), tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("shard", ["20KB", "1MB", None])
+def test_sharded_directories_round_trip(tmp_path, shard):
+    model, x = quantized("w4a16-g64"), torch.randn(2, 3, 128)
+    out = lowbit.save(model, tmp_path / "ckpt", max_shard_size=shard)
+    files = checkpoint.checkpoint_files(out)
+    assert (len(files) > 1) == (shard == "20KB")
+    if len(files) > 1:
+        index = json.loads((out / checkpoint.INDEX_FILE).read_text())
+        assert set(index["weight_map"].values()) == {f.name for f in files}
+        for f in files:  # each shard carries its own digest
+            with safe_open(str(f), "pt") as h:
+                assert h.metadata()["sha256"] == checkpoint._digest({k: h.get_tensor(k) for k in h.keys()})
+    skeleton = lowbit.load(net(seed=5), out)
+    assert torch.equal(skeleton(x), model(x))
+    assert skeleton.tied_a.store is skeleton.tied_b.store
+
+
+def test_a_model_built_on_meta_is_filled_by_load(tmp_path):
+    model, x = quantized("w8a16"), torch.randn(2, 3, 128)
+    path = lowbit.save(model, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        skeleton = net()
+    lowbit.load(skeleton, path)
+    assert not checkpoint.meta_tensors(skeleton)
+    assert torch.equal(skeleton(x), model(x))
+
+
+def test_a_corrupt_shard_is_caught_and_the_model_left_untouched(tmp_path):
+    out = lowbit.save(quantized("w4a16-g64"), tmp_path / "ckpt", max_shard_size="20KB")
+    last = checkpoint.checkpoint_files(out)[-1]
+    raw = bytearray(last.read_bytes())
+    raw[-10] ^= 0xFF
+    last.write_bytes(bytes(raw))
+    model = net(seed=7)
+    before = snapshot(model)
+    with pytest.raises(CheckpointError, match="sha256"):
+        lowbit.load(model, out)
+    assert_unchanged(model, before)
+
+
+def test_an_interrupted_save_leaves_no_loadable_checkpoint(tmp_path, monkeypatch):
+    real, calls = checkpoint.save_file, []
+
+    def fail_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", fail_on_third)
+    with pytest.raises(OSError):
+        lowbit.save(quantized("w4a16-g64"), tmp_path / "ckpt", max_shard_size="20KB")
+    assert not list((tmp_path / "ckpt").iterdir())  # the staging directory is gone too
+    with pytest.raises(FileNotFoundError):
+        lowbit.load(net(), tmp_path / "ckpt")

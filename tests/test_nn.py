@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import activation, assert_linear_close, reference_output
 from lowbit.formats import Scheme
-from lowbit.nn import W4A16Linear, W8A8Linear, W8A8StaticLinear, W8A16Linear
+from lowbit.nn import QuantLinear, W4A16Linear, W8A8Linear, W8A8StaticLinear, W8A16Linear
 from torch import nn
 
 CASES = [(W8A8Linear, "w8a8"), (W8A16Linear, "w8a16"), (W4A16Linear, "w4a16-g64"),
@@ -114,3 +114,18 @@ def test_compiled_forward_matches_eager():
     torch._dynamo.reset()
     compiled = torch.compile(q, fullgraph=True)
     assert torch.equal(compiled(x), q(x))
+
+
+@pytest.mark.parametrize("scheme, limit", [("w4a16-g128", 1.05), ("w8a16", 1.0), ("w8a8", 1.0)])
+def test_a_quantized_model_holds_each_weight_once(scheme, limit):
+    from lowbit.bench.memory import live_tensor_bytes
+
+    base = live_tensor_bytes()
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(512, 512, bias=False) for _ in range(4)]).to(torch.bfloat16)
+    lowbit.quantize(model, scheme, progress=False)
+    canonical = sum(m.canonical().nbytes() for m in model.modules() if isinstance(m, QuantLinear))
+    with torch.no_grad():
+        model(torch.randn(3, 512, dtype=torch.bfloat16))
+    held = live_tensor_bytes() - base
+    assert held == lowbit.nn.runtime_bytes(model) <= limit * canonical

@@ -494,24 +494,41 @@ def load(
 # --- models built without weights ------------------------------------------------------------------
 
 
+# Modules whose parameters ``empty_weights`` creates on meta from the start (they take a
+# ``device`` argument): the large ones, so that not even an uninitialized float weight is
+# allocated for a layer that will be quantized.
+_META_CONSTRUCTED = (nn.Linear, nn.Embedding)
+
+
 @contextlib.contextmanager
 def empty_weights():
-    """Build modules with their parameters on the ``meta`` device (buffers stay real, since
-    models compute some, like rotary frequencies, in their constructors and do not store
-    them): ``lowbit.load`` then fills them without a float copy of the quantized layers.
-    Each parameter is allocated for a moment where its module creates it, then moved."""
+    """Build modules with their parameters on the ``meta`` device; buffers stay real, since
+    models compute some (rotary frequencies, position ids) in their constructors and do not
+    store them. ``lowbit.load`` then fills the parameters, so the quantized layers never
+    exist in float. ``nn.Linear`` and ``nn.Embedding`` create their weights on meta
+    directly; any other parameter is moved to meta as its module registers it."""
     register = nn.Module.register_parameter
+    constructors = {cls: cls.__init__ for cls in _META_CONSTRUCTED}
 
     def to_meta(module, name, param):
         register(module, name, param)
         if param is not None and param.device.type != "meta":
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
+    def on_meta(init):
+        def wrapped(self, *args, device=None, **kwargs):
+            init(self, *args, device="meta" if device is None else device, **kwargs)
+        return wrapped
+
     nn.Module.register_parameter = to_meta
+    for cls, init in constructors.items():
+        cls.__init__ = on_meta(init)
     try:
         yield
     finally:
         nn.Module.register_parameter = register
+        for cls, init in constructors.items():
+            cls.__init__ = init
 
 
 def meta_tensors(model: nn.Module) -> list[str]:
