@@ -181,9 +181,20 @@ def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
+# Rows of a weight quantized at a time: the float temporaries of a chunk stay near 1 MB, so
+# quantizing a layer holds its float weight and its quantized copy, and little else.
+CHUNK_ELEMENTS = 2**18
+
+
+def _row_chunks(w: torch.Tensor):
+    rows = max(1, CHUNK_ELEMENTS // max(w.shape[1], 1))
+    for r0 in range(0, w.shape[0], rows):
+        yield r0, min(w.shape[0], r0 + rows)
+
+
 def check_finite(w: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(w).all():
-        bad = (~torch.isfinite(w)).sum().item()
+    bad = sum(int((~torch.isfinite(w[r0:r1])).sum()) for r0, r1 in _row_chunks(w))
+    if bad:
         raise ValueError(f"{name}: weight holds {bad} NaN or Inf value(s); cannot quantize it")
 
 
@@ -225,8 +236,12 @@ def _int4_codes(wg: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.
 def quantize_int8_per_channel(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """``s[n] = max|w[n]|/127``, ``q = clamp(round(w/s), -127, 127)`` -> (int8[N, K], float32[N])."""
     _check_weight(w, name)
-    q, scale = _int8_codes(w.float())
-    return q.to(torch.int8), scale
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for r0, r1 in _row_chunks(w):
+        codes, scale[r0:r1] = _int8_codes(w[r0:r1].float())
+        q[r0:r1] = codes
+    return q, scale
 
 
 def quantize_int4_groupwise(
@@ -244,10 +259,14 @@ def quantize_int4_groupwise(
     if k % 2:
         raise ValueError(f"{name}: int4 needs an even in_features, got {k}")
     checks.group_size(g, k)
-    q, scale, zero = _int4_codes(w.float().reshape(n, k // g, g), symmetric)
-    packed = reference.pack_int4(q.reshape(n, k).to(torch.uint8))
-    zeros = None if symmetric else zero.to(torch.uint8)
-    return packed, scale, zeros
+    packed = torch.empty((n, k // 2), dtype=torch.uint8, device=w.device)
+    scales = torch.empty((n, k // g), dtype=torch.float32, device=w.device)
+    zeros = torch.empty((n, k // g), dtype=torch.uint8, device=w.device)
+    for r0, r1 in _row_chunks(w):
+        q, scales[r0:r1], zero = _int4_codes(w[r0:r1].float().reshape(r1 - r0, k // g, g), symmetric)
+        packed[r0:r1] = reference.pack_int4(q.reshape(r1 - r0, k).to(torch.uint8))
+        zeros[r0:r1] = zero
+    return packed, scales, None if symmetric else zeros
 
 
 def check_input_scale(input_scale: torch.Tensor, in_features: int, name: str) -> None:
