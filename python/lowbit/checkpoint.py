@@ -188,73 +188,93 @@ def _metadata(layers: dict, aliases: dict, tensors: dict[str, torch.Tensor]) -> 
             "aliases": json.dumps(aliases, sort_keys=True), "sha256": _digest(tensors)}
 
 
-def _shards(items: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Tensors (moved to the CPU, contiguous) grouped into shards of at most ``max_bytes``
-    (a tensor larger than that gets a shard of its own); always at least one shard."""
-    shard, size, empty = {}, 0, True
-    for key, t in items:
-        t = t.detach().cpu().contiguous()
+class CheckpointWriter:
+    """A checkpoint directory written as tensors arrive: ``add(key, tensor)`` fills a shard
+    of at most ``max_shard_size`` bytes (default 2 GiB; "500MB" works too), which is
+    written to a staging directory when full; ``close`` moves the files into place —
+    ``model.safetensors`` alone, or shards ``model-0000k-of-0000n.safetensors`` and the
+    index last — so an interrupted write never leaves a checkpoint that loads as if
+    complete. Used as a context manager, an exception removes what was staged."""
+
+    def __init__(self, path: str | os.PathLike, layers: dict, aliases: dict, *,
+                 max_shard_size: int | str | None = None):
+        self.path = Path(path)
+        self.layers, self.aliases = layers, aliases
+        self.limit = _parse_size(max_shard_size if max_shard_size is not None else DEFAULT_SHARD_BYTES)
+        if self.limit <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=".lowbit-write-", dir=self.path))
+        self.written: list[tuple[str, list[str]]] = []
+        self.shard: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is not None:
+            self.abort()
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().cpu().contiguous()
         nbytes = t.numel() * t.element_size()
-        if shard and size + nbytes > max_bytes:
-            yield shard
-            shard, size = {}, 0
-        shard[key] = t
-        size += nbytes
-        empty = False
-    if shard or empty:
-        yield shard
+        if self.shard and self.size + nbytes > self.limit:
+            self._flush()
+        self.shard[key] = t
+        self.size += nbytes
+
+    def _flush(self) -> None:
+        name = f"shard-{len(self.written):05d}"
+        save_file(self.shard, os.fspath(self.staging / name), metadata=_metadata(self.layers, self.aliases, self.shard))
+        self.written.append((name, list(self.shard)))
+        self.total += self.size
+        self.shard, self.size = {}, 0
+
+    def close(self) -> Path:
+        if self.shard or not self.written:
+            self._flush()
+        path, written = self.path, self.written
+        for stale in [INDEX_FILE, SINGLE_FILE, *(p.name for p in path.glob("model-*-of-*.safetensors"))]:
+            (path / stale).unlink(missing_ok=True)  # the old index first: it must not describe new files
+        if len(written) == 1:
+            (self.staging / written[0][0]).replace(path / SINGLE_FILE)
+        else:
+            weight_map = {}
+            for i, (name, keys) in enumerate(written):
+                final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+                (self.staging / name).replace(path / final)
+                weight_map.update({k: final for k in keys})
+            weight_map.update({k: weight_map[t] for k, t in self.aliases.items() if t in weight_map})
+            index = {"metadata": {"format": FORMAT, "format_version": FORMAT_VERSION, "total_size": self.total},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            tmp_index = self.staging / INDEX_FILE
+            tmp_index.write_text(json.dumps(index, indent=2))
+            tmp_index.replace(path / INDEX_FILE)
+        self.abort()
+        return path
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def write(path: str | os.PathLike, layers: dict, aliases: dict, items: Iterable[tuple[str, torch.Tensor]], *,
           max_shard_size: int | str | None = None) -> Path:
     """Write a checkpoint of ``items`` ((key, tensor), consumed lazily) with the quantized
-    layers' specs ``layers`` and the ``aliases`` (see the module doc); ``save`` and the
-    streaming quantizer (``lowbit.pretrained``) both write through here.
-
-    ``path`` ending in ``.safetensors``: one file. Otherwise ``path`` is a directory that
-    gets ``model.safetensors``, or shards of at most ``max_shard_size`` bytes (default
-    2 GiB; "500MB" works too) with an index. Files are written under temporary names and
-    renamed when complete, the index last, so an interrupted write never leaves a
-    checkpoint that loads as if complete."""
+    layers' specs ``layers`` and the ``aliases`` (see the module doc): one file for a
+    ``path`` ending in ``.safetensors``, else a directory (``CheckpointWriter``)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        if max_shard_size is not None:
-            raise ValueError("max_shard_size applies to a directory, not to one .safetensors file")
-        tensors = next(_shards(items, 2**62))
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(tensors, os.fspath(tmp), metadata=_metadata(layers, aliases, tensors))
-        tmp.replace(path)
-        return path
-    limit = _parse_size(max_shard_size if max_shard_size is not None else DEFAULT_SHARD_BYTES)
-    if limit <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
-    path.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".lowbit-write-", dir=path))
-    try:
-        written, weight_map, total = [], {}, 0
-        for shard in _shards(items, limit):
-            name = f"shard-{len(written):05d}"
-            save_file(shard, os.fspath(staging / name), metadata=_metadata(layers, aliases, shard))
-            written.append((name, list(shard)))
-            total += sum(t.numel() * t.element_size() for t in shard.values())
-            del shard
-        for stale in [INDEX_FILE, SINGLE_FILE, *(p.name for p in path.glob("model-*-of-*.safetensors"))]:
-            (path / stale).unlink(missing_ok=True)  # the old index first: it must not describe new files
-        if len(written) == 1:
-            (staging / written[0][0]).replace(path / SINGLE_FILE)
-        else:
-            for i, (name, keys) in enumerate(written):
-                final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
-                (staging / name).replace(path / final)
-                weight_map.update({k: final for k in keys})
-            weight_map.update({k: weight_map[t] for k, t in aliases.items() if t in weight_map})
-            index = {"metadata": {"format": FORMAT, "format_version": FORMAT_VERSION, "total_size": total},
-                     "weight_map": dict(sorted(weight_map.items()))}
-            tmp_index = staging / INDEX_FILE
-            tmp_index.write_text(json.dumps(index, indent=2))
-            tmp_index.replace(path / INDEX_FILE)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if path.suffix != ".safetensors":
+        with CheckpointWriter(path, layers, aliases, max_shard_size=max_shard_size) as writer:
+            for key, t in items:
+                writer.add(key, t)
+            return writer.close()
+    if max_shard_size is not None:
+        raise ValueError("max_shard_size applies to a directory, not to one .safetensors file")
+    tensors = {key: t.detach().cpu().contiguous() for key, t in items}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, os.fspath(tmp), metadata=_metadata(layers, aliases, tensors))
+    tmp.replace(path)
     return path
 
 
@@ -268,6 +288,15 @@ def save(model: nn.Module, path: str | os.PathLike, *, max_shard_size: int | str
 
 
 # --- load ----------------------------------------------------------------------------------------
+
+
+def read_tensor(file: Path, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file. safetensors maps the file and hands out views of
+    the mapping, whose touched pages stay resident while the open file lives; opening the
+    file for each tensor gives each a mapping of its own, released with the tensor, so
+    that reading a checkpoint tensor by tensor keeps only the tensors in use resident."""
+    with safe_open(os.fspath(file), framework="pt", device="cpu") as f:
+        return f.get_tensor(key)
 
 
 def checkpoint_files(path: str | os.PathLike) -> list[Path]:
@@ -450,21 +479,20 @@ def load(
     for file in files:
         digest = _Digest()
         with safe_open(os.fspath(file), framework="pt", device="cpu") as f:
-            keys = sorted(f.keys())
-            for key in keys:
-                t = f.get_tensor(key)
-                digest.update(key, t)
-                if key in wanted_by or key in plain_keys:
-                    tensors[key] = t
-                del t
-                for name in wanted_by.get(key, []):
-                    if name not in built and all(k in tensors for k in layer_parts[name].values()):
-                        build(name)
-                # A layer's canonical tensors are dropped once every layer that reads them is built.
-                for done in [k for k in tensors if k in wanted_by and k not in plain_keys
-                             and all(n in built for n in wanted_by[k])]:
-                    del tensors[done]
-            metadata = f.metadata()
+            keys, metadata = sorted(f.keys()), f.metadata()
+        for key in keys:
+            t = read_tensor(file, key)
+            digest.update(key, t)
+            if key in wanted_by or key in plain_keys:
+                tensors[key] = t
+            del t
+            for name in wanted_by.get(key, []):
+                if name not in built and all(k in tensors for k in layer_parts[name].values()):
+                    build(name)
+            # A layer's canonical tensors are dropped once every layer that reads them is built.
+            for done in [k for k in tensors if k in wanted_by and k not in plain_keys
+                         and all(n in built for n in wanted_by[k])]:
+                del tensors[done]
         if metadata.get("sha256") != digest.hexdigest():
             raise CheckpointError(f"{file}: tensor data does not match its sha256 digest (corrupt file)")
 

@@ -207,21 +207,17 @@ def load_pretrained(directory: str | os.PathLike, *, device: torch.device | str 
 
 
 class _Source:
-    """The float tensors of a model directory's safetensors checkpoint, read one at a time."""
+    """The float tensors of a model directory's safetensors checkpoint, read one at a time
+    (``checkpoint.read_tensor``: each released with the tensor)."""
 
     def __init__(self, directory: Path):
-        files = checkpoint.checkpoint_files(directory)
-        self._stack = contextlib.ExitStack()
-        self.file_of: dict[str, Any] = {}
-        for file in files:
-            handle = self._stack.enter_context(safe_open(os.fspath(file), framework="pt", device="cpu"))
-            self.file_of.update({k: handle for k in handle.keys()})
+        self.file_of: dict[str, Path] = {}
+        for file in checkpoint.checkpoint_files(directory):
+            with safe_open(os.fspath(file), framework="pt", device="cpu") as f:
+                self.file_of.update({k: file for k in f.keys()})
 
     def get(self, key: str) -> torch.Tensor:
-        return self.file_of[key].get_tensor(key)
-
-    def close(self) -> None:
-        self._stack.close()
+        return checkpoint.read_tensor(self.file_of[key], key)
 
 
 def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
@@ -323,35 +319,37 @@ def quantize_pretrained(
     if reason is not None and calibration is None:
         raise ValueError(f"{reason}: needs calibration data (calibration=batches)")
 
-    src = _Source(source)
-    materializer = _Materializer(model, src)
+    materializer = _Materializer(model, _Source(source))
     layers = {e.name: selection.spec(e) for e in selection.entries}
     tied = {key: owners[0][2] for owners in materializer.owners.values() for _, _, key in owners[1:]}
     aliases = {k: v for k, v in tied.items() if k.rpartition(".")[0] not in layers}
     linear_of = {e.name: e.linear for e in selection.entries}
     if calibration_forward is None:
         calibration_forward = _forward(_model_class(model.config) is _transformers().AutoModelForCausalLM)
-    written: list[tuple[str, torch.Tensor]] = []
 
     def round_to_nearest(entries: Sequence[Entry]) -> None:
         for e in entries:
             selection.replace(e, quantize_weight(e.linear.weight.detach(), e.scheme, e.name, act_scale=e.act_scale))
 
-    def enter(i: int, block: nn.Module) -> None:
-        materializer.fill(block)
+    with checkpoint.CheckpointWriter(out, layers, aliases, max_shard_size=max_shard_size) as writer:
 
-    def leave(i: int, block: nn.Module) -> None:
-        """The block's state (canonical quantized layers) into the output, then its
-        quantized layers back to their float skeletons and its parameters back to meta."""
-        prefix = f"{blocks_name}.{i}."
-        plan = checkpoint._plan(block)
-        written.extend((prefix + key, produce()) for key, produce in plan.producers)
-        for name in plan.layers:
-            parent, attr = checkpoint._owner(block, name)
-            setattr(parent, attr, linear_of[prefix + name])
-        materializer.empty(block)
+        def enter(i: int, block: nn.Module) -> None:
+            materializer.fill(block)
 
-    try:
+        def leave(i: int, block: nn.Module) -> None:
+            """The block's state (canonical quantized layers) into the output; then its
+            quantized layers give way to their float skeletons again, and its parameters
+            go back to meta."""
+            prefix = f"{blocks_name}.{i}."
+            plan = checkpoint._plan(block)
+            for key, produce in plan.producers:
+                writer.add(prefix + key, produce())
+            for name in plan.layers:
+                parent, attr = checkpoint._owner(block, name)
+                setattr(parent, attr, linear_of[prefix + name])
+            selection.release(by_block.get(i, []))
+            materializer.empty(block)
+
         for m in model.modules():  # everything outside the blocks: embeddings, norms, a head
             if id(m) not in in_block:
                 materializer.fill(m, recurse=False)
@@ -368,10 +366,9 @@ def quantize_pretrained(
                 blocks=blocks, shared_weights=selection.shared_weights, stats_device=config.calibration_device,
                 block_hooks=(enter, leave), progress=progress)
         rest = checkpoint._plan(model)  # what lies outside the blocks (their parameters are meta again)
-        written.extend((key, produce()) for key, produce in rest.producers
-                       if not key.startswith(f"{blocks_name}."))
-        checkpoint.write(out, layers, aliases, written, max_shard_size=max_shard_size)
-    finally:
-        src.close()
+        for key, produce in rest.producers:
+            if not key.startswith(f"{blocks_name}."):
+                writer.add(key, produce())
+        writer.close()
     _finish_directory(out, source, layers, None)
     return selection.report

@@ -210,6 +210,12 @@ class Selection:
         self.entries.remove(entry)
         self._rows[id(entry.linear)].reason = reason
 
+    def release(self, entries: Sequence[Entry]) -> None:
+        """Forget the stores of layers already written out (the streaming quantizer), so
+        that they are freed with their modules."""
+        for e in entries:
+            self._by_weight.pop((self._weight_key[id(e.linear)], e.scheme), None)
+
     def spec(self, entry: Entry) -> dict:
         """The checkpoint's description of a selected layer (``lowbit.checkpoint``)."""
         n, k = entry.linear.weight.shape

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-import torch
 
 from lowbit import _extension, ops, plan
 from lowbit.backends.base import Packed
