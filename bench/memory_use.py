@@ -139,24 +139,31 @@ def make_llama(out: Path, size: str, shard_bytes: int = 2 * 2**30) -> None:
 
 
 def load_child(directory: str) -> dict:
+    """load_pretrained's two steps, measured apart: building the model class on meta (a
+    fixed cost of transformers' code, whatever the model's size) and loading into it."""
     import lowbit
+    from lowbit import checkpoint, pretrained
     from lowbit.calibrate.rss import RssPeak
 
     base = _rss()
     t0 = time.perf_counter()
+    model = pretrained.build_empty(directory)
+    built = _rss() - base
     with RssPeak() as peak:
-        model = lowbit.load_pretrained(directory)
+        checkpoint.load(model, directory)
     seconds = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
-    return {"checkpoint": size, "peak_over_import": peak.peak - base, "after": _rss() - base, "seconds": seconds,
-            "layers": sum(isinstance(m, lowbit.QuantLinear) for m in model.modules())}
+    return {"checkpoint": size, "build": built, "load_peak": peak.peak - base - built, "after": _rss() - base,
+            "seconds": seconds, "layers": sum(isinstance(m, lowbit.QuantLinear) for m in model.modules())}
 
 
 def load(directory: str) -> None:
     r = _child(["load-child", directory])
-    print(f"load_pretrained({directory}): checkpoint {_gb(r['checkpoint'])}, peak RSS over the process after "
-          f"import {_gb(r['peak_over_import'])} ({r['peak_over_import'] / r['checkpoint']:.2f}x the checkpoint), "
-          f"resident after {_gb(r['after'])}, {r['seconds']:.1f} s, {r['layers']} quantized layers")
+    print(f"load_pretrained({directory}): checkpoint {_gb(r['checkpoint'])}; over the process after "
+          f"`import torch, lowbit`: building the transformers model on meta {_gb(r['build'])}, then loading peaks "
+          f"at {_gb(r['load_peak'])} more ({r['load_peak'] / r['checkpoint']:.2f}x the checkpoint); "
+          f"{_gb(r['after'])} resident after in all ({r['after'] / r['checkpoint']:.2f}x); {r['seconds']:.1f} s, "
+          f"{r['layers']} quantized layers")
 
 
 def _calibration(directory: str, sequences: int, length: int) -> list:
