@@ -2,6 +2,7 @@
 peak at. Not part of ``make test`` (the 3B run takes minutes and 6 GB of disk).
 
     python bench/memory_use.py table                      # live bytes per scheme, 8 bf16 4096x4096 layers
+    python bench/memory_use.py layer                      # peak while quantizing one layer
     python bench/memory_use.py make-llama DIR --size 3b   # a random-initialised Llama in bf16, shard by shard
     python bench/memory_use.py load DIR                   # peak RSS of lowbit.load_pretrained(DIR)
     python bench/memory_use.py stream SRC OUT [--method gptq --sequences 128 --length 128]
@@ -84,6 +85,35 @@ def table() -> None:
         r = _child(["table-child", scheme])
         print(f"| {scheme} | {r['held'] / 2**20:.1f} MB | {r['canonical'] / 2**20:.1f} MB | "
               f"{r['held'] / r['canonical']:.3f} |")
+
+
+def layer_child() -> dict:
+    """Peak growth of the resident set while one bf16 4096 x 4096 weight is quantized and
+    prepacked (after one warm-up quantization, so that one-time initialisation is out)."""
+    import lowbit
+    from lowbit.calibrate.rss import RssPeak
+
+    w = torch.randn(4096, 4096).to(torch.bfloat16)
+    rows = {}
+    for scheme in ["w4a16-g128", "w8a16", "w8a8"]:
+        for _ in range(2):
+            with RssPeak() as peak:
+                qw = lowbit.quantize_weight(w, lowbit.Scheme.parse(scheme))
+                store = lowbit.nn.WeightStore.build(qw)
+                canonical = qw.nbytes()
+                del qw
+            runtime = store.packed.nbytes()
+            del store
+        rows[scheme] = {"peak": peak.delta, "canonical": canonical, "runtime": runtime}
+    return {"float": w.numel() * w.element_size(), "rows": rows}
+
+
+def layer() -> None:
+    r = _child(["layer-child"])
+    print(f"quantizing one bf16 4096x4096 weight ({r['float'] / 2**20:.0f} MB, held before and after): peak growth")
+    for scheme, row in r["rows"].items():
+        print(f"  {scheme}: {row['peak'] / 2**20:.1f} MB (canonical {row['canonical'] / 2**20:.1f} MB + runtime "
+              f"{row['runtime'] / 2**20:.1f} MB = {(row['canonical'] + row['runtime']) / 2**20:.1f} MB)")
 
 
 # --- a random Llama on disk, written shard by shard ---------------------------------------------------
@@ -244,8 +274,8 @@ def compare(source: str, out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["table", "make-llama", "load", "stream", "compare", "table-child",
-                                            "load-child", "stream-child", "compare-child"])
+    parser.add_argument("command", choices=["table", "layer", "make-llama", "load", "stream", "compare", "table-child",
+                                            "layer-child", "load-child", "stream-child", "compare-child"])
     parser.add_argument("paths", nargs="*")
     parser.add_argument("--size", choices=sorted(SIZES), default="3b")
     parser.add_argument("--method", default="rtn")
@@ -255,6 +285,8 @@ def main() -> None:
     a = parser.parse_args()
     if a.command == "table":
         table()
+    elif a.command == "layer":
+        layer()
     elif a.command == "make-llama":
         make_llama(Path(a.paths[0]), a.size)
     elif a.command == "load":
@@ -264,8 +296,8 @@ def main() -> None:
     elif a.command == "compare":
         compare(a.paths[0], a.paths[1])
     else:
-        fn = {"table-child": table_child, "load-child": load_child, "stream-child": stream_child,
-              "compare-child": compare_child}[a.command]
+        fn = {"table-child": table_child, "layer-child": layer_child, "load-child": load_child,
+              "stream-child": stream_child, "compare-child": compare_child}[a.command]
         extra = {"stream-child": [a.method, a.sequences, a.length]}.get(a.command, [])
         print(json.dumps(fn(*a.paths, *extra)))
 

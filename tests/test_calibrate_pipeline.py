@@ -12,6 +12,7 @@ import torch
 from lowbit.calibrate import GPTQ, SmoothQuant, find_blocks
 from lowbit.nn import QuantLinear
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 D, VOCAB, SEQ = 128, 96, 16
 
@@ -55,7 +56,7 @@ class TinyLM(nn.Module):
 
     def forward(self, ids):
         x = self.embed(ids)
-        mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)
+        mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf"), device=ids.device).triu(1)
         for layer in self.layers:
             x = layer(x, mask=mask)
         return self.head(self.norm(x))
@@ -178,7 +179,7 @@ class WithInputProjection(TinyLM):
 
     def forward(self, ids):
         x = self.proj_in(self.embed(ids))
-        mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)
+        mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf"), device=ids.device).triu(1)
         for layer in self.layers:
             x = layer(x, mask=mask)
         return self.head(self.norm(x))
@@ -295,3 +296,43 @@ def test_training_mode_is_restored():
     model = TinyLM().train()
     lowbit.quantize(model, "w4a16", method="gptq", calibration=batches(1), progress=False)
     assert model.training
+
+
+class DeviceSpy(TorchDispatchMode):
+    """Records every op whose output lies on a device other than ``device``."""
+
+    def __init__(self, device="cpu"):
+        super().__init__()
+        self.device, self.elsewhere = torch.device(device), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.device != self.device:
+                self.elsewhere.append((str(func), str(t.device)))
+        return out
+
+
+@pytest.mark.parametrize("scheme, kw", [
+    ("w4a16-g32", {"method": "gptq"}),
+    ("w8a16", {"method": GPTQ(act_order=True), "sequential": False}),
+    ("w4a16-g32", {"method": "awq"}),
+    ("w8a8-static", {"method": SmoothQuant(0.5), "observer": "minmax"}),
+    *[("w8a8-static", {"observer": name}) for name in sorted(lowbit.calibrate.OBSERVERS)],
+    ("w4a16-g32", {"method": "gptq", "calibration_device": "cpu"}),
+])
+def test_calibration_allocates_only_on_the_activations_device(scheme, kw):
+    # The default device is meta, so any tensor made without saying where lands there and
+    # is caught: on a GPU it would have landed on the CPU, beside activations on the GPU.
+    model = TinyLM()
+    cal = batches(2)
+    with torch.device("meta"), DeviceSpy("cpu") as spy:
+        report = lowbit.quantize(model, scheme, calibration=cal, progress=False, **kw)
+    assert not spy.elsewhere, spy.elsewhere[:5]
+    assert len(report.quantized) == 9
+
+
+def test_the_device_spy_catches_an_allocation_without_a_device():
+    with torch.device("meta"), DeviceSpy("cpu") as spy:
+        torch.zeros(3)
+    assert spy.elsewhere

@@ -48,7 +48,7 @@ def _scale_hook(factor: torch.Tensor):
     return hook
 
 
-def _collector(ctx: Context, st: dict, quota: int, rng: torch.Generator):
+def _collector(ctx: Context, st: dict, quota: int, rng: list):
     """Per-channel max|x| and sum|x| of a group's input, and (AWQ) a random sample of
     ``quota`` rows of each batch."""
     def fn(x):
@@ -61,7 +61,9 @@ def _collector(ctx: Context, st: dict, quota: int, rng: torch.Generator):
         st["sum"] += x.abs().sum(dim=0, dtype=torch.float64)
         st["n"] += x.shape[0]
         if quota:
-            rows = torch.randperm(x.shape[0], generator=rng)[:quota].to(x.device)
+            if rng[0] is None:  # on the activations' device, where the sample is taken
+                rng[0] = torch.Generator(device=x.device).manual_seed(0)
+            rows = torch.randperm(x.shape[0], generator=rng[0], device=x.device)[:quota]
             st["sample"].append(x[rows])
             ctx.hold(len(rows) * x.shape[1] * 4)
     return fn
@@ -83,7 +85,7 @@ def scale_groups(ctx: Context, stage: Stage, groups: list[Group], shared_weights
     # AWQ's searches use a sample of the inputs: an equal share of rows from every
     # batch, drawn at random (seeded), max_tokens rows in all.
     quota = -(-method.max_tokens // len(stage.inputs)) if isinstance(method, AWQ) else 0
-    rng = torch.Generator().manual_seed(0)
+    rng = [None]  # one generator for the stage, made at the first input
     run_pass(ctx, stage, {g.lead: _collector(ctx, stats[g], quota, rng) for g in groups}, "activation ranges")
     reference = stage.run(stage.inputs[0])
     input_scales: dict[Entry, torch.Tensor] = {}

@@ -64,12 +64,12 @@ def factor_hessian(
     h = h if overwrite and h.dtype == torch.float32 else h.to(torch.float32, copy=True)
     dead = h.diagonal() == 0
     h[dead, dead] = 1
-    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(h.shape[0])
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(h.shape[0], device=h.device)
     if act_order:
         h = h[perm.unsqueeze(1), perm.unsqueeze(0)]  # one copy in processing order
     base = h.diagonal().double().mean().clamp(min=1e-12).item()
     backup = h.clone()
-    info = torch.empty((), dtype=torch.int32)
+    info = torch.empty((), dtype=torch.int32, device=h.device)
     for attempt in range(MAX_RETRIES + 1):
         if attempt:
             h.copy_(backup)
@@ -122,7 +122,7 @@ def gptq_quantize(
         scales, zeros = int4_params(w.reshape(n, k // g, g), scheme.symmetric)
     else:
         qmin, qmax, code_dtype = -127, 127, torch.int8
-        scales, zeros = int8_scale(w).unsqueeze(1), torch.zeros(n, 1)
+        scales, zeros = int8_scale(w).unsqueeze(1), torch.zeros(n, 1, device=w.device)
     dynamic_groups = int4 and not act_order and g < k
     if dynamic_groups:
         block_size = max(block_size // g, 1) * g
@@ -130,7 +130,7 @@ def gptq_quantize(
     w = w[:, perm]
     group_of = perm // g  # the canonical group of each (permuted) column
 
-    codes = torch.zeros(n, k, dtype=code_dtype)
+    codes = torch.zeros(n, k, dtype=code_dtype, device=w.device)
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)
         wb = w[:, b0:b1].clone()

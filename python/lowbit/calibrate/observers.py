@@ -156,7 +156,7 @@ class _HistogramBase(Observer):
     def _reset(self, m):
         amax = m.abs().amax(dim=1)
         self.R = torch.where(amax > 0, amax, torch.ones_like(amax))
-        self.hist = torch.zeros(m.shape[0], self.bins, dtype=torch.float64)
+        self.hist = torch.zeros(m.shape[0], self.bins, dtype=torch.float64, device=m.device)
         self.lo, self.hi = m.amin(dim=1), m.amax(dim=1)
 
     def _grow(self, amax: torch.Tensor) -> None:
@@ -166,7 +166,7 @@ class _HistogramBase(Observer):
             if not need.any():
                 return
             merged = self.hist[need].reshape(-1, self.bins // 2, 2).sum(-1)
-            pad = torch.zeros(merged.shape[0], self.bins // 4, dtype=merged.dtype)
+            pad = torch.zeros(merged.shape[0], self.bins // 4, dtype=merged.dtype, device=merged.device)
             self.hist[need] = torch.cat([pad, merged, pad], dim=1)
             self.R = torch.where(need, self.R * 2, self.R)
 
@@ -176,13 +176,13 @@ class _HistogramBase(Observer):
         self._grow(m.abs().amax(dim=1))
         width = 2 * self.R / self.bins
         idx = ((m + self.R[:, None]) / width[:, None]).floor().clamp(0, self.bins - 1).long()
-        idx = idx + torch.arange(m.shape[0]).unsqueeze(1) * self.bins
-        self.hist.view(-1).index_add_(0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.float64))
+        idx = idx + torch.arange(m.shape[0], device=m.device).unsqueeze(1) * self.bins
+        self.hist.view(-1).index_add_(0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.float64, device=m.device))
 
     def centers(self) -> torch.Tensor:
         """Bin centres [C, bins]."""
         width = 2 * self.R / self.bins
-        return -self.R[:, None] + (torch.arange(self.bins, dtype=torch.float32) + 0.5) * width[:, None]
+        return -self.R[:, None] + (torch.arange(self.bins, dtype=torch.float32, device=width.device) + 0.5) * width[:, None]
 
     def abs_hist(self) -> torch.Tensor:
         """The histogram of |x|: [C, bins/2] over [0, R]."""
@@ -267,8 +267,8 @@ class HistogramObserver(_HistogramBase):
         c, b = hist.shape
         levels = 2 ** (self.bits - 1)
         width = (2 * self.R / self.bins)
-        best_kl = torch.full((c,), float("inf"), dtype=torch.float64)
-        best_t = torch.ones(c, dtype=torch.long) * b
+        best_kl = torch.full((c,), float("inf"), dtype=torch.float64, device=hist.device)
+        best_t = torch.full((c,), b, dtype=torch.long, device=hist.device)
         total = hist.sum(1, keepdim=True).clamp(min=1)
         # Candidate thresholds: every bin from `levels` up, in steps that keep the search
         # to at most 256 candidates.
@@ -281,10 +281,10 @@ class HistogramObserver(_HistogramBase):
             # levels (bin k joins level floor(k * levels / i)) and each level spread evenly
             # over the bins where P is non-zero. The tail missing from Q is the price of
             # clipping; the merging is the price of resolution.
-            level = (torch.arange(i) * levels) // i
+            level = (torch.arange(i, device=hist.device) * levels) // i
             nz = (p > 0).to(p.dtype)
-            mass = torch.zeros(c, levels, dtype=p.dtype).index_add_(1, level, hist[:, :i])
-            cnt = torch.zeros(c, levels, dtype=p.dtype).index_add_(1, level, nz).clamp(min=1)
+            mass = torch.zeros(c, levels, dtype=p.dtype, device=p.device).index_add_(1, level, hist[:, :i])
+            cnt = torch.zeros(c, levels, dtype=p.dtype, device=p.device).index_add_(1, level, nz).clamp(min=1)
             q = nz * (mass / cnt)[:, level]
             pn, qn = p / total, q / total
             mask = pn > 0

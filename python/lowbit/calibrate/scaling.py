@@ -94,7 +94,7 @@ def awq_clip_search(
         wc = w[r0 : r0 + chunk].reshape(-1, k // g, g)  # [n, groups, G]
         ref = torch.einsum("tgj,ngj->ntg", xg, wc)
         hi, lo = wc.amax(-1, keepdim=True), wc.amin(-1, keepdim=True)
-        best_err = torch.full(wc.shape[:2], float("inf"))
+        best_err = torch.full(wc.shape[:2], float("inf"), device=wc.device)
         best = wc.clone()
         for i in range(int(max_shrink * grid) + 1):
             r = 1 - i / grid
