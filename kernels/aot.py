@@ -6,6 +6,10 @@ the interpreter never shows: compile errors, register spills (a stack frame or l
 memory in the cubin) and GEMMs that did not get tensor-core instructions (``mma`` on
 Ampere, ``mma``/``wgmma`` on Hopper).
 
+Kernels whose results tests hold bit-exact against the reference (``exact``) must hold no
+fused multiply-add in their PTX: the compiler contracts ``a * b + c`` by default, which
+rounds once where the reference rounds twice (``lowbit.kernels.rounding``).
+
 Each kernel is compiled with the specializations a real launch gets on the shapes lowbit
 targets: every pointer 16-byte aligned and the sizes and strides that are multiples of 16
 marked so (M is left unmarked: it is any batch size).
@@ -47,6 +51,7 @@ class Spec:
     num_warps: int = 4
     num_stages: int = 3
     needs_mma: bool = False
+    exact: bool = False  # bit-exact against the reference: no contracted multiply-add
 
 
 @dataclasses.dataclass
@@ -56,12 +61,13 @@ class Result:
     stack: int = 0
     local: int = 0
     mma: bool = False
+    fmas: int = 0  # fp32 fused multiply-adds in the PTX
     seconds: float = 0.0
     error: str = ""
 
     @property
     def ok(self) -> bool:
-        return not self.error and self.stack == 0 and self.local == 0 and (self.mma or not self.spec.needs_mma)
+        return not self.problem()
 
     def problem(self) -> str:
         if self.error:
@@ -70,7 +76,14 @@ class Result:
             return f"spills: {self.stack} B stack, {self.local} B local"
         if self.spec.needs_mma and not self.mma:
             return "no tensor-core (mma) instruction"
+        if self.spec.exact and self.fmas:
+            return f"{self.fmas} contracted fp32 multiply-adds in an exact kernel"
         return ""
+
+
+def fused_multiply_adds(ptx: str) -> int:
+    """fp32 fused multiply-adds in PTX (``fma.rn.f32``, with or without ``.ftz``)."""
+    return len(re.findall(r"\bfma\.rn(?:\.ftz)?(?:\.sat)?\.f32\b", ptx))
 
 
 def _kernel(path: str):
@@ -95,7 +108,7 @@ def specs() -> list[Spec]:
                             (("a_ptr", "*i8"), ("b_ptr", "*i8"), ("a_scale_ptr", "*fp32"), ("b_scale_ptr", "*fp32"),
                              ("bias_ptr", "*bf16"), ("out_ptr", "*bf16")),
                             (("OUT_DTYPE_ID", 1), ("HAS_BIAS", True), *cfg.kwargs.items()),
-                            cfg.num_warps, cfg.num_stages, needs_mma=True))
+                            cfg.num_warps, cfg.num_stages, needs_mma=True, exact=True))
         # W4A16 (asymmetric, bf16 x) and W8A16 (fp16 x), with and without split-K.
         for bits, x_type, zeros in ((4, "bf16", True), (8, "fp16", False)):
             w_type = "*i32" if bits == 4 else "*i8"
@@ -123,14 +136,14 @@ def specs() -> list[Spec]:
                             cc, (("x_ptr", "*bf16"), ("q_ptr", "*i8"), ("scale_ptr", "*fp32"),
                                  ("static_scale_ptr", "*fp32")),
                             (("STATIC", False), ("BLOCK_K", block_k), ("ONE_PASS", one_pass)),
-                            num_warps=max(1, min(16, block_k // 1024))))
+                            num_warps=max(1, min(16, block_k // 1024)), exact=True))
         out.append(Spec("dequantize int8 -> bf16", q + "_dequantize_int8_kernel", cc,
                         (("w_ptr", "*i8"), ("s_ptr", "*fp32"), ("out_ptr", "*bf16")),
-                        (("BLOCK_R", quantize.DEQUANT_BLOCK_R), ("BLOCK_C", quantize.DEQUANT_BLOCK_C))))
+                        (("BLOCK_R", quantize.DEQUANT_BLOCK_R), ("BLOCK_C", quantize.DEQUANT_BLOCK_C)), exact=True))
         out.append(Spec("dequantize int4 -> bf16", q + "_dequantize_int4_kernel", cc,
                         (("packed_ptr", "*u8"), ("s_ptr", "*fp32"), ("z_ptr", "*u8"), ("out_ptr", "*bf16")),
                         (("HAS_ZEROS", True), ("BLOCK_R", quantize.DEQUANT_BLOCK_R),
-                         ("BLOCK_C", quantize.DEQUANT_BLOCK_C // 2))))
+                         ("BLOCK_C", quantize.DEQUANT_BLOCK_C // 2)), exact=True))
         out.append(Spec("split-K epilogue -> bf16", "lowbit.kernels.weight_only._split_k_epilogue_kernel", cc,
                         (("acc_ptr", "*fp32"), ("bias_ptr", "*bf16"), ("out_ptr", "*bf16")),
                         (("HAS_BIAS", True), ("BLOCK", 1024))))
@@ -165,6 +178,7 @@ def compile_spec(spec: Spec) -> Result:
         result.error = f"compile error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return result
     result.mma = bool(re.search(r"\b(w?gmma|mma)\.", compiled.asm["ptx"]))
+    result.fmas = fused_multiply_adds(compiled.asm["ptx"])
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -189,10 +203,10 @@ def compile_all(workers: int | None = None, progress: bool = False) -> list[Resu
 
 
 def table(results: list[Result]) -> str:
-    lines = [f"{'sm':>3} {'kernel / config':<58} {'regs':>4} {'mma':>4} {'s':>5}  problem"]
+    lines = [f"{'sm':>3} {'kernel / config':<58} {'regs':>4} {'mma':>4} {'fma':>4} {'s':>5}  problem"]
     for r in results:
-        lines.append(f"{r.spec.cc:>3} {r.spec.name:<58} {r.regs:>4} {'yes' if r.mma else '-':>4} {r.seconds:>5.1f}  "
-                     f"{r.problem()}")
+        lines.append(f"{r.spec.cc:>3} {r.spec.name:<58} {r.regs:>4} {'yes' if r.mma else '-':>4} {r.fmas:>4} "
+                     f"{r.seconds:>5.1f}  {r.problem()}")
     return "\n".join(lines)
 
 

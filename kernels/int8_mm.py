@@ -6,7 +6,8 @@ GROUP_M tile rows so neighbouring programs share B tiles in L2). The K loop load
 "TN" layout the int8 tensor-core instructions consume directly (``mma.sync`` m16n8k32 on
 Ampere, ``wgmma`` on Hopper, both chosen by the Triton compiler) — and accumulates in
 int32, exactly. The epilogue runs in fp32 in the reference's order (acc * a_scale *
-b_scale + bias) and casts once to the output dtype.
+b_scale + bias), each step rounded once (never contracted into an FMA), and casts once to
+the output dtype.
 
 Layout: a int8[M, K] with any row stride and unit K stride; b int8[N, K] contiguous (the
 canonical weight layout, so W8A8 needs no prepack here); a_scale float32[M] or one scale
@@ -23,6 +24,7 @@ from torch.library import wrap_triton
 
 from lowbit import checks
 from lowbit.kernels import configs
+from lowbit.kernels.rounding import add_rn, mul_rn
 
 OUT_DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -65,9 +67,11 @@ def int8_mm_kernel(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, M,
         b_ptrs += BLOCK_K
     a_scale = tl.load(a_scale_ptr + a_rows * stride_as)
     b_scale = tl.load(b_scale_ptr + b_rows)
-    y = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+    # Each multiply and the add round once, as the reference computes them (no fused
+    # multiply-add: lowbit.kernels.rounding).
+    y = mul_rn(mul_rn(acc.to(tl.float32), a_scale[:, None]), b_scale[None, :])
     if HAS_BIAS:
-        y += tl.load(bias_ptr + b_rows).to(tl.float32)[None, :]
+        y = add_rn(y, tl.load(bias_ptr + b_rows).to(tl.float32)[None, :])
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
