@@ -141,7 +141,18 @@ PyObject* layout(PyObject*, PyObject*) {
                        "cuda_w4a16_block_k", static_cast<long long>(lowbit::cuda::w4a16::kBK));
 }
 
+// The GPU targets compiled in ("sm_80,sm_90a,compute_90"; "" without CUDA): which GPUs the
+// CUDA kernels run on (cmake/cuda_archs.py).
+PyObject* cuda_targets(PyObject*, PyObject*) {
+#ifdef LOWBIT_CUDA_TARGETS
+  return PyUnicode_FromString(LOWBIT_CUDA_TARGETS);
+#else
+  return PyUnicode_FromString("");
+#endif
+}
+
 PyMethodDef methods[] = {
+    {"cuda_targets", cuda_targets, METH_NOARGS, "GPU targets compiled in, comma-separated (sm_XY, compute_XY)"},
     {"kernel_paths", kernel_paths, METH_NOARGS, "the CPU kernel path table: (name, id, family, unavailable reason)"},
     {"layout", layout, METH_NOARGS, "layout constants of the prepacked weights"},
     {"cpu_peak", cpu_peak, METH_VARARGS, "ceiling rate (ops/s) of 'vnni' or 'fma' over all intra-op threads"},

@@ -146,7 +146,7 @@ def specs() -> list[Spec]:
                          ("BLOCK_C", quantize.DEQUANT_BLOCK_C // 2)), exact=True))
         out.append(Spec("split-K epilogue -> bf16", "lowbit.kernels.weight_only._split_k_epilogue_kernel", cc,
                         (("acc_ptr", "*fp32"), ("bias_ptr", "*bf16"), ("out_ptr", "*bf16")),
-                        (("HAS_BIAS", True), ("BLOCK", 1024))))
+                        (("HAS_BIAS", True), ("SPLIT_K", 4), ("BLOCK", 1024)), exact=True))
     return out
 
 

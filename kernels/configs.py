@@ -158,13 +158,10 @@ KEYS = {
 
 
 @functools.cache
-def autotuned(kernel, family: str, arch_name: str, reset_to_zero: tuple[str, ...] = ()):
-    """``kernel`` under ``triton.autotune`` with the family's list for ``arch_name``;
-    ``reset_to_zero`` names buffers the kernel accumulates into (split-K), zeroed before
-    each timed trial."""
+def autotuned(kernel, family: str, arch_name: str):
+    """``kernel`` under ``triton.autotune`` with the family's list for ``arch_name``."""
     return triton.autotune(configs=CONFIGS[family][arch_name], key=KEYS[family],
-                           prune_configs_by={"early_config_prune": prune},
-                           reset_to_zero=list(reset_to_zero))(kernel)
+                           prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 def m_bucket(m: int) -> int:

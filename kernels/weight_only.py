@@ -19,9 +19,10 @@ product and the sum), which bounds the tile size (kernels/aot.py checks for spil
 one group per row (G = K, so every W8A16 layer) the products accumulate in place and the
 scale is applied once at the end.
   - ``wo_gemm_kernel``: tiles of [BLOCK_M, BLOCK_N] on ``tl.dot``; for small M the launcher
-    splits K (``SPLIT_K`` programs per tile, chosen by shape in ``configs.split_k``) and the
-    splits add their fp32 partial tiles atomically into a zeroed buffer, which
-    ``_split_k_epilogue_kernel`` adds the bias to and casts.
+    splits K (``SPLIT_K`` programs per tile, chosen by shape in ``configs.split_k``): each
+    split stores its fp32 partial tile in a slice of its own of a [SPLIT_K, M, N] buffer,
+    and ``_split_k_epilogue_kernel`` sums the slices in split order, adds the bias and
+    casts — the same bits on every run (no atomics, whose order varies).
   - ``wo_gemv_kernel`` (M <= 4): no tensor cores (an MMA would be at least 3/4 padding);
     each program unpacks a [BLOCK_K, BLOCK_N] weight tile once and reuses it for every row
     of x with fp32 multiply-adds and a reduction over K.
@@ -119,7 +120,8 @@ def _codes_minus_zero(w_ptr, z_ptr, k0, g, n_cols, N, BITS: tl.constexpr, HAS_ZE
 @triton.jit
 def _store_tile(acc, rows, rn, n_cols, M, N, bias_ptr, out_ptr, acc_ptr, HAS_BIAS: tl.constexpr,
                 SPLIT_K: tl.constexpr):
-    """The epilogue: bias and one cast into out, or (split K) an atomic fp32 add into acc_ptr."""
+    """The epilogue: bias and one cast into out, or (split K) the partial tile into this
+    split's slice of acc_ptr ([SPLIT_K, M, N] fp32)."""
     mask = (rows[:, None] < M) & (rn[None, :] < N)
     offs = rows[:, None].to(tl.int64) * N + rn[None, :]
     if SPLIT_K == 1:
@@ -127,7 +129,7 @@ def _store_tile(acc, rows, rn, n_cols, M, N, bias_ptr, out_ptr, acc_ptr, HAS_BIA
             acc += tl.load(bias_ptr + n_cols).to(tl.float32)[None, :]
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(acc_ptr + offs, acc, mask=mask)
+        tl.store(acc_ptr + tl.program_id(1).to(tl.int64) * M * N + offs, acc, mask=mask)
 
 
 @triton.jit
@@ -201,10 +203,13 @@ def wo_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, acc_ptr, M, N,
 
 
 @triton.jit
-def _split_k_epilogue_kernel(acc_ptr, bias_ptr, out_ptr, M, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _split_k_epilogue_kernel(acc_ptr, bias_ptr, out_ptr, M, N, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                             BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     y = tl.load(acc_ptr + offs, mask=mask, other=0.0)
+    for split in tl.static_range(1, SPLIT_K):  # in split order: deterministic
+        y += tl.load(acc_ptr + split * M * N + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -238,7 +243,7 @@ def linear(x: torch.Tensor, w: Packed, bias: torch.Tensor | None = None, config:
     s = split_k if split_k is not None else configs.split_k(m, n, kp, w.group_size)
     if kp % (s * K_MULTIPLE):
         raise ValueError(f"split_k = {s} does not divide K = {kp} into multiples of {K_MULTIPLE}")
-    acc = torch.zeros((m, n), dtype=torch.float32, device=x.device) if s > 1 else out
+    acc = torch.empty((s, m, n), dtype=torch.float32, device=x.device) if s > 1 else out
     args = (x2, w.codes, w.scales, w.zeros if w.zeros is not None else w.scales,
             bias if bias is not None else w.scales, out, acc, m, n, k, kp, w.group_size, x2.stride(0),
             configs.m_bucket(m))
@@ -262,10 +267,9 @@ def linear(x: torch.Tensor, w: Packed, bias: torch.Tensor | None = None, config:
             raise ValueError(f"config {config} does not fit K = {k}, G = {w.group_size}, split_k = {s}")
         wrap_triton(kernel)[grid(config.kwargs)](*args, **meta, **config.all_kwargs())
     else:
-        reset = ("acc_ptr",) if s > 1 else ()
-        wrap_triton(configs.autotuned(kernel, family, configs.arch(), reset))[grid](*args, **meta)
+        wrap_triton(configs.autotuned(kernel, family, configs.arch()))[grid](*args, **meta)
     if s > 1:
         block = 1024
-        wrap_triton(_split_k_epilogue_kernel)[(triton.cdiv(m * n, block),)](acc, bias if bias is not None else acc, out, m, n,
-                                                               HAS_BIAS=bias is not None, BLOCK=block)
+        wrap_triton(_split_k_epilogue_kernel)[(triton.cdiv(m * n, block),)](
+            acc, bias if bias is not None else acc, out, m, n, HAS_BIAS=bias is not None, SPLIT_K=s, BLOCK=block)
     return out.reshape(*x.shape[:-1], n)

@@ -138,3 +138,102 @@ def test_unpack_ops_refuse_layouts_of_another_shape():
     codes, s_t, z_t = lowbit.ops.w4a16_cuda_prepack(packed, scales, zeros, 64)
     with pytest.raises(ValueError, match="w4a16_cuda_prepack"):
         lowbit.ops.w4a16_cuda_unpack(codes, s_t, z_t, 64, 70, 256)
+
+
+# --- the chooser and the GPU: compute capability, the targets in the binary, shapes -------------
+
+needs_cuda_build = pytest.mark.skipif(
+    not torch._C._dispatch_has_kernel_for_dispatch_key("lowbit::w8a8_linear", "CUDA"),
+    reason="this build has no CUDA kernels (no nvcc)")
+
+
+def fake_gpu(monkeypatch, capability):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a faked GPU")
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("capability, how", [((7, 5), None), ((8, 0), "sm_80"), ((8, 6), "sm_80"), ((8, 9), "sm_80"),
+                                             ((9, 0), "sm_90a"), ((10, 0), "compute_90"), ((12, 0), "compute_90")])
+def test_the_cuda_backend_runs_where_the_binary_has_code_for_the_gpu(monkeypatch, capability, how):
+    from lowbit.backends.cuda import cuda_targets
+
+    assert cuda_targets() == ["sm_80", "sm_90a", "compute_90"]  # the default build: PTX of the newest target too
+    fake_gpu(monkeypatch, capability)
+    ok, why = get_backend("cuda").can_implement(Scheme.parse("w4a16-g128"), torch.device("cuda"), (4096, 4096))
+    status = {s.name: s for s in lowbit.list_backends()}["cuda"]
+    assert ok == (how is not None) == status.available
+    if how is None:
+        assert "compute capability 8.0" in why and "sm_75" in why and "sm_75" in status.reason
+        choice = lowbit.backends.choose(Scheme.parse("w4a16-g128"), "cuda", shape=(4096, 4096))
+        assert choice.backend.name == "reference"  # Triton refuses it too, saying why
+        assert any(r.startswith("cuda:") for r in choice.refusals) and any(r.startswith("triton:") for r in choice.refusals)
+    else:
+        assert how in status.reason
+
+
+def test_the_binary_targets_decide_which_gpus_run(monkeypatch):
+    from lowbit.backends.cuda import runs_on_capability
+
+    ampere_only = ["sm_80", "sm_86"]
+    assert runs_on_capability((8, 9), ampere_only)[0]  # same major, newer minor: the sm_86 code runs
+    ok, why = runs_on_capability((9, 0), ampere_only)
+    assert not ok and "TORCH_CUDA_ARCH_LIST=9.0" in why
+    assert not runs_on_capability((10, 0), ["sm_90a", "compute_90a"])[0]  # arch-specific code and PTX: sm_90 only
+    assert runs_on_capability((10, 0), ["compute_86"])[0]
+
+
+@needs_cuda_build
+def test_an_int8_layer_beyond_the_k_limit_falls_to_the_next_backend(monkeypatch):
+    from lowbit.backends.cuda import INT8_MAX_K
+
+    fake_gpu(monkeypatch, (9, 0))
+    choice = lowbit.backends.choose(Scheme.parse("w8a8"), "cuda", shape=(8, INT8_MAX_K + 64))
+    assert choice.backend.name == "reference" and any("K <= 131072" in r for r in choice.refusals)
+    assert lowbit.backends.choose(Scheme.parse("w8a8"), "cuda", shape=(8, 4096)).backend.name == "cuda"
+
+
+def test_a_cpu_int8_layer_beyond_its_k_limit_is_reported_on_the_reference():
+    model = torch.nn.Sequential(torch.nn.Linear(70000, 2))
+    report = lowbit.quantize(model, "w8a8", min_numel=1, progress=False)
+    row = report.quantized[0]
+    assert row.backend == "reference" and "not cpu: the int8 GEMM takes K <= 65536, got K = 70000" in row.reason
+    x = torch.randn(1, 70000)
+    assert torch.equal(model(x), reference_output(x, model[0].canonical(), model[0].bias))
+
+
+def _cuda_archs():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "cmake" / "cuda_archs.py"
+    spec = importlib.util.spec_from_file_location("cuda_archs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("text, targets", [
+    ("", ["sm_80", "sm_90a", "compute_90"]),
+    ("8.0;9.0a", ["sm_80", "sm_90a", "compute_90"]),
+    ("8.6+PTX", ["sm_86", "compute_86"]),
+    ("8.0 8.6", ["sm_80", "sm_86", "compute_86"]),
+    ("8.0,8.9", ["sm_80", "sm_89", "compute_89"]),
+    ("Ampere", ["sm_80", "sm_86", "compute_86"]),
+    ("Turing;Hopper", ["sm_90", "compute_90"]),
+    ("9.0a;10.0a", ["sm_90a", "sm_100a", "compute_100"]),
+    ("12.0", ["sm_120", "compute_120"]),
+])
+def test_every_form_of_the_arch_list_torch_accepts(text, targets):
+    flags, got, _ = _cuda_archs().parse(text)
+    assert got == targets
+    assert all(f.startswith("-gencode=arch=compute_") and ",code=" in f for f in flags)
+    assert "-gencode=arch=compute_86,code=compute_86" in flags if "compute_86" in targets else True
+
+
+@pytest.mark.parametrize("text, message", [("7.5", "8.0 or newer"), ("banana", "not X.Y"), ("8.0;sm_90", "not X.Y")])
+def test_arch_lists_lowbit_cannot_build_are_refused(text, message):
+    archs = _cuda_archs()
+    with pytest.raises(archs.ArchError, match=message):
+        archs.parse(text)

@@ -232,3 +232,20 @@ def test_cuda_launchers_copy_unaligned_views_and_check_devices():
         ops.w4a16_linear_cuda_prepacked(x, codes, s_t, z_t, 32, 40, torch.ones(40, dtype=torch.float16))
     with pytest.raises(ValueError, match="group_size"):
         ops.w4a16_linear_cuda_prepacked(x, codes, s_t, z_t, 48, 40, None)
+
+
+@needs_gpu
+def test_every_cuda_kernel_gives_the_same_bits_twice():
+    # Split-K included: the splits' partial tiles are summed in a fixed order.
+    torch.manual_seed(0)
+    for m in (1, 7, 64, 300):
+        x = activation((m, 4096), torch.bfloat16, "cuda", seed=m)
+        packed, scales, zeros = int4_weight(4096, 4096, 128, False, 1, "cuda")
+        codes, s_t, z_t = (t.cuda() for t in ops.w4a16_cuda_prepack(packed.cpu(), scales.cpu(), zeros.cpu(), 128))
+        for dtype in FLOAT_DTYPES:
+            xd = x.to(dtype)
+            runs = [ops.w4a16_linear_cuda_prepacked(xd, codes, s_t, z_t, 128, 4096) for _ in range(2)]
+            assert torch.equal(*runs), (m, dtype)
+        w, sw = int8_weight(4096, 4096, 2, "cuda")
+        assert torch.equal(ops.w8a8_linear(x, w, sw), ops.w8a8_linear(x, w, sw))
+        assert torch.equal(*(ops.quantize_per_token(x)[0] for _ in range(2)))

@@ -359,3 +359,15 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
     assert {"triton int8_scaled_mm", "triton w8a8 (quant+mm)", "triton w4a16 g128", "triton w8a16"} <= kernels
     assert all(r["ms"] > 0 for r in result["gemm"] + result["memory"])
     assert "| memory-bound kernel |" in proc.stdout
+
+
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_the_triton_kernels_give_the_same_bits_twice(split_k):
+    # Split K stores each split's partial tile apart and sums them in order: no atomics.
+    x = activation((5, 512), torch.float16, DEV, seed=3)
+    packed, scales, zeros = int4_weight(96, 512, 128, False, seed=4, device=DEV)
+    w = weight_only.prepack_int4(packed, scales, zeros, 128)
+    runs = [weight_only.linear(x, w, None, split_k=split_k, variant="gemm") for _ in range(2)]
+    assert torch.equal(*runs)
+    q, sw = int8_weight(96, 512, seed=5, device=DEV)
+    assert torch.equal(ops.w8a8_linear(x, q, sw, None, None), ops.w8a8_linear(x, q, sw, None, None))

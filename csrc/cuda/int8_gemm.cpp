@@ -26,8 +26,9 @@ void run_gemm(at::Tensor a, at::Tensor b, const at::Tensor& a_scale, int64_t a_s
   const int64_t m = a.size(0), n = b.size(0);
   TORCH_CHECK_VALUE(m <= 65535 * 16, "the CUDA int8 GEMM takes at most ", 65535 * 16,
                     " rows per call (one grid row per 16 rows), got ", m);
-  TORCH_CHECK_VALUE(m <= INT32_MAX && n <= INT32_MAX && a.size(1) <= INT32_MAX - 16,
-                    "the CUDA int8 GEMM takes sizes below 2^31");
+  TORCH_CHECK_VALUE(m <= INT32_MAX && n <= INT32_MAX, "the CUDA int8 GEMM takes sizes below 2^31");
+  // int32 accumulation: 127 * 127 * K stays exact up to K = 2^17 (lowbit.backends.cuda.INT8_MAX_K).
+  TORCH_CHECK_VALUE(a.size(1) <= (int64_t{1} << 17), "the CUDA int8 GEMM takes K <= 131072, got K = ", a.size(1));
   if (const int64_t pad = (16 - a.size(1) % 16) % 16; pad) {
     a = at::constant_pad_nd(a, {0, pad});
     b = at::constant_pad_nd(b, {0, pad});

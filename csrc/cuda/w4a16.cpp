@@ -67,9 +67,10 @@ at::Tensor w4a16_linear_cuda_prepacked(const at::Tensor& x, const at::Tensor& co
   const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor out = at::empty({rows, out_features}, x.options());
   const int splits = choose_splits(static_cast<int>(rows), static_cast<int>(np), static_cast<int>(kp));
-  // fp16/bf16 splits add into a float32 workspace; float32 ones straight into the output.
-  const bool needs_workspace = splits > 1 && x.scalar_type() != at::kFloat;
-  at::Tensor workspace = needs_workspace ? at::empty({rows, out_features}, x.options().dtype(at::kFloat)) : at::Tensor();
+  // Splits store their partial tiles in slices of their own, summed in order afterwards.
+  const bool needs_workspace = splits > 1;
+  at::Tensor workspace =
+      needs_workspace ? at::empty({splits, rows, out_features}, x.options().dtype(at::kFloat)) : at::Tensor();
   W4A16Args args{x2.const_data_ptr(), x2.stride(0),
                  float_type(x.scalar_type()),
                  codes.const_data_ptr(), scales.const_data_ptr<float>(), zeros.const_data_ptr<uint8_t>(),

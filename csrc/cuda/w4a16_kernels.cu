@@ -15,9 +15,10 @@
 // step is scaled by its group's fp32 scale into the accumulators (more accurate than
 // rounding w' to 16 bits; the reference differs only in summation order).
 // float32 activations take w4a16_fp32_kernel (CUDA-core FMAs, same weights) instead.
-// Small M: the launcher splits K so that the tiles times the splits fill the SMs; splits
-// add their fp32 tiles atomically into a zeroed workspace that a second kernel adds the
-// bias to and casts. Limits: M, N and K tails are handled by zero-fill, zero padding of
+// Small M: the launcher splits K so that the tiles times the splits fill the SMs; each
+// split stores its fp32 tile in a slice of its own of a [splits, M, N] workspace, and a
+// second kernel sums the slices in split order, adds the bias and casts: the same bits on
+// every run (atomic adds would sum in whatever order the blocks finish). Limits: M, N and K tails are handled by zero-fill, zero padding of
 // the prepacked weight and store masks.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -191,7 +192,7 @@ __global__ void __launch_bounds__(kThreads)
       if (row < m && col < n) {
         const int64_t at = static_cast<int64_t>(row) * n + col;
         if constexpr (kSplit) {
-          atomicAdd(ws + at, acc[b][i]);
+          ws[blockIdx.z * static_cast<int64_t>(m) * n + at] = acc[b][i];  // this split's slice
         } else {
           out[at] = from_float<T>(bias != nullptr ? __fadd_rn(acc[b][i], bias[col]) : acc[b][i]);
         }
@@ -209,8 +210,8 @@ constexpr int kFp32Rows = 8;
 __global__ void __launch_bounds__(kThreads)
     w4a16_fp32_kernel(const float* __restrict__ x, int64_t ldx, const uint4* __restrict__ codes,
                       const float* __restrict__ scales, const uint8_t* __restrict__ zeros,
-                      const float* __restrict__ bias, float* __restrict__ out, bool split, int m, int n, int k,
-                      int np, int group, int k_split) {
+                      const float* __restrict__ bias, float* __restrict__ out, float* __restrict__ ws, int m,
+                      int n, int k, int np, int group, int k_split) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int nt = blockIdx.x * kWarps + warp;  // n64 tile
   const int m0 = blockIdx.y * kFp32Rows;
@@ -270,18 +271,21 @@ __global__ void __launch_bounds__(kThreads)
       const int row = m0 + r, col = nt * kWarpN + 8 * b + g;
       if (t == 0 && row < m && col < n) {
         const int64_t at = static_cast<int64_t>(row) * n + col;
-        const float y = bias != nullptr && blockIdx.z == 0 ? __fadd_rn(v, bias[col]) : v;  // bias added once
-        if (split) atomicAdd(out + at, y);
-        else out[at] = y;
+        if (ws != nullptr) ws[blockIdx.z * static_cast<int64_t>(m) * n + at] = v;  // this split's slice
+        else out[at] = bias != nullptr ? __fadd_rn(v, bias[col]) : v;
       }
     }
 }
 
+// out = the splits' slices of ws summed in split order (+ bias), cast once.
 template <typename T>
 __global__ void split_epilogue_kernel(const float* __restrict__ ws, const float* __restrict__ bias, T* __restrict__ out,
-                                      int64_t count, int n) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count; i += int64_t{gridDim.x} * blockDim.x)
-    out[i] = from_float<T>(bias != nullptr ? __fadd_rn(ws[i], bias[i % n]) : ws[i]);
+                                      int64_t count, int n, int splits) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count; i += int64_t{gridDim.x} * blockDim.x) {
+    float y = ws[i];
+    for (int s = 1; s < splits; ++s) y = __fadd_rn(y, ws[s * count + i]);
+    out[i] = from_float<T>(bias != nullptr ? __fadd_rn(y, bias[i % n]) : y);
+  }
 }
 
 }  // namespace
@@ -292,6 +296,8 @@ cudaError_t launch_w4a16_gemm(const W4A16Args& p, cudaStream_t stream) {
   const dim3 grid(p.np / kBN, (p.m + kBM - 1) / kBM, p.splits);
   const int k_split = kp / p.splits;
   cudaError_t result = cudaErrorInvalidValue;
+  const int64_t count = static_cast<int64_t>(p.m) * p.n;
+  const int epilogue_blocks = static_cast<int>(count / 256 + 1 < 65535 ? count / 256 + 1 : 65535);
   auto run = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* x = static_cast<const T*>(p.x);
@@ -303,15 +309,11 @@ cudaError_t launch_w4a16_gemm(const W4A16Args& p, cudaStream_t stream) {
       result = cudaGetLastError();
       return;
     }
-    result = cudaMemsetAsync(p.workspace, 0, sizeof(float) * p.m * p.n, stream);
-    if (result != cudaSuccess) return;
     w4a16_gemm_kernel<T, true><<<grid, kThreads, 0, stream>>>(x, p.ldx, codes, p.scales, p.zeros, nullptr, nullptr,
                                                               p.workspace, p.m, p.n, p.k, p.np, p.group, k_split);
     result = cudaGetLastError();
     if (result != cudaSuccess) return;
-    const int64_t count = static_cast<int64_t>(p.m) * p.n;
-    const int blocks = static_cast<int>(count / 256 + 1 < 65535 ? count / 256 + 1 : 65535);
-    split_epilogue_kernel<T><<<blocks, 256, 0, stream>>>(p.workspace, p.bias, out, count, p.n);
+    split_epilogue_kernel<T><<<epilogue_blocks, 256, 0, stream>>>(p.workspace, p.bias, out, count, p.n, p.splits);
     result = cudaGetLastError();
   };
   if (p.x_type == FloatType::kFloat16) {
@@ -321,13 +323,13 @@ cudaError_t launch_w4a16_gemm(const W4A16Args& p, cudaStream_t stream) {
   } else {
     const dim3 grid32(p.np / kBN, (p.m + kFp32Rows - 1) / kFp32Rows, p.splits);
     float* out = static_cast<float*>(p.out);
-    if (p.splits > 1) {
-      result = cudaMemsetAsync(out, 0, sizeof(float) * p.m * p.n, stream);
-      if (result != cudaSuccess) return result;
-    }
+    float* ws = p.splits > 1 ? p.workspace : nullptr;
     w4a16_fp32_kernel<<<grid32, kThreads, 0, stream>>>(static_cast<const float*>(p.x), p.ldx,
                                                        static_cast<const uint4*>(p.codes), p.scales, p.zeros, p.bias,
-                                                       out, p.splits > 1, p.m, p.n, p.k, p.np, p.group, k_split);
+                                                       out, ws, p.m, p.n, p.k, p.np, p.group, k_split);
+    result = cudaGetLastError();
+    if (result != cudaSuccess || ws == nullptr) return result;
+    split_epilogue_kernel<float><<<epilogue_blocks, 256, 0, stream>>>(ws, p.bias, out, count, p.n, p.splits);
     result = cudaGetLastError();
   }
   return result;

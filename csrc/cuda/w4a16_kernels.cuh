@@ -19,7 +19,7 @@ struct W4A16Args {
   const uint8_t* zeros;     // [groups, np]
   const float* bias;        // [n] float32 or nullptr
   void* out;                // [m, n] contiguous
-  float* workspace;         // [m, n] float32 when splits > 1 and x is fp16 / bf16
+  float* workspace;         // [splits, m, n] float32 when splits > 1: one slice per split
   int m, n, k, np, group, splits;  // splits divides round_up(k, 64) / 64
 };
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lowbit import checks
-from lowbit.backends import Backend, Packed, choose_backend
+from lowbit.backends import Backend, Packed, choose
 from lowbit.formats import QuantizedWeight, Scheme, quantize_weight
 
 # The canonical tensors in a layer's state dict, in order; absent ones are left out.
@@ -26,17 +26,19 @@ CANONICAL = ("qweight", "scales", "zeros", "act_scale", "input_scale")
 class WeightStore:
     """A quantized weight in one backend's runtime layout: the only copy a layer holds."""
 
-    def __init__(self, packed: Packed, backend: Backend, preferred: str | None = None):
+    def __init__(self, packed: Packed, backend: Backend, preferred: str | None = None,
+                 refusals: list[str] | None = None):
         self.packed = packed
         self.backend = backend
         self.device = packed.device  # kept beside the packed weight: forward compares it on every call
         self.preferred = preferred  # the backend asked for by name, kept across moves
+        self.refusals = refusals or []  # why backends of higher priority did not take the weight
 
     @classmethod
     def build(cls, weight: QuantizedWeight, preferred: str | None = None) -> WeightStore:
-        """Choose the backend for the weight's device and prepack for it."""
-        backend = choose_backend(weight.scheme, weight.qweight.device, preferred)
-        return cls(backend.prepack(weight), backend, preferred)
+        """Choose the backend for the weight's device and shape, and prepack for it."""
+        choice = choose(weight.scheme, weight.qweight.device, preferred, (weight.out_features, weight.in_features))
+        return cls(choice.backend.prepack(weight), choice.backend, preferred, choice.refusals)
 
     def canonical(self) -> QuantizedWeight:
         return self.backend.unpack(self.packed)
@@ -46,7 +48,8 @@ class WeightStore:
         shared by several layers moves once)."""
         if device != self.device:
             moved = WeightStore.build(self.canonical().to(device), self.preferred)
-            self.packed, self.backend, self.device = moved.packed, moved.backend, moved.device
+            self.packed, self.backend, self.device, self.refusals = moved.packed, moved.backend, moved.device, \
+                moved.refusals
 
 
 class QuantLinear(nn.Module):

@@ -238,6 +238,7 @@ class Selection:
             notes.append("also at " + ", ".join(s[0] for s in sites[1:]))
         if shared:
             notes.append("weight tied to an earlier layer")
+        notes += [f"not {r}" for r in new.store.refusals]
         row = self._rows[id(entry.linear)]
         row.scheme, row.backend, row.reason = str(entry.scheme), new.backend.name, "; ".join(notes)
         row.bytes_after = 0 if shared else new.packed.nbytes()

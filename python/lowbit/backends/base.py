@@ -70,8 +70,14 @@ class Backend:
         """Whether this backend can run anything here at all, and why (not)."""
         raise NotImplementedError
 
-    def can_implement(self, scheme: Scheme, device: torch.device) -> tuple[bool, str]:
-        """Whether this backend runs ``scheme`` on ``device``; the reason when it does not."""
+    def runs_on(self, device: torch.device) -> bool:
+        """Whether this backend runs tensors of ``device``'s type at all."""
+        raise NotImplementedError
+
+    def can_implement(self, scheme: Scheme, device: torch.device,
+                      shape: tuple[int, int] | None = None) -> tuple[bool, str]:
+        """Whether this backend runs ``scheme`` on ``device`` (of a type it ``runs_on``) for a
+        weight of ``shape`` (N, K; None: any shape); the reason when it does not."""
         raise NotImplementedError
 
     def chosen_by_priority(self, device: torch.device) -> bool:
@@ -122,25 +128,49 @@ def _status(backend: Backend) -> tuple[bool, str]:
     return backend.available()
 
 
-def choose_backend(scheme: Scheme, device: torch.device | str, prefer: str | None = None) -> Backend:
-    """The first backend, in priority order, that runs ``scheme`` on ``device``.
+@dataclasses.dataclass
+class Choice:
+    """The backend chosen for a layer, and why each backend of higher priority that runs
+    on the device refused it (shown in the quantize report)."""
+
+    backend: Backend
+    refusals: list[str]
+
+
+def choose(scheme: Scheme, device: torch.device | str, prefer: str | None = None,
+           shape: tuple[int, int] | None = None) -> Choice:
+    """The first backend, in priority order, that runs ``scheme`` on ``device`` for a weight
+    of ``shape`` (N, K).
 
     ``prefer`` names a backend to use instead of the priority order; it must be able to
     run the scheme. When nothing fits, the error lists every backend's reason.
     """
     device = torch.device(device)
     candidates = _REGISTRY if prefer is None else [get_backend(prefer)]
-    reasons = []
+    reasons, refusals = [], []
     for backend in candidates:
-        ok, why = _status(backend)
-        if ok:
-            ok, why = backend.can_implement(scheme, device)
+        if not backend.runs_on(device):
+            ok, why = False, f"does not run {device.type} tensors"
+        else:
+            ok, why = _status(backend)
+            if ok:
+                ok, why = backend.can_implement(scheme, device, shape)
+            if not ok:
+                refusals.append(f"{backend.name}: {why}")
         if ok and prefer is None and not backend.chosen_by_priority(device):
             ok, why = False, f"runs {device.type} tensors only when asked for by name"
         if ok:
-            return backend
+            return Choice(backend, refusals)
         reasons.append(f"  {backend.name}: {why}")
-    raise RuntimeError(f"no lowbit backend runs {scheme} on {device}:\n" + "\n".join(reasons))
+    raise RuntimeError(f"no lowbit backend runs {scheme} on {device}" + (f" for a weight of {shape[0]}x{shape[1]}"
+                       if shape else "") + ":\n" + "\n".join(reasons))
+
+
+def choose_backend(scheme: Scheme, device: torch.device | str, prefer: str | None = None,
+                   shape: tuple[int, int] | None = None) -> Backend:
+    """``choose(...).backend``: the first backend, in priority order, that runs ``scheme``
+    on ``device`` (for a weight of ``shape``, N x K, when given)."""
+    return choose(scheme, device, prefer, shape).backend
 
 
 @dataclasses.dataclass(frozen=True)

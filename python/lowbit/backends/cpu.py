@@ -69,6 +69,14 @@ class CpuBackend(NativeBackend):
     def kernel_op(self, scheme: Scheme) -> str:
         return f"lowbit::{scheme.op}_prepacked"  # the linear op on this backend's own layout
 
+    def can_implement(self, scheme: Scheme, device: torch.device,
+                      shape: tuple[int, int] | None = None) -> tuple[bool, str]:
+        ok, why = super().can_implement(scheme, device, shape)
+        max_k = ops.LAYOUT["int8_max_k"]  # the int8 GEMM's int32 sums of (w + 128) * x stay exact
+        if ok and shape is not None and not scheme.weight_only and shape[1] > max_k:
+            return False, f"the int8 GEMM takes K <= {max_k}, got K = {shape[1]}"
+        return ok, why
+
     def prepack(self, weight: QuantizedWeight) -> CpuPacked:
         scheme = weight.scheme
         if scheme.is_int4:

@@ -32,9 +32,11 @@ class NativeBackend(Backend):
             return False, f"lowbit._C has no {self.dispatch_key} linear kernels in this build"
         return True, f"lowbit._C {self.dispatch_key} kernels"
 
-    def can_implement(self, scheme: Scheme, device: torch.device) -> tuple[bool, str]:
-        if device.type != self.device_type:
-            return False, f"runs on {self.device_type} tensors, not {device.type}"
+    def runs_on(self, device: torch.device) -> bool:
+        return device.type == self.device_type
+
+    def can_implement(self, scheme: Scheme, device: torch.device,
+                      shape: tuple[int, int] | None = None) -> tuple[bool, str]:
         op = self.kernel_op(scheme)
         if not has_kernel(op, self.dispatch_key):
             return False, f"no {self.dispatch_key} kernel for {op} in this build"

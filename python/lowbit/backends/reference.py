@@ -20,7 +20,11 @@ class ReferenceBackend(Backend):
     def available(self) -> tuple[bool, str]:
         return True, "pure PyTorch, any device (slow: the test oracle)"
 
-    def can_implement(self, scheme: Scheme, device: torch.device) -> tuple[bool, str]:
+    def runs_on(self, device: torch.device) -> bool:
+        return True
+
+    def can_implement(self, scheme: Scheme, device: torch.device,
+                      shape: tuple[int, int] | None = None) -> tuple[bool, str]:
         return True, ""
 
     def prepack(self, weight: QuantizedWeight) -> Packed:

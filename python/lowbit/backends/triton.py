@@ -14,6 +14,7 @@ import importlib.util
 import torch
 
 from lowbit.backends.base import Backend, Packed
+from lowbit.backends.cuda import INT8_MAX_K, MIN_CAPABILITY
 from lowbit.formats import QuantizedWeight, Scheme
 from lowbit.kernels import interpreting
 
@@ -40,10 +41,17 @@ class TritonBackend(Backend):
             return False, "no CUDA device is visible (TRITON_INTERPRET=1 runs the kernels on CPU, slowly)"
         return True, f"Triton {triton.__version__} on {torch.cuda.get_device_name()}"
 
-    def can_implement(self, scheme: Scheme, device: torch.device) -> tuple[bool, str]:
-        if device.type == "cuda" or (device.type == "cpu" and interpreting()):
-            return True, ""
-        return False, f"runs on cuda tensors (cpu ones only under TRITON_INTERPRET=1), not {device.type}"
+    def runs_on(self, device: torch.device) -> bool:
+        return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+    def can_implement(self, scheme: Scheme, device: torch.device,
+                      shape: tuple[int, int] | None = None) -> tuple[bool, str]:
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
+            major, minor = torch.cuda.get_device_capability(device)
+            return False, f"the GPU is sm_{major}{minor}; the Triton kernels are tuned and checked for 8.0 and newer"
+        if shape is not None and not scheme.weight_only and shape[1] > INT8_MAX_K:
+            return False, f"the int8 GEMM takes K <= {INT8_MAX_K}, got K = {shape[1]}"
+        return True, ""
 
     def chosen_by_priority(self, device: torch.device) -> bool:
         return device.type != "cpu"  # the interpreter is for tests, never a fallback
