@@ -129,6 +129,8 @@ def test_cuda_binaries_have_tensor_core_gemms_without_spills():
     sass = subprocess.run([_cuobjdump(), "-sass", "-arch", "sm_90a", "-fun", wgmma[0][0], so], capture_output=True,
                           text=True, check=True).stdout
     assert "IGMMA" in sass  # the warpgroup MMA, in the Hopper code
+    # one group of MMAs stays in flight in the k loop; all are waited for only at the end
+    assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass and "WARPGROUP.DEPBAR.LE gsb0, 0x0" in sass
     w4 = [k for k in kernels if "17w4a16_gemm_kernelI" in k[0]]
     assert len(w4) == 2 * 2 * 2  # two architectures, fp16 / bf16, with and without split-K
     sass = subprocess.run([_cuobjdump(), "-sass", "-fun", w4[0][0], so], capture_output=True, text=True,

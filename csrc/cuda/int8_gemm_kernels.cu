@@ -167,7 +167,11 @@ cudaError_t launch_tile(const Int8GemmArgs& p, cudaStream_t stream) {
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Waits until at most kPending of this warpgroup's committed MMA groups are still running.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
 // Pins the accumulators in place around the asynchronous MMAs: the compiler must not move or
 // read them between a wgmma and the wait for it.
 __device__ __forceinline__ void fence_operands(int32_t (&d)[64]) {
@@ -221,14 +225,14 @@ __global__ void __launch_bounds__(kWgmmaThreads)
     cp_async_commit();
   }
 
+  // One group of MMAs stays in flight while the next tile's are issued: tile kt's stage is
+  // refilled only after the wait below has seen tile kt - 1's MMAs finish in every
+  // warpgroup, and the slot refilled is tile kt - 1's, (kt + stages - 1) % stages.
   int32_t d[64] = {};
   for (int kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<kWgmmaStages - 2>();
     fence_proxy_async();  // this thread's cp.async writes become visible to wgmma (the async proxy)
     __syncthreads();
-    const int next = kt + kWgmmaStages - 1;
-    if (next < k_tiles) load_stage(next % kWgmmaStages, next);
-    cp_async_commit();
 
     const uint8_t* sa = smem + (kt % kWgmmaStages) * kWgmmaStageBytes;
     const uint32_t a_base = smem_addr(sa + warpgroup * 64 * kBK), b_base = smem_addr(sa + kWgmmaBM * kBK);
@@ -238,9 +242,15 @@ __global__ void __launch_bounds__(kWgmmaThreads)
     for (int kk = 0; kk < kKSteps; ++kk)
       wgmma_m64n128k32_s8(d, wgmma_desc(a_base + kk * kKStep), wgmma_desc(b_base + kk * kKStep));
     wgmma_commit();
-    wgmma_wait_all();  // the stage is overwritten by the next iteration's loads
+    wgmma_wait<1>();  // tile kt - 1's MMAs are done in this warpgroup
     fence_operands(d);
+    __syncthreads();  // ... and in the other: its stage may be refilled
+    const int next = kt + kWgmmaStages - 1;
+    if (next < k_tiles) load_stage(next % kWgmmaStages, next);
+    cp_async_commit();
   }
+  wgmma_wait<0>();
+  fence_operands(d);
   cp_async_wait<0>();
 
   // Accumulator layout of m64nN: register 4j + i of a thread is the (acc_row, acc_col) of an
