@@ -100,3 +100,18 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 
 
 dequantize_int4.register_fake(lowbit_ops.dequantize_int4_fake)
+
+
+# The gradients: those of the lowbit ops of the same semantics (lowbit.ops), W' rebuilt from
+# the Triton layouts.
+def _weight_only_weight(i: list, k: int, dtype: torch.dtype) -> torch.Tensor:
+    packed = weight_only.Packed(i[1], i[2], i[3], i[5], i[6], i[7], i[8])
+    qweight, scales, zeros = weight_only.unpack(packed)
+    if packed.bits == 4:
+        return lowbit_ops.dequantize_int4(qweight, scales, zeros, packed.group_size, dtype)
+    return lowbit_ops.dequantize_int8(qweight, scales, dtype)
+
+
+lowbit_ops.register_linear_autograd("lowbit_triton::w8a8_linear",
+                                    lambda i, k, dt: lowbit_ops.dequantize_int8(i[1], i[2], dt), 3)
+lowbit_ops.register_linear_autograd("lowbit_triton::weight_only_linear", _weight_only_weight, 4)

@@ -271,3 +271,54 @@ def test_fake_implementations_raise_the_same_errors(case):
 def test_pack_int4_rejects_values_above_15(impl):
     with pytest.raises(ValueError, match=r"\[0, 15\]"):
         IMPLS[impl].pack_int4(torch.tensor([[3, 16]], dtype=torch.uint8))
+
+
+# --- gradients ---------------------------------------------------------------------------------
+
+
+def linear_calls():
+    """Every linear op, as (op, args, the bias's index, the dequantized weight), with an input
+    and a bias that require grad."""
+    x = activation((2, 3, 64), seed=8).requires_grad_(True)
+    bias = torch.randn(12).requires_grad_(True)
+    w, sw = int8_weight(12, 64, 1)
+    packed, scales, zeros = int4_weight(12, 64, 32, False, 3)
+    w4, params = ops.w4a16_prepack(packed, scales, zeros, 32)
+    w8_float = reference.dequantize_int8(w, sw, torch.float32)
+    w4_float = reference.dequantize_int4(packed, scales, zeros, 32, torch.float32)
+    return [
+        (torch.ops.lowbit.w8a8_linear.default, (x, w, sw, bias, None), 3, w8_float),
+        (torch.ops.lowbit.w8a16_linear.default, (x, w, sw, bias), 3, w8_float),
+        (torch.ops.lowbit.w4a16_linear.default, (x, packed, scales, zeros, 32, bias), 5, w4_float),
+        (torch.ops.lowbit.w8a8_linear_prepacked.default, (x, ops.int8_prepack(w), sw, 64, bias, None), 4, w8_float),
+        (torch.ops.lowbit.w8a16_linear_prepacked.default, (x, ops.w8a16_prepack(w), sw, bias), 3, w8_float),
+        (torch.ops.lowbit.w4a16_linear_prepacked.default, (x, w4, params, 32, 12, bias), 5, w4_float),
+    ]
+
+
+def test_linear_ops_pass_opcheck_with_gradients():
+    for op, args, _, _ in linear_calls():  # opcheck's autograd test needs inputs that require grad
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_linear_ops_give_the_gradient_of_the_dequantized_product(index):
+    op, args, bias_index, w = linear_calls()[index]
+    x, bias = args[0], args[bias_index]
+    y = op(*args)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    expected = grad.double().reshape(-1, 12) @ w.double()  # straight through W8A8's activation rounding
+    torch.testing.assert_close(x.grad.double().reshape(-1, 64), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias.grad.double(), grad.double().reshape(-1, 12).sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("index", [1, 2, 4, 5])  # the weight-only ops: linear in x, so finite differences hold
+def test_weight_only_ops_pass_gradcheck(index):
+    op, args, _, _ = linear_calls()[index]
+    x64 = args[0].detach().double().requires_grad_(True)
+
+    def fn(x):  # the op computes in fp32: steps of 1e-2 keep the difference quotients far above its rounding
+        return op(x.float(), *args[1:]).double()
+
+    assert torch.autograd.gradcheck(fn, (x64,), eps=1e-2, atol=2e-3, rtol=2e-3)

@@ -10,6 +10,8 @@ The semantics of every op are those of the same-named function in ``lowbit.refer
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lowbit import _extension, checks
@@ -374,3 +376,56 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 def _(packed):
     checks.packed_int4(packed)
     return packed.new_empty((packed.shape[0], packed.shape[1] * 2))
+
+
+# --- gradients ---------------------------------------------------------------------------------
+# Every linear op computes y = x @ W'^T + b with W' the dequantized weight, so the input's
+# gradient is grad @ W' (straight through the activation quantization of W8A8) and the
+# bias's is grad summed over the rows; the quantized weights and scales are frozen and get
+# none. W' is rebuilt in the backward pass from the saved quantized tensors by the kernels of
+# the layout they are in (unpack, dequantize), in the gradient's dtype, and never kept; the
+# input itself is not saved, only its shape.
+
+
+def register_linear_autograd(op: str, dequantize: Callable[[list, int, torch.dtype], torch.Tensor],
+                             bias_index: int) -> None:
+    """Register the gradient of linear op ``op`` (qualified name). ``dequantize(inputs, k,
+    dtype)`` rebuilds W' [N, K] from the op's inputs (the activation's slot holds None) and
+    the activation's K; ``bias_index`` is the bias's position among the inputs. Used for the
+    ``lowbit`` ops here and the ``lowbit_triton`` ones."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(t if isinstance(t, torch.Tensor) and i != 0 else None for i, t in enumerate(inputs)))
+        ctx.constants = [None if isinstance(t, torch.Tensor) else t for t in inputs]
+        ctx.x_shape = inputs[0].shape
+
+    def backward(ctx, grad):
+        inputs = [c if s is None else s for s, c in zip(ctx.saved_tensors, ctx.constants)]
+        bias = inputs[bias_index]
+        grads = [None] * len(inputs)
+        rows = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grads[0] = (rows @ dequantize(inputs, ctx.x_shape[-1], grad.dtype)).reshape(ctx.x_shape)
+        if bias is not None and ctx.needs_input_grad[bias_index]:
+            grads[bias_index] = rows.sum(0).to(bias.dtype)
+        return tuple(grads)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def _cuda_w4a16_weight(i: list, k: int, dtype: torch.dtype) -> torch.Tensor:
+    # The CUDA layout comes apart on the CPU (w4a16_cuda_unpack); W' is built on the GPU.
+    parts = w4a16_cuda_unpack(i[1].cpu(), i[2].cpu(), i[3].cpu(), i[4], i[5], k)
+    return dequantize_int4(*(t.to(i[1].device) for t in parts), i[4], dtype)
+
+
+register_linear_autograd("lowbit::w8a8_linear", lambda i, k, dt: dequantize_int8(i[1], i[2], dt), 3)
+register_linear_autograd("lowbit::w8a16_linear", lambda i, k, dt: dequantize_int8(i[1], i[2], dt), 3)
+register_linear_autograd("lowbit::w4a16_linear", lambda i, k, dt: dequantize_int4(i[1], i[2], i[3], i[4], dt), 5)
+register_linear_autograd("lowbit::w8a8_linear_prepacked",
+                         lambda i, k, dt: dequantize_int8(int8_unpack(i[1], i[2].shape[0], k), i[2], dt), 4)
+register_linear_autograd("lowbit::w8a16_linear_prepacked",
+                         lambda i, k, dt: dequantize_int8(w8a16_unpack(i[1], i[2].shape[0]), i[2], dt), 3)
+register_linear_autograd("lowbit::w4a16_linear_prepacked",
+                         lambda i, k, dt: dequantize_int4(*w4a16_unpack(i[1], i[2], i[3], i[4]), i[3], dt), 5)
+register_linear_autograd("lowbit::w4a16_linear_cuda_prepacked", _cuda_w4a16_weight, 6)
