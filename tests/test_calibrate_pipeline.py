@@ -336,3 +336,61 @@ def test_the_device_spy_catches_an_allocation_without_a_device():
     with torch.device("meta"), DeviceSpy("cpu") as spy:
         torch.zeros(3)
     assert spy.elsewhere
+
+
+def _gptq_ddp_worker(rank, world, init_file, out):
+    from conftest import init_rank
+
+    init_rank(rank, world, init_file)
+    model = TinyLM()
+    shard = batches(4)[rank::world]  # each rank calibrates on its share of the data
+    # propagate="float": every block sees the float model's activations, so what differs
+    # between the runs is the all-reduced Hessians alone, not errors carried block to block.
+    lowbit.quantize(model, "w4a16-g32", method="gptq", calibration=shard, propagate="float", progress=False)
+    if rank == 0:
+        codes = {n: m.canonical().tensors() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        with torch.no_grad():
+            torch.save({"codes": codes, "logits": model(batches(2, seed=9)[0])}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_gptq_under_two_ranks_equals_one_process_on_all_the_data(tmp_path):
+    from conftest import run_ranks
+
+    run_ranks(_gptq_ddp_worker, 2, tmp_path, str(tmp_path / "ddp.pt"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = TinyLM()
+        lowbit.quantize(model, "w4a16-g32", method="gptq", calibration=batches(4), propagate="float", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    for name, q in model.named_modules():
+        if isinstance(q, QuantLinear):
+            # The Hessians' sums differ only in order (two ranks' halves, then all-reduced):
+            # a code differs only where the float difference tips a rounding.
+            a, b = (lowbit.reference.unpack_int4(t["qweight"]).int() for t in (q.canonical().tensors(),
+                                                                                ddp["codes"][name]))
+            mismatch = (a != b).float().mean().item()
+            assert mismatch < 1e-2, (name, mismatch)
+    with torch.no_grad():
+        logits = model(batches(2, seed=9)[0])
+    assert (logits - ddp["logits"]).norm() / logits.norm() < 1e-2
+
+
+def test_awq_refuses_to_run_distributed(tmp_path):
+    from conftest import run_ranks
+
+    with pytest.raises(Exception, match="calibrate on one rank"):
+        run_ranks(_awq_ddp_worker, 2, tmp_path)
+
+
+def _awq_ddp_worker(rank, world, init_file):
+    from conftest import init_rank
+
+    init_rank(rank, world, init_file)
+    try:
+        lowbit.quantize(TinyLM(), "w4a16-g32", method="awq", calibration=batches(2), progress=False)
+    finally:
+        torch.distributed.destroy_process_group()

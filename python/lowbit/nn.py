@@ -88,6 +88,12 @@ class QuantLinear(nn.Module):
         return self.store.device
 
     @property
+    def qweight(self) -> torch.Tensor:
+        """The canonical integer weight, unpacked from the runtime form at each access (tools
+        such as peft read it for its device and dtype)."""
+        return self.canonical().qweight
+
+    @property
     def act_scale(self) -> torch.Tensor | None:
         """The calibrated per-tensor activation scale (w8a8-static), else None."""
         return self.store.packed.act_scale

@@ -87,6 +87,9 @@ def scale_groups(ctx: Context, stage: Stage, groups: list[Group], shared_weights
     quota = -(-method.max_tokens // len(stage.inputs)) if isinstance(method, AWQ) else 0
     rng = [None]  # one generator for the stage, made at the first input
     run_pass(ctx, stage, {g.lead: _collector(ctx, stats[g], quota, rng) for g in groups}, "activation ranges")
+    if isinstance(method, SmoothQuant) and torch.distributed.is_available() and torch.distributed.is_initialized():
+        for st in stats.values():  # every rank's shard of the calibration data: the global ranges
+            torch.distributed.all_reduce(st["max"], op=torch.distributed.ReduceOp.MAX)
     reference = stage.run(stage.inputs[0])
     input_scales: dict[Entry, torch.Tensor] = {}
     hooks: dict[Entry, list] = {}

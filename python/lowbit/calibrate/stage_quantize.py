@@ -3,6 +3,11 @@ gather statistics (GPTQ Hessians ``E[x x^T]`` per group, activation observers fo
 w8a8-static), then quantize each layer — GPTQ with its group's Hessian factor, or round to
 nearest — and hand it to ``Context.emit``.
 
+Under ``torch.distributed`` each rank calibrates on its own shard of the data: GPTQ's
+Hessian sums and SmoothQuant's channel ranges are all-reduced, so every rank quantizes
+exactly as one process on all the data would (AWQ's searches and the activation observers
+keep per-rank samples and are refused there).
+
 Hessians are fp32 on the activations' device (``Context.stats_device`` moves them, e.g.
 to the CPU for models whose Hessians do not fit beside them); one is built per group and
 factored in its own storage, so a group holds one ``K x K`` matrix plus GPTQ's workspace.
@@ -18,6 +23,10 @@ from lowbit.calibrate.methods import AWQ, GPTQ, SmoothQuant
 from lowbit.calibrate.observers import make_observer
 from lowbit.calibrate.stages import Context, Group, Stage, probe, run_pass
 from lowbit.formats import from_codes, quantize_weight
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class _Hessian:
@@ -36,6 +45,13 @@ class _Hessian:
         self.rows += x.shape[0]
 
     def mean(self) -> torch.Tensor:
+        """E[x x^T] over every rank's calibration data (under torch.distributed, each rank
+        holds a shard of it: the sums and row counts are all-reduced first)."""
+        if distributed():
+            rows = torch.tensor([float(self.rows)], dtype=torch.float64, device=self.sum.device)
+            torch.distributed.all_reduce(self.sum)
+            torch.distributed.all_reduce(rows)
+            self.rows = int(rows.item())
         return self.sum.div_(max(self.rows, 1))
 
 
@@ -49,6 +65,9 @@ def _collector(hessian: _Hessian | None, observer):
 
 
 def quantize_stage(ctx: Context, stage: Stage, shared_weights: set[int]) -> None:
+    if distributed() and (isinstance(ctx.method, AWQ) or any(e.needs_act_scale for e in stage.entries)):
+        raise ValueError("under torch.distributed lowbit calibrates with GPTQ or SmoothQuant (their statistics are "
+                         "all-reduced); AWQ and activation observers would differ per rank: calibrate on one rank")
     groups = probe(stage)
     input_scales, scale_hooks = {}, {}
     if isinstance(ctx.method, (SmoothQuant, AWQ)):
