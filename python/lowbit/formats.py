@@ -129,6 +129,10 @@ class QuantizedWeight:
     in_features: int
     act_scale: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
+    # int64[K]: the layer reads its input's channels in this order (x[..., input_perm]), so
+    # that a checkpoint whose groups are not consecutive in k (GPTQ act-order) is held with
+    # consecutive groups.
+    input_perm: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.scheme.is_int4:
@@ -138,7 +142,7 @@ class QuantizedWeight:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The canonical tensors by name (what a checkpoint stores)."""
         named = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros, "act_scale": self.act_scale,
-                 "input_scale": self.input_scale}
+                 "input_scale": self.input_scale, "input_perm": self.input_perm}
         return {k: v for k, v in named.items() if v is not None}
 
     def nbytes(self) -> int:
@@ -170,6 +174,18 @@ class QuantizedWeight:
             check_act_scale(scheme, self.act_scale, "act_scale")
         if self.input_scale is not None:
             check_input_scale(self.input_scale, k, "input_scale")
+        if self.input_perm is not None:
+            check_input_perm(self.input_perm, k, "input_perm")
+
+    def effective(self) -> torch.Tensor:
+        """The float32 weight [N, K] the layer computes with, on its input's own channels:
+        dequantized, the input scale folded in, the input permutation undone."""
+        w = self.dequantize(torch.float32)
+        if self.input_scale is not None:
+            w = w * self.input_scale
+        if self.input_perm is not None:
+            w = w[:, torch.argsort(self.input_perm)]
+        return w
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         """The same weight with every tensor on ``device``."""
@@ -205,47 +221,65 @@ def _check_weight(w: torch.Tensor, name: str) -> None:
     check_finite(w, name)
 
 
-def int8_scale(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8 scale of a float32 ``w[N, K]``: ``max|w[n]|/127``."""
-    return _safe_scale(w.abs().amax(dim=1) / 127)
+def _stored(scale: torch.Tensor, scale_dtype: torch.dtype | None) -> torch.Tensor:
+    """A scale as it will be stored: rounded to ``scale_dtype`` (a format whose scales are
+    fp16 or bf16 then holds the weight exactly), kept in float32."""
+    if scale_dtype is None or scale_dtype == torch.float32:
+        return scale
+    rounded = scale.to(scale_dtype)
+    if not torch.isfinite(rounded).all():
+        raise ValueError(f"a scale of {scale.abs().max().item():g} does not fit {scale_dtype}")
+    return _safe_scale(rounded.float())
 
 
-def int4_params(wg: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and (float-valued) integer zero point of each group ``wg[..., G]`` (float32)."""
+def int8_scale(w: torch.Tensor, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-output-channel symmetric int8 scale of a float32 ``w[N, K]``: ``max|w[n]|/127``
+    (rounded to ``scale_dtype`` when given)."""
+    return _stored(_safe_scale(w.abs().amax(dim=1) / 127), scale_dtype)
+
+
+def int4_params(wg: torch.Tensor, symmetric: bool,
+                scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (float-valued) integer zero point of each group ``wg[..., G]`` (float32);
+    the scale rounded to ``scale_dtype`` when given (the zero point follows from it)."""
     if symmetric:
-        scale = _safe_scale(wg.abs().amax(dim=-1) / 7)
+        scale = _stored(_safe_scale(wg.abs().amax(dim=-1) / 7), scale_dtype)
         return scale, torch.full_like(scale, reference.INT4_SYMMETRIC_ZERO)
     lo = wg.amin(dim=-1).clamp(max=0)
     hi = wg.amax(dim=-1).clamp(min=0)
-    scale = _safe_scale((hi - lo) / 15)
+    scale = _stored(_safe_scale((hi - lo) / 15), scale_dtype)
     return scale, torch.clamp(torch.round(-lo / scale), 0, 15)
 
 
-def _int8_codes(wf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _int8_codes(wf: torch.Tensor, scale_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 ``w[N, K]`` -> (integer-valued float codes, scales float32[N])."""
-    scale = int8_scale(wf)
+    scale = int8_scale(wf, scale_dtype)
     return torch.clamp(torch.round(wf / scale.unsqueeze(1)), -127, 127), scale
 
 
-def _int4_codes(wg: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _int4_codes(wg: torch.Tensor, symmetric: bool,
+                scale_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 groups ``wg[N, K/G, G]`` -> (integer-valued float codes 0..15, scales, zero points)."""
-    scale, zero = int4_params(wg, symmetric)
+    scale, zero = int4_params(wg, symmetric, scale_dtype)
     return torch.clamp(torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, 15), scale, zero
 
 
-def quantize_int8_per_channel(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
-    """``s[n] = max|w[n]|/127``, ``q = clamp(round(w/s), -127, 127)`` -> (int8[N, K], float32[N])."""
+def quantize_int8_per_channel(w: torch.Tensor, name: str = "weight",
+                              scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s[n] = max|w[n]|/127``, ``q = clamp(round(w/s), -127, 127)`` -> (int8[N, K], float32[N]);
+    ``scale_dtype``: the scales rounded to that dtype first (the codes follow them)."""
     _check_weight(w, name)
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     for r0, r1 in _row_chunks(w):
-        codes, scale[r0:r1] = _int8_codes(w[r0:r1].float())
+        codes, scale[r0:r1] = _int8_codes(w[r0:r1].float(), scale_dtype)
         q[r0:r1] = codes
     return q, scale
 
 
 def quantize_int4_groupwise(
-    w: torch.Tensor, group_size: int | None, symmetric: bool, name: str = "weight"
+    w: torch.Tensor, group_size: int | None, symmetric: bool, name: str = "weight",
+    scale_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Group-wise int4 -> (packed uint8[N, K/2], scales float32[N, K/G], zeros uint8 or None).
 
@@ -263,7 +297,7 @@ def quantize_int4_groupwise(
     scales = torch.empty((n, k // g), dtype=torch.float32, device=w.device)
     zeros = torch.empty((n, k // g), dtype=torch.uint8, device=w.device)
     for r0, r1 in _row_chunks(w):
-        q, scales[r0:r1], zero = _int4_codes(w[r0:r1].float().reshape(r1 - r0, k // g, g), symmetric)
+        q, scales[r0:r1], zero = _int4_codes(w[r0:r1].float().reshape(r1 - r0, k // g, g), symmetric, scale_dtype)
         packed[r0:r1] = reference.pack_int4(q.reshape(r1 - r0, k).to(torch.uint8))
         zeros[r0:r1] = zero
     return packed, scales, None if symmetric else zeros
@@ -277,6 +311,15 @@ def check_input_scale(input_scale: torch.Tensor, in_features: int, name: str) ->
                          f"{input_scale.dtype}{list(input_scale.shape)}")
     if not (torch.isfinite(input_scale).all() and (input_scale > 0).all()):
         raise ValueError(f"{name}: input_scale must be finite and positive")
+
+
+def check_input_perm(input_perm: torch.Tensor, in_features: int, name: str) -> None:
+    """An input permutation: int64[K] holding each of 0..K-1 once."""
+    if input_perm.dtype != torch.int64 or tuple(input_perm.shape) != (in_features,):
+        raise ValueError(f"{name}: input_perm must be int64[{in_features}], got {input_perm.dtype}"
+                         f"{list(input_perm.shape)}")
+    if not torch.equal(torch.sort(input_perm).values, torch.arange(in_features, device=input_perm.device)):
+        raise ValueError(f"{name}: input_perm is not a permutation of 0..{in_features - 1}")
 
 
 def check_act_scale(scheme: Scheme, act_scale: torch.Tensor | None, name: str) -> None:
@@ -298,9 +341,13 @@ def quantize_weight(
     name: str = "weight",
     act_scale: torch.Tensor | None = None,
     input_scale: torch.Tensor | None = None,
+    scale_dtype: torch.dtype | None = None,
 ) -> QuantizedWeight:
     """Quantize a float ``w[N, K]`` to ``scheme``'s canonical form.
 
+    ``scale_dtype`` (float16, bfloat16): the scales are rounded to it before the codes are
+    chosen, so that a format storing scales in that dtype (GPTQ, AWQ: float16) holds the
+    weight exactly.
     ``act_scale`` (a calibrated per-tensor activation scale) is required by w8a8-static and
     refused by the other schemes. ``input_scale`` (float32[K], from SmoothQuant or AWQ when
     the scale could not be folded into the layer before) multiplies the activations'
@@ -311,23 +358,23 @@ def quantize_weight(
     if input_scale is not None:
         check_input_scale(input_scale, k, name)
     if scheme.is_int4:
-        qweight, scales, zeros = quantize_int4_groupwise(w, scheme.group_size, scheme.symmetric, name)
+        qweight, scales, zeros = quantize_int4_groupwise(w, scheme.group_size, scheme.symmetric, name, scale_dtype)
     else:
-        (qweight, scales), zeros = quantize_int8_per_channel(w, name), None
+        (qweight, scales), zeros = quantize_int8_per_channel(w, name, scale_dtype), None
     return QuantizedWeight(scheme=scheme, qweight=qweight, scales=scales, zeros=zeros, group_size=scheme.group_for(k),
                            out_features=n, in_features=k, act_scale=act_scale, input_scale=input_scale)
 
 
-def fake_quantize(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``w`` quantized to ``scheme`` and dequantized again, in float32 — what
-    ``quantize_weight(w, scheme).dequantize()`` returns, without packing (for searches)."""
+    ``quantize_weight(w, scheme, scale_dtype=...).dequantize()`` returns, without packing."""
     wf = w.float()
     if not scheme.is_int4:
-        q, scale = _int8_codes(wf)
+        q, scale = _int8_codes(wf, scale_dtype)
         return q * scale.unsqueeze(1)
     n, k = wf.shape
     g = scheme.group_for(k)
-    q, scale, zero = _int4_codes(wf.reshape(n, k // g, g), scheme.symmetric)
+    q, scale, zero = _int4_codes(wf.reshape(n, k // g, g), scheme.symmetric, scale_dtype)
     return ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(n, k)
 
 

@@ -161,9 +161,7 @@ def _peft_layer_class():
         def _requantize(self, sign: float, adapter_names) -> None:
             base: QuantLinear = self.get_base_layer()
             canonical = base.canonical()
-            w = canonical.dequantize(torch.float32)
-            if canonical.input_scale is not None:
-                w = w * canonical.input_scale
+            w = canonical.effective()
             for name in adapter_names:
                 w = w + sign * self.get_delta_weight(name).float().to(w.device)
             weight = quantize_weight(w, base.scheme, base.name or "lora merge", act_scale=canonical.act_scale)

@@ -20,7 +20,7 @@ from lowbit.backends import Backend, Packed, choose
 from lowbit.formats import QuantizedWeight, Scheme, quantize_weight
 
 # The canonical tensors in a layer's state dict, in order; absent ones are left out.
-CANONICAL = ("qweight", "scales", "zeros", "act_scale", "input_scale")
+CANONICAL = ("qweight", "scales", "zeros", "act_scale", "input_scale", "input_perm")
 
 
 class WeightStore:
@@ -127,15 +127,11 @@ class QuantLinear(nn.Module):
 
     def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
         """A float ``nn.Linear`` with the dequantized weight (what this layer computes; an
-        input scale is folded into the weight's columns)."""
+        input scale is folded into the weight's columns, an input permutation undone)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.device, dtype=dtype)
         with torch.no_grad():
-            canonical = self.canonical()
-            w = canonical.dequantize(torch.float32)
-            if canonical.input_scale is not None:
-                w = w * canonical.input_scale
-            linear.weight.copy_(w)
+            linear.weight.copy_(self.canonical().effective())
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
@@ -170,6 +166,7 @@ class QuantLinear(nn.Module):
         names = ["qweight", "scales"] + (["zeros"] if scheme.is_int4 and not scheme.symmetric else [])
         names += ["act_scale"] if scheme.static_activations else []
         names += ["input_scale"] if packed.input_scale is not None else []
+        names += ["input_perm"] if packed.input_perm is not None else []
         return names + (["bias"] if self.bias is not None else [])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -210,8 +207,11 @@ class QuantLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features or x.dtype not in checks.FLOAT_DTYPES \
                 or x.device != store.device:
             self._reject(x)
-        # input_scale is set or not for the layer's lifetime, so this is no run-time branch.
-        input_scale = store.packed.input_scale
+        # input_perm and input_scale are set or not for the layer's lifetime: no run-time branch.
+        packed = store.packed
+        if packed.input_perm is not None:
+            x = x.index_select(-1, packed.input_perm)
+        input_scale = packed.input_scale
         if input_scale is not None:
             x = x * input_scale.to(x.dtype)
         return store.backend.apply(x, store.packed, self.bias)
@@ -232,7 +232,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, scheme={self.scheme}, backend={self.backend.name}"
-                + (", input_scale" if self.input_scale is not None else ""))
+                + (", input_scale" if self.input_scale is not None else "")
+                + (", input_perm" if self.packed.input_perm is not None else ""))
 
 
 class W8A8Linear(QuantLinear):

@@ -329,7 +329,8 @@ def quantize_pretrained(
 
     def round_to_nearest(entries: Sequence[Entry]) -> None:
         for e in entries:
-            selection.replace(e, quantize_weight(e.linear.weight.detach(), e.scheme, e.name, act_scale=e.act_scale))
+            selection.replace(e, quantize_weight(e.linear.weight.detach(), e.scheme, e.name, act_scale=e.act_scale,
+                                                 scale_dtype=config.scale_dtype))
 
     with checkpoint.CheckpointWriter(out, layers, aliases, max_shard_size=max_shard_size) as writer:
 
@@ -364,7 +365,7 @@ def quantize_pretrained(
                 model, calibrated, config.method, calibration, replace=selection.replace,
                 calibration_forward=calibration_forward, observer=config.observer, sequential=True,
                 blocks=blocks, shared_weights=selection.shared_weights, stats_device=config.calibration_device,
-                block_hooks=(enter, leave), progress=progress)
+                scale_dtype=config.scale_dtype, block_hooks=(enter, leave), progress=progress)
         rest = checkpoint._plan(model)  # what lies outside the blocks (their parameters are meta again)
         for key, produce in rest.producers:
             if not key.startswith(f"{blocks_name}."):

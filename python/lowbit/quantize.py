@@ -48,7 +48,9 @@ class QuantConfig:
     "quantized" or "float" block outputs feed the next block in layer-wise mode.
     ``calibration_device``: where calibration statistics (GPTQ Hessians, activation
     ranges) are held (None: on the activations' device; "cpu" for models whose Hessians
-    do not fit beside them on the GPU).
+    do not fit beside them on the GPU). ``scale_dtype`` (torch.float16, "bfloat16"):
+    scales rounded to that dtype as they are chosen, so that a format storing them so
+    (GPTQ, AWQ: float16; compressed-tensors: the model's dtype) holds the model exactly.
     """
 
     scheme: Scheme | str = "w8a8"
@@ -64,8 +66,11 @@ class QuantConfig:
     blocks: Any = None
     propagate: str = "quantized"
     calibration_device: str | None = None
+    scale_dtype: torch.dtype | str | None = None
 
     def __post_init__(self):
+        if isinstance(self.scale_dtype, str):
+            self.scale_dtype = getattr(torch, self.scale_dtype)
         self.scheme = _as_scheme(self.scheme)
         self.method = as_method(self.method)
         self.overrides = {p: (None if s is None else _as_scheme(s)) for p, s in self.overrides.items()}
@@ -276,14 +281,16 @@ def quantize(
     reason = needs_calibration(config.method, entries) if entries else None
     if reason is None:
         for e in entries:
-            selection.replace(e, quantize_weight(e.linear.weight.detach(), e.scheme, e.name, act_scale=e.act_scale))
+            selection.replace(e, quantize_weight(e.linear.weight.detach(), e.scheme, e.name, act_scale=e.act_scale,
+                                                 scale_dtype=config.scale_dtype))
         return selection.report
     if calibration is None:
         raise ValueError(f"{reason}: needs calibration data (calibration=batches) or act_scales")
     selection.report.calibration = pipeline.run(
         model, entries, config.method, calibration, replace=selection.replace, calibration_forward=calibration_forward,
         observer=config.observer, sequential=config.sequential, blocks=config.blocks, propagate=config.propagate,
-        shared_weights=selection.shared_weights, stats_device=config.calibration_device, progress=progress)
+        shared_weights=selection.shared_weights, stats_device=config.calibration_device,
+        scale_dtype=config.scale_dtype, progress=progress)
     return selection.report
 
 

@@ -34,13 +34,14 @@ class Packed:
     tensors: dict[str, torch.Tensor]
     act_scale: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
+    input_perm: torch.Tensor | None = None
 
     @classmethod
     def of(cls, weight: QuantizedWeight, tensors: dict[str, torch.Tensor], **fields) -> Packed:
         """``tensors`` in place of ``weight``'s canonical ones, with its shape and scales."""
         return cls(scheme=weight.scheme, group_size=weight.group_size, out_features=weight.out_features,
                    in_features=weight.in_features, tensors=tensors, act_scale=weight.act_scale,
-                   input_scale=weight.input_scale, **fields)
+                   input_scale=weight.input_scale, input_perm=weight.input_perm, **fields)
 
     def canonical(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> QuantizedWeight:
         """The canonical weight made of these tensors and this weight's shape and scales."""
@@ -49,7 +50,7 @@ class Packed:
         return QuantizedWeight(scheme=self.scheme, qweight=qweight, scales=scales, zeros=zeros,
                                group_size=self.group_size, out_features=self.out_features,
                                in_features=self.in_features, act_scale=self.act_scale,
-                               input_scale=self.input_scale)
+                               input_scale=self.input_scale, input_perm=self.input_perm)
 
     @property
     def device(self) -> torch.device:
@@ -57,7 +58,7 @@ class Packed:
 
     def nbytes(self) -> int:
         """Bytes held at run time (the backend's tensors and the scales beside them)."""
-        extra = [t for t in (self.act_scale, self.input_scale) if t is not None]
+        extra = [t for t in (self.act_scale, self.input_scale, self.input_perm) if t is not None]
         return sum(t.numel() * t.element_size() for t in (*self.tensors.values(), *extra))
 
 

@@ -95,12 +95,14 @@ def gptq_quantize(
     act_order: bool = False,
     block_size: int = 128,
     name: str = "layer",
+    scale_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ-rounded codes of ``w[N, K]`` -> ``(codes, scales, zeros)`` as ``formats.from_codes``
     takes them: int codes ``[N, K]`` (int8 in [-127, 127] or uint8 int4 in [0, 15]), scales
     ``[N]`` or ``[N, K/G]``, zero points ``[N, K/G]`` (float, integer-valued) or None.
     ``hessian`` is ``E[x x^T]`` or its ``factor_hessian`` (then ``damp`` and ``act_order``
-    are the factor's)."""
+    are the factor's). ``scale_dtype``: scales rounded to it as they are chosen (see
+    ``formats.quantize_weight``)."""
     w = w.detach().float().clone()
     n, k = w.shape
     if isinstance(hessian, HessianFactor):
@@ -119,10 +121,10 @@ def gptq_quantize(
     if int4:
         qmin, qmax, code_dtype = 0, 15, torch.uint8
         # Static group parameters (act_order, or one group per row): from the original weight.
-        scales, zeros = int4_params(w.reshape(n, k // g, g), scheme.symmetric)
+        scales, zeros = int4_params(w.reshape(n, k // g, g), scheme.symmetric, scale_dtype)
     else:
         qmin, qmax, code_dtype = -127, 127, torch.int8
-        scales, zeros = int8_scale(w).unsqueeze(1), torch.zeros(n, 1, device=w.device)
+        scales, zeros = int8_scale(w, scale_dtype).unsqueeze(1), torch.zeros(n, 1, device=w.device)
     dynamic_groups = int4 and not act_order and g < k
     if dynamic_groups:
         block_size = max(block_size // g, 1) * g
@@ -139,7 +141,7 @@ def gptq_quantize(
         for i in range(b1 - b0):
             col = b0 + i
             if dynamic_groups and col % g == 0:
-                s, z = int4_params(wb[:, i : i + g], scheme.symmetric)
+                s, z = int4_params(wb[:, i : i + g], scheme.symmetric, scale_dtype)
                 scales[:, col // g], zeros[:, col // g] = s, z
             s, z = scales[:, group_of[col]], zeros[:, group_of[col]]
             x = wb[:, i]

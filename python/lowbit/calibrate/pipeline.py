@@ -108,12 +108,14 @@ def run(
     propagate: str = "quantized",
     shared_weights: set[int] = frozenset(),
     stats_device: torch.device | str | None = None,
+    scale_dtype: torch.dtype | None = None,
     block_hooks: tuple[Callable, Callable] | None = None,
     progress: bool = True,
 ) -> CalibrationSummary:
     """Calibrate and quantize ``entries`` of ``model``, calling ``replace(entry, weight)`` for
     each; see the module doc. ``stats_device`` holds the statistics (Hessians, ranges,
-    samples) on that device instead of the activations' own. ``block_hooks`` (layer-wise
+    samples) on that device instead of the activations' own; ``scale_dtype``: scales rounded
+    to it (``QuantConfig.scale_dtype``). ``block_hooks`` (layer-wise
     mode): see ``blocks.run_sequential``."""
     if propagate not in PROPAGATE:
         raise ValueError(f"propagate must be one of {PROPAGATE}, got {propagate!r}")
@@ -134,7 +136,7 @@ def run(
     if resolved is None and sequential:
         raise ValueError("sequential calibration needs blocks: none found (pass blocks=)")
     ctx = Context(method, observer, propagate, progress, replace, summary,
-                  None if stats_device is None else torch.device(stats_device))
+                  None if stats_device is None else torch.device(stats_device), scale_dtype)
     was_training = model.training
     model.eval()
     start = time.perf_counter()

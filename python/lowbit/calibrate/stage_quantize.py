@@ -106,11 +106,12 @@ def quantize_stage(ctx: Context, stage: Stage, shared_weights: set[int]) -> None
                 workspace = workspace_bytes(*w.shape, act_order=False)
                 ctx.hold(workspace)
                 codes, scales, zeros = gptq_quantize(w, factor, e.scheme, block_size=ctx.method.block_size,
-                                                     name=e.name)
+                                                     name=e.name, scale_dtype=ctx.scale_dtype)
                 ctx.release(workspace)
                 qw = from_codes(e.scheme, codes, scales, zeros, act_scale=act, input_scale=input_scales.get(e))
             else:
-                qw = quantize_weight(w, e.scheme, e.name, act_scale=act, input_scale=input_scales.get(e))
+                qw = quantize_weight(w, e.scheme, e.name, act_scale=act, input_scale=input_scales.get(e),
+                                     scale_dtype=ctx.scale_dtype)
             for handle in scale_hooks.pop(e, []):
                 handle.remove()
             ctx.emit(e, qw)

@@ -76,6 +76,7 @@ class Context:
     summary: Any  # pipeline.CalibrationSummary
     # Where statistics live: None for the activations' own device, else this device.
     stats_device: torch.device | None = None
+    scale_dtype: torch.dtype | None = None  # scales rounded to it as they are chosen
     state: StateBytes = dataclasses.field(default_factory=StateBytes)
     deferred: list[tuple[Entry, QuantizedWeight]] = dataclasses.field(default_factory=list)
 
