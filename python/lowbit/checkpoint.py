@@ -323,22 +323,29 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
 
 
 @dataclasses.dataclass
-class _Header:
-    """What the files say, before any data is read."""
+class Header:
+    """What a checkpoint's files say, before any data is read."""
 
-    layers: dict[str, dict]
+    layers: dict[str, dict]  # quantized layer name -> its spec (what the reader needs to build it)
     aliases: dict[str, str]
     shapes: dict[str, tuple[tuple[int, ...], str]]  # stored key -> (shape, dtype name)
     file_of: dict[str, Path]
 
+    def resolve(self, key: str) -> str | None:
+        """The stored key behind ``key`` (itself, or what it aliases), or None if absent."""
+        if key in self.shapes:
+            return key
+        return self.aliases.get(key)
 
-def _read_header(files: list[Path]) -> _Header:
-    layers = aliases = None
-    shapes, file_of = {}, {}
+
+def read_shapes(files: list[Path]) -> tuple[dict, dict, list[dict[str, str]]]:
+    """Every file's keys with (shape, dtype), the file of each key, and each file's metadata;
+    ``CheckpointError`` for a file safetensors cannot read."""
+    shapes, file_of, metadata = {}, {}, []
     for file in files:
         try:
             with safe_open(os.fspath(file), framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
+                metadata.append(f.metadata() or {})
                 for key in f.keys():
                     sl = f.get_slice(key)
                     shapes[key] = (tuple(sl.get_shape()), sl.get_dtype())
@@ -347,31 +354,63 @@ def _read_header(files: list[Path]) -> _Header:
             raise
         except Exception as e:  # safetensors raises its own error type for every malformation
             raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-        if metadata.get("format") != FORMAT:
-            raise CheckpointError(f"{file}: not a lowbit checkpoint (metadata format={metadata.get('format')!r})")
-        version = metadata.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CheckpointError(f"{file}: checkpoint format version {version!r}; this lowbit reads version "
-                                  f"{FORMAT_VERSION}")
+    return shapes, file_of, metadata
+
+
+class Reader:
+    """How a checkpoint holds its quantized layers. This one reads lowbit's own format;
+    ``lowbit.interop`` has readers for the GPTQ, AWQ and compressed-tensors formats. ``load``
+    asks the reader for the header, then each layer's stored keys, then builds each layer's
+    canonical weight from its tensors."""
+
+    # Whether every file carries a sha256 of its tensors to check while reading.
+    digests = True
+
+    def header(self, files: list[Path]) -> Header:
+        shapes, file_of, metadata = read_shapes(files)
+        layers = aliases = None
+        for file, meta in zip(files, metadata):
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(f"{file}: not a lowbit checkpoint (metadata format={meta.get('format')!r})")
+            version = meta.get("format_version")
+            if version != FORMAT_VERSION:
+                raise CheckpointError(f"{file}: checkpoint format version {version!r}; this lowbit reads version "
+                                      f"{FORMAT_VERSION}")
+            try:
+                these = json.loads(meta["layers"]), json.loads(meta["aliases"])
+            except (KeyError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{file}: corrupt metadata: {e}") from e
+            if layers is None:
+                layers, aliases = these
+            elif (layers, aliases) != these:
+                raise CheckpointError(f"{file}: its layer metadata differs from the other shards'")
+        for key, target in aliases.items():
+            if target not in shapes:
+                raise CheckpointError(f"{files[0].parent}: alias {key!r} points at missing tensor {target!r}")
+        return Header(layers, aliases, shapes, file_of)
+
+    def parts(self, name: str, spec: dict, header: Header) -> dict[str, str]:
+        """The layer's stored keys by part (every key that belongs to the layer, the bias
+        included); ``ValueError`` naming what is missing or malformed."""
         try:
-            these = json.loads(metadata["layers"]), json.loads(metadata["aliases"])
-        except (KeyError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{file}: corrupt metadata: {e}") from e
-        if layers is None:
-            layers, aliases = these
-        elif (layers, aliases) != these:
-            raise CheckpointError(f"{file}: its layer metadata differs from the other shards'")
-    for key, target in aliases.items():
-        if target not in shapes:
-            raise CheckpointError(f"{files[0].parent}: alias {key!r} points at missing tensor {target!r}")
-    return _Header(layers, aliases, shapes, file_of)
+            scheme = Scheme.parse(spec["scheme"])
+            int(spec["group_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(str(e)) from e
+        parts = {part: header.resolve(f"{name}.{part}") for part in (*CANONICAL, "bias")}
+        needed = ["qweight", "scales"] + (["zeros"] if scheme.is_int4 and not scheme.symmetric else [])
+        needed += ["act_scale"] if scheme.static_activations else []
+        needed += ["bias"] if spec.get("bias") else []
+        missing = [p for p in needed if parts[p] is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} missing for {scheme}")
+        return {p: k for p, k in parts.items() if k is not None}
 
-
-def _resolve(header: _Header, key: str) -> str | None:
-    """The stored key behind ``key`` (itself, or what it aliases), or None if absent."""
-    if key in header.shapes:
-        return key
-    return header.aliases.get(key)
+    def weight(self, name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
+        """The layer's canonical weight from its tensors by part (not yet validated)."""
+        return QuantizedWeight(scheme=Scheme.parse(spec["scheme"]), group_size=int(spec["group_size"]),
+                               out_features=int(spec["out_features"]), in_features=int(spec["in_features"]),
+                               **{p: t for p, t in tensors.items() if p != "bias"})
 
 
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
@@ -379,27 +418,13 @@ def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     return model.get_submodule(module_name), attr
 
 
-def _check_layer_header(name: str, spec: dict, old: nn.Module, header: _Header, where) -> dict[str, str]:
-    """The layer's stored keys by part, checked against the model's layer and the scheme."""
+def _check_layer(name: str, spec: dict, old: nn.Module, where) -> None:
     if not isinstance(old, (nn.Linear, QuantLinear)):
         raise CheckpointError(f"{where}: {name!r} is a {type(old).__name__} in the model, not a Linear layer")
     shape = (old.out_features, old.in_features)
     if shape != (spec.get("out_features"), spec.get("in_features")):
         raise CheckpointError(f"{where}: layer {name!r} is {shape[0]}x{shape[1]} in the model but "
                               f"{spec.get('out_features')}x{spec.get('in_features')} in the checkpoint")
-    try:
-        scheme = Scheme.parse(spec["scheme"])
-        int(spec["group_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: layer {name!r}: {e}") from e
-    parts = {part: _resolve(header, f"{name}.{part}") for part in (*CANONICAL, "bias")}
-    needed = ["qweight", "scales"] + (["zeros"] if scheme.is_int4 and not scheme.symmetric else [])
-    needed += ["act_scale"] if scheme.static_activations else []
-    needed += ["bias"] if spec.get("bias") else []
-    missing = [p for p in needed if parts[p] is None]
-    if missing:
-        raise CheckpointError(f"{where}: layer {name!r}: {', '.join(missing)} missing for {scheme}")
-    return {p: k for p, k in parts.items() if k is not None}
 
 
 def load(
@@ -408,16 +433,20 @@ def load(
     *,
     device: torch.device | str | None = None,
     backend: str | None = None,
+    reader: Reader | None = None,
 ) -> nn.Module:
     """Load a lowbit checkpoint (a file, or a directory with one file or shards) into
     ``model`` — a float skeleton, one built without weights (``empty_weights()``), or a
     quantized model of the same structure — on ``device`` (default: where the model's
-    tensors are; the CPU for a model on meta).
+    tensors are; the CPU for a model on meta). ``reader``: how the files hold quantized
+    layers (default lowbit's own format; ``lowbit.interop`` reads GPTQ, AWQ and
+    compressed-tensors).
 
     Raises ``CheckpointError`` naming the problem, with the model untouched, when a file is
     truncated, corrupt, of another format version, or does not fit the model."""
+    reader = reader or Reader()
     files = checkpoint_files(path)
-    header = _read_header(files)
+    header = reader.header(files)
     state = _plain_state(model)
     if device is None:
         real = [t for t in state.values() if t.device.type != "meta"]
@@ -432,8 +461,13 @@ def load(
             old = model.get_submodule(name)
         except AttributeError as e:
             raise CheckpointError(f"{where}: layer {name!r} does not exist in the model") from e
-        layer_parts[name] = _check_layer_header(name, spec, old, header, where)
+        _check_layer(name, spec, old, where)
+        try:
+            layer_parts[name] = reader.parts(name, spec, header)
+        except ValueError as e:
+            raise CheckpointError(f"{where}: layer {name!r}: {e}") from e
     layer_keys = {f"{name}.{part}" for name in header.layers for part in (*CANONICAL, "bias", "weight")}
+    layer_keys |= {k for parts in layer_parts.values() for k in parts.values()}
     expected = {k: v for k, v in state.items() if k not in layer_keys}
     stored = {k for k in (*header.shapes, *header.aliases) if k not in layer_keys}
     missing, unexpected = sorted(set(expected) - stored), sorted(stored - set(expected))
@@ -441,7 +475,7 @@ def load(
         raise CheckpointError(f"{where}: does not fit the model: missing keys {missing[:5]}, "
                               f"unexpected keys {unexpected[:5]}")
     for key, value in expected.items():
-        shape = header.shapes[_resolve(header, key)][0]
+        shape = header.shapes[header.resolve(key)][0]
         if tuple(value.shape) != shape:
             raise CheckpointError(f"{where}: {key!r} is {tuple(value.shape)} in the model but {shape} in the "
                                   "checkpoint")
@@ -451,9 +485,9 @@ def load(
     for name, parts in layer_parts.items():
         for key in set(parts.values()):
             wanted_by.setdefault(key, []).append(name)
-    plain_keys = {_resolve(header, k) for k in expected}
+    plain_keys = {header.resolve(k) for k in expected}
     tensors: dict[str, torch.Tensor] = {}  # stored key -> tensor (CPU, checked there), until used
-    stores: dict[str, WeightStore] = {}  # stored qweight key -> store (layers sharing a weight)
+    stores: dict[tuple, WeightStore] = {}  # the stored weight keys -> store (layers sharing a weight)
     built: dict[str, QuantLinear] = {}
     module_of: dict[int, QuantLinear] = {}  # old module id -> new module (shared modules stay shared)
 
@@ -463,37 +497,37 @@ def load(
         if id(old) in module_of:
             built[name] = module_of[id(old)]
             return
-        store = stores.get(parts["qweight"])
+        weight_keys = tuple(sorted(k for p, k in parts.items() if p != "bias"))
+        store = stores.get(weight_keys)
         if store is None:
-            weight = QuantizedWeight(scheme=Scheme.parse(spec["scheme"]), group_size=int(spec["group_size"]),
-                                     out_features=int(spec["out_features"]), in_features=int(spec["in_features"]),
-                                     **{p: tensors.get(k) for p, k in parts.items() if p != "bias"})
             try:
+                weight = reader.weight(name, spec, {p: tensors[k] for p, k in parts.items()})
                 weight.validate()
             except (TypeError, ValueError) as e:
                 raise CheckpointError(f"{where}: layer {name!r}: {e}") from e
-            store = stores[parts["qweight"]] = WeightStore.build(weight.to(device), backend)
+            store = stores[weight_keys] = WeightStore.build(weight.to(device), backend)
         bias = tensors[parts["bias"]].to(device) if "bias" in parts else None
         built[name] = module_of[id(old)] = module_for(store.packed.scheme)(store, bias, backend, name)
 
     for file in files:
-        digest = _Digest()
+        digest = _Digest() if reader.digests else None
         with safe_open(os.fspath(file), framework="pt", device="cpu") as f:
             keys, metadata = sorted(f.keys()), f.metadata()
         for key in keys:
             t = read_tensor(file, key)
-            digest.update(key, t)
+            if digest is not None:
+                digest.update(key, t)
             if key in wanted_by or key in plain_keys:
                 tensors[key] = t
             del t
             for name in wanted_by.get(key, []):
                 if name not in built and all(k in tensors for k in layer_parts[name].values()):
                     build(name)
-            # A layer's canonical tensors are dropped once every layer that reads them is built.
+            # A layer's stored tensors are dropped once every layer that reads them is built.
             for done in [k for k in tensors if k in wanted_by and k not in plain_keys
                          and all(n in built for n in wanted_by[k])]:
                 del tensors[done]
-        if metadata.get("sha256") != digest.hexdigest():
+        if digest is not None and metadata.get("sha256") != digest.hexdigest():
             raise CheckpointError(f"{file}: tensor data does not match its sha256 digest (corrupt file)")
 
     # 3. Apply: nothing below can fail on a checked plan.
@@ -503,7 +537,7 @@ def load(
     replaced: dict[int, torch.Tensor] = {}  # old tensor id -> its replacement (ties stay tied)
     with torch.no_grad():
         for key, old in expected.items():
-            new = tensors[_resolve(header, key)]
+            new = tensors[header.resolve(key)]
             if old.device.type != "meta":
                 old.copy_(new)
                 continue
