@@ -197,9 +197,12 @@ class CheckpointWriter:
     complete. Used as a context manager, an exception removes what was staged."""
 
     def __init__(self, path: str | os.PathLike, layers: dict, aliases: dict, *,
-                 max_shard_size: int | str | None = None):
+                 max_shard_size: int | str | None = None,
+                 metadata: Callable[[dict[str, torch.Tensor]], dict[str, str]] | None = None):
         self.path = Path(path)
         self.layers, self.aliases = layers, aliases
+        # Each shard's safetensors metadata (lowbit's by default; an export writes other formats').
+        self.metadata = metadata or (lambda shard: _metadata(self.layers, self.aliases, shard))
         self.limit = _parse_size(max_shard_size if max_shard_size is not None else DEFAULT_SHARD_BYTES)
         if self.limit <= 0:
             raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
@@ -226,7 +229,7 @@ class CheckpointWriter:
 
     def _flush(self) -> None:
         name = f"shard-{len(self.written):05d}"
-        save_file(self.shard, os.fspath(self.staging / name), metadata=_metadata(self.layers, self.aliases, self.shard))
+        save_file(self.shard, os.fspath(self.staging / name), metadata=self.metadata(self.shard))
         self.written.append((name, list(self.shard)))
         self.total += self.size
         self.shard, self.size = {}, 0
@@ -246,7 +249,8 @@ class CheckpointWriter:
                 (self.staging / name).replace(path / final)
                 weight_map.update({k: final for k in keys})
             weight_map.update({k: weight_map[t] for k, t in self.aliases.items() if t in weight_map})
-            index = {"metadata": {"format": FORMAT, "format_version": FORMAT_VERSION, "total_size": self.total},
+            identity = {k: v for k, v in self.metadata({}).items() if k in ("format", "format_version")}
+            index = {"metadata": {**identity, "total_size": self.total},
                      "weight_map": dict(sorted(weight_map.items()))}
             tmp_index = self.staging / INDEX_FILE
             tmp_index.write_text(json.dumps(index, indent=2))
@@ -469,6 +473,16 @@ def load(
     layer_keys = {f"{name}.{part}" for name in header.layers for part in (*CANONICAL, "bias", "weight")}
     layer_keys |= {k for parts in layer_parts.values() for k in parts.values()}
     expected = {k: v for k, v in state.items() if k not in layer_keys}
+    # A tensor tied under several names may be stored under one of them (transformers and the
+    # interop formats write tied embeddings once): the others alias it.
+    names_of: dict[int, list[str]] = {}
+    for key, value in expected.items():
+        names_of.setdefault(id(value), []).append(key)
+    for key, value in expected.items():
+        if header.resolve(key) is None:
+            present = [header.resolve(k) for k in names_of[id(value)] if header.resolve(k) is not None]
+            if present:
+                header.aliases[key] = present[0]
     stored = {k for k in (*header.shapes, *header.aliases) if k not in layer_keys}
     missing, unexpected = sorted(set(expected) - stored), sorted(stored - set(expected))
     if missing or unexpected:

@@ -41,6 +41,8 @@ from lowbit.nn import QuantLinear
 from lowbit.quantize import QuantConfig, QuantizeReport, Selection, _as_config
 
 QUANT_METHOD = "lowbit"
+# The quant_method values load_pretrained reads: lowbit's own and the interop formats'.
+READABLE = (QUANT_METHOD, "gptq", "awq", "compressed-tensors")
 # Weight files of a source directory, not copied into a quantized one.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -114,24 +116,27 @@ def _copy_support_files(source: Path, out: Path) -> None:
             shutil.copy2(item, out / item.name)
 
 
-def _mark_quantized(out: Path, layers: dict) -> None:
-    config_path = out / "config.json"
-    config = json.loads(config_path.read_text())
-    schemes = sorted({spec["scheme"] for spec in layers.values()})
-    config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": checkpoint.FORMAT_VERSION,
-                                     "schemes": schemes}
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+def lowbit_config(layers: dict) -> dict:
+    """The ``quantization_config`` of a lowbit directory with these layer specs."""
+    return {"quant_method": QUANT_METHOD, "format_version": checkpoint.FORMAT_VERSION,
+            "schemes": sorted({spec["scheme"] for spec in layers.values()})}
 
 
-def _finish_directory(out: Path, source: Path | None, layers: dict, model: nn.Module | None) -> None:
+def finish_directory(out: Path, source: Path | None, model: nn.Module | None, quantization_config: dict) -> None:
+    """The non-weight files of a quantized model directory: ``source``'s configuration,
+    tokenizer and generation files (or the model's own config), and ``quantization_config``
+    in config.json (lowbit's, or an export format's)."""
     if source is not None:
         _copy_support_files(source, out)
     elif model is not None and hasattr(model, "config"):
         model.config.to_json_file(out / "config.json")
-    if not (out / "config.json").is_file():
+    config_path = out / "config.json"
+    if not config_path.is_file():
         raise ValueError(f"{out}: no config.json to describe the model: pass source=DIR (the float model's "
                          "directory) or a transformers model")
-    _mark_quantized(out, layers)
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = quantization_config
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def save_pretrained(model: nn.Module, out: str | os.PathLike, *, source: str | os.PathLike | None = None,
@@ -143,7 +148,7 @@ def save_pretrained(model: nn.Module, out: str | os.PathLike, *, source: str | o
     inner = _transformer_model(model)
     checkpoint.save(inner, out, max_shard_size=max_shard_size)
     layers = checkpoint._plan(inner).layers
-    _finish_directory(out, None if source is None else Path(source), layers, inner)
+    finish_directory(out, None if source is None else Path(source), inner, lowbit_config(layers))
     return out
 
 
@@ -157,12 +162,12 @@ def _transformers_builds_from_lowbit(device, backend):
 
     def from_pretrained(cls, path, *args, **kwargs):
         directory = Path(path)
-        if not _is_lowbit_directory(directory):
+        if _quant_method(directory) not in READABLE:
             return original(cls, path, *args, **kwargs)
         config = kwargs.get("config") or _config(directory)
         with checkpoint.empty_weights():
             model = cls._from_config(config)
-        return checkpoint.load(model.eval(), directory, device=device, backend=backend)
+        return _load_into(model.eval(), directory, device, backend)
 
     t.PreTrainedModel.from_pretrained = classmethod(from_pretrained)
     try:
@@ -171,36 +176,47 @@ def _transformers_builds_from_lowbit(device, backend):
         t.PreTrainedModel.from_pretrained = classmethod(original)
 
 
-def _is_lowbit_directory(directory: Path) -> bool:
-    try:
-        config = json.loads((directory / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+def _quant_method(directory: Path) -> str | None:
+    from lowbit import interop
+
+    return (interop.quantization_config(directory) or {}).get("quant_method")
+
+
+def _load_into(model: nn.Module, directory: Path, device, backend) -> nn.Module:
+    """Load a quantized directory's checkpoint, lowbit's or an interop format's, into a
+    model built without weights; every tensor must be filled."""
+    reader = None
+    if _quant_method(directory) != QUANT_METHOD:
+        from lowbit import interop
+
+        reader = interop.reader_for(directory, model)
+    checkpoint.load(model, directory, device=device, backend=backend, reader=reader)
+    left = checkpoint.meta_tensors(model)
+    if left:
+        raise checkpoint.CheckpointError(f"{directory}: the checkpoint leaves tensors unloaded: {left[:5]}")
+    return model.eval()
 
 
 def load_pretrained(directory: str | os.PathLike, *, device: torch.device | str | None = None,
                     backend: str | None = None) -> nn.Module:
-    """A quantized model directory (``save_pretrained`` / ``quantize_pretrained`` /
-    ``lowbit quantize``) as a ready model in eval mode: a transformers model, or a
-    SentenceTransformer when the directory is one. No float copy of a quantized layer is
-    made; each layer picks its backend for ``device`` (default CPU)."""
+    """A quantized model directory as a ready model in eval mode: a transformers model, or
+    a SentenceTransformer when the directory is one. Reads lowbit's own directories
+    (``save_pretrained`` / ``quantize_pretrained`` / ``lowbit quantize``) and GPTQ, AWQ and
+    compressed-tensors ones (``lowbit.interop``), whoever wrote them. No float copy of a
+    quantized layer is made; each layer picks its backend for ``device`` (default CPU)."""
     directory = Path(directory)
-    if not _is_lowbit_directory(directory):
-        raise checkpoint.CheckpointError(f"{directory}: not a lowbit model directory (its config.json has no "
-                                         f"quantization_config with quant_method {QUANT_METHOD!r})")
+    method = _quant_method(directory)
+    if method not in READABLE:
+        raise checkpoint.CheckpointError(f"{directory}: not a quantized model directory lowbit reads (config.json's "
+                                         f"quantization_config.quant_method is {method!r}; lowbit reads "
+                                         f"{', '.join(READABLE)})")
     device = torch.device(device or "cpu")
     if is_sentence_transformers(directory):
         from sentence_transformers import SentenceTransformer
 
         with _transformers_builds_from_lowbit(device, backend):
             return SentenceTransformer(str(directory), device=str(device)).eval()
-    model = build_empty(directory)
-    checkpoint.load(model, directory, device=device, backend=backend)
-    left = checkpoint.meta_tensors(model)
-    if left:
-        raise checkpoint.CheckpointError(f"{directory}: the checkpoint leaves tensors unloaded: {left[:5]}")
-    return model.eval()
+    return _load_into(build_empty(directory), directory, device, backend)
 
 
 # --- quantizing a directory without materializing the float model ---------------------------------
@@ -371,5 +387,5 @@ def quantize_pretrained(
             if not key.startswith(f"{blocks_name}."):
                 writer.add(key, produce())
         writer.close()
-    _finish_directory(out, source, layers, None)
+    finish_directory(out, source, None, lowbit_config(layers))
     return selection.report
