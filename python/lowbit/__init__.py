@@ -32,7 +32,8 @@ from lowbit.formats import QuantizedWeight, Scheme, quantize_weight  # noqa: E40
 from lowbit.nn import QuantLinear, W4A16Linear, W8A8Linear, W8A8StaticLinear, W8A16Linear  # noqa: E402
 from lowbit.quantize import QuantConfig, QuantizeReport, dequantize, quantize  # noqa: E402
 from lowbit.pretrained import load_pretrained, quantize_pretrained, save_pretrained  # noqa: E402
-from lowbit import calibrate, plan  # noqa: E402
+from lowbit.interop import export  # noqa: E402
+from lowbit import calibrate, interop, plan  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -65,7 +66,9 @@ __all__ = [
     "cpu_isa",
     "dequantize",
     "empty_weights",
+    "export",
     "formats",
+    "interop",
     "list_backends",
     "load",
     "load_pretrained",

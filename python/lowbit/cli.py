@@ -5,6 +5,7 @@
     lowbit bench      time every backend and kernel path beside torch's own paths
     lowbit tune       measure the kernel paths per M and store the plan layers dispatch by
     lowbit quantize   quantize a local transformers / sentence-transformers model into a directory
+    lowbit export     write a model as GPTQ, AWQ or compressed-tensors (quantizing a float one first)
     lowbit inspect    per-layer numerics of a quantized model against its float original
     lowbit report     memory per scheme, which GPUs it fits, cost per million tokens
 
@@ -69,6 +70,21 @@ def _parser() -> argparse.ArgumentParser:
     quantize.add_argument("--out", required=True, help="a new directory for the quantized model (lowbit.load_pretrained)")
     quantize.add_argument("--shard-size", help="largest checkpoint shard, e.g. 2GB (default 2 GiB)")
 
+    export = sub.add_parser("export", help="write a quantized model (or quantize a float one) as GPTQ, AWQ or "
+                            "compressed-tensors, for vLLM, SGLang and transformers")
+    export.add_argument("model", help="model directory: float (give --scheme) or already quantized")
+    export.add_argument("--format", required=True, choices=["compressed-tensors", "gptq", "awq"])
+    export.add_argument("--out", required=True, help="a new directory")
+    export.add_argument("--scheme", help="quantize a float model to this scheme first")
+    export.add_argument("--checkpoint-format", default="gptq", choices=["gptq", "gptq_v2"],
+                        help="GPTQ's zero-point convention (v1 cannot hold a zero point of 0)")
+    export.add_argument("--method", default="rtn", help="rtn, gptq, awq or smoothquant (with --scheme)")
+    export.add_argument("--observer", default="minmax", help="observer for w8a8-static activation scales")
+    export.add_argument("--calibration", help="a text file, one calibration sample per line")
+    export.add_argument("--exclude", type=_list, default=["lm_head"],
+                        help="glob patterns of layers to keep float (default lm_head, as engines expect)")
+    export.add_argument("--shard-size", help="largest checkpoint shard, e.g. 2GB (default 2 GiB)")
+
     inspect = sub.add_parser("inspect", help="per-layer numerics of a quantized model against the float one")
     inspect.add_argument("model", help="model directory")
     inspect.add_argument("--scheme", default="w4a16-g128")
@@ -130,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             from lowbit import tools
 
             print(getattr(tools, args.command)(args))
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
+import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -82,7 +84,8 @@ def read_lines(path: str | None) -> list[str]:
 
 
 def quantize_model(path: str, scheme: str, out: str, *, method: str = "rtn", observer: str = "minmax",
-                   calibration: str | None = None, exclude=(), max_shard_size: str | None = None) -> str:
+                   calibration: str | None = None, exclude=(), max_shard_size: str | None = None,
+                   scale_dtype: torch.dtype | None = None) -> str:
     """``lowbit quantize``: the streaming quantizer (``lowbit.quantize_pretrained``) with
     calibration samples read from a text file, one per line, tokenized by the model's own
     tokenizer."""
@@ -97,9 +100,48 @@ def quantize_model(path: str, scheme: str, out: str, *, method: str = "rtn", obs
         tok = transformers.AutoTokenizer.from_pretrained(path)
         batches = [dict(tok([t], return_tensors="pt", truncation=True, max_length=512)) for t in read_lines(calibration)]
     report = lowbit.quantize_pretrained(path, out, scheme, method=method, observer=observer, exclude=list(exclude),
-                                        calibration=batches, max_shard_size=max_shard_size)
+                                        calibration=batches, max_shard_size=max_shard_size, scale_dtype=scale_dtype)
     size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     return f"{report}\nwrote {out} ({size / 2**20:.1f} MB of weights); load it with lowbit.load_pretrained({out!r})"
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def _source_dtype(path: str) -> torch.dtype:
+    config = json.loads((Path(path) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) \
+        else torch.float32
+
+
+def export_model(path: str, fmt: str, out: str, *, scheme: str | None = None, checkpoint_format: str = "gptq",
+                 max_shard_size: str | None = None, **quantize_options) -> str:
+    """``lowbit export``: a quantized directory (lowbit's, or another format's) converted to
+    ``fmt``; or a float directory quantized first (``--scheme``, streaming, with the scales
+    rounded to the dtype the format stores them in, so that it holds them exactly)."""
+    from lowbit import interop, pretrained
+
+    exporter = interop.format_for(fmt, checkpoint_format)
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
+    quantized = pretrained._quant_method(Path(path)) is not None
+    if quantized and scheme is not None:
+        raise ValueError(f"{path} is already quantized; drop --scheme to convert it as it is")
+    if not quantized and scheme is None:
+        raise ValueError(f"{path} is a float model: give --scheme (e.g. w4a16-g128-sym) to quantize it first")
+    if quantized:
+        report = interop.export(lowbit.load_pretrained(path), out, fmt, source=path,
+                                checkpoint_format=checkpoint_format, max_shard_size=max_shard_size)
+        return str(report)
+    parent = Path(out).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".lowbit-export-", dir=parent) as staging:
+        summary = quantize_model(path, scheme, staging, max_shard_size=max_shard_size,
+                                 scale_dtype=exporter.scale_dtype or _source_dtype(path), **quantize_options)
+        report = interop.export(lowbit.load_pretrained(staging), out, fmt, source=path,
+                                checkpoint_format=checkpoint_format, max_shard_size=max_shard_size)
+    return f"{summary.splitlines()[0]}\n{report}"
 
 
 # --- inspect ------------------------------------------------------------------------------------
@@ -288,6 +330,19 @@ def format_report(rows: list[MemoryRow], price: float, tokens: int) -> str:
 def quantize(args) -> str:
     return quantize_model(args.model, args.scheme, args.out, method=args.method, observer=args.observer,
                           calibration=args.calibration, exclude=args.exclude, max_shard_size=args.shard_size)
+
+
+def export(args) -> str:
+    import warnings
+
+    from lowbit.interop import EngineWarning
+
+    with warnings.catch_warnings():  # the report lists them
+        warnings.simplefilter("ignore", EngineWarning)
+        return export_model(args.model, args.format, args.out, scheme=args.scheme,
+                            checkpoint_format=args.checkpoint_format,
+                            max_shard_size=args.shard_size, method=args.method, observer=args.observer,
+                            calibration=args.calibration, exclude=args.exclude)
 
 
 def inspect(args) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +30,11 @@ from lowbit.interop.gptq import GPTQ, GPTQReader
 from lowbit.nn import QuantLinear
 
 FORMATS = ("compressed-tensors", "gptq", "awq")
+
+
+class EngineWarning(UserWarning):
+    """An export that serving engines read, but off their fast path (docs/interop.md)."""
+
 _READERS = {"gptq": GPTQReader, "awq": AWQReader, "compressed-tensors": CompressedTensorsReader}
 
 
@@ -55,7 +61,7 @@ class ExportReport:
     def __str__(self) -> str:
         lines = [f"exported {len(self.layers)} quantized layer(s) as {self.format} to {self.path}; kept float: "
                  f"{', '.join(self.ignored) if self.ignored else 'none'}"]
-        lines += [f"note: {note}" for note in self.notes]
+        lines += [f"warning: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -65,6 +71,14 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
+
+
+def _by_reason(why: dict[str, str]) -> str:
+    """Layers grouped by the reason given ("a, b: reason; c: other reason")."""
+    layers_of: dict[str, list[str]] = {}
+    for name, reason in why.items():
+        layers_of.setdefault(reason, []).append(name)
+    return "; ".join(f"{', '.join(names)}: {reason}" for reason, names in layers_of.items())
 
 
 def export(model: nn.Module, out: str | os.PathLike, format: str = "compressed-tensors", *,
@@ -91,8 +105,7 @@ def export(model: nn.Module, out: str | os.PathLike, format: str = "compressed-t
         raise ValueError("the model has no quantized layer to export (quantize it first)")
     refused = {layer.name: reason for layer in layers if (reason := fmt.refusal(layer)) is not None}
     if refused:
-        raise ExportError(f"{fmt.name} cannot hold {len(refused)} layer(s): "
-                          + "; ".join(f"{name}: {why}" for name, why in refused.items()))
+        raise ExportError(f"{fmt.name} cannot hold {len(refused)} layer(s): {_by_reason(refused)}")
     ignored = [prefix[:-1] for prefix, m in modules if type(m) is nn.Linear]
     dtype = scale_dtype or fmt.scale_dtype or _float_dtype(inner)
     config = fmt.quantization_config(layers, ignored, dtype)
@@ -121,11 +134,13 @@ def export(model: nn.Module, out: str | os.PathLike, format: str = "compressed-t
                     seen.add(storage)
                     writer.add(key, t)
         if failed:
-            raise ExportError(f"{fmt.name} cannot hold {len(failed)} layer(s) exactly: "
-                              + "; ".join(f"{name}: {why}" for name, why in failed.items()))
+            raise ExportError(f"{fmt.name} cannot hold {len(failed)} layer(s) exactly: {_by_reason(failed)}")
         writer.close()
     pretrained.finish_directory(out, None if source is None else Path(source), inner, config)
-    return ExportReport(fmt.name, out, [layer.name for layer in layers], ignored, fmt.engine_notes(layers))
+    notes = fmt.engine_notes(layers)
+    for note in notes:
+        warnings.warn(note, EngineWarning, stacklevel=2)
+    return ExportReport(fmt.name, out, [layer.name for layer in layers], ignored, notes)
 
 
 def quantization_config(directory: str | os.PathLike) -> dict | None:
@@ -156,4 +171,5 @@ def reader_for(directory: str | os.PathLike, model: nn.Module) -> checkpoint.Rea
         raise checkpoint.CheckpointError(f"{directory}: {e}") from e
 
 
-__all__ = ["FORMATS", "ExportError", "ExportReport", "export", "format_for", "quantization_config", "reader_for"]
+__all__ = ["FORMATS", "EngineWarning", "ExportError", "ExportReport", "export", "format_for", "quantization_config",
+           "reader_for"]

@@ -57,8 +57,7 @@ def stored_scales(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     ``dtype`` value: a format must not round a layer silently."""
     converted = scales.to(dtype)
     if not torch.equal(converted.float(), scales):
-        bad = int((converted.float() != scales).sum())
-        raise ValueError(f"{bad} scale(s) are not {dtype} values, which this format stores; quantize with "
+        raise ValueError(f"scales are not {dtype} values, which this format stores them as; quantize with "
                          f"scale_dtype={dtype} (lowbit export does) so that the format holds the weight exactly")
     return converted
 

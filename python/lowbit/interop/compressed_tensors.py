@@ -70,8 +70,8 @@ class CompressedTensors(Format):
         scales = stored_scales(weight.scales.reshape(n, -1).contiguous(), scale_dtype)
         if not scheme.weight_only:
             out = {"weight": weight.qweight, "weight_scale": scales}
-            if weight.act_scale is not None:
-                out["input_scale"] = stored_scales(weight.act_scale.reshape(1), scale_dtype)
+            if weight.act_scale is not None:  # float32, as vLLM holds per-tensor activation scales
+                out["input_scale"] = weight.act_scale.reshape(1).float()
             return out
         if scheme.is_int4:
             out = {"weight_packed": packing.pack_rows(reference.unpack_int4(weight.qweight), 4)}
@@ -233,7 +233,7 @@ class CompressedTensorsReader(Reader):
         if spec["bits"] == 8:
             return self._int8_weight_only(codes, scales, groups, n, k)
         g = k // groups
-        scheme = _scheme_for(4, g, k, spec["symmetric"])
+        scheme = _scheme_for(4, g, k, spec["symmetric"], per_row=spec["strategy"] != "group")
         zeros = None
         if not spec["symmetric"]:
             zeros = packing.unpack_cols(tensors["weight_zero_point"], 4, n)

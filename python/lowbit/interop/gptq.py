@@ -34,10 +34,12 @@ def _bits(scheme: Scheme) -> int:
     return 4 if scheme.is_int4 else 8
 
 
-def _scheme_for(bits: int, group: int, k: int, symmetric: bool) -> Scheme:
+def _scheme_for(bits: int, group: int, k: int, symmetric: bool, per_row: bool = False) -> Scheme:
+    """The lowbit scheme of stored groups of ``group`` channels; ``per_row``: the format says
+    one group per row (GPTQ's group_size -1, compressed-tensors' channel strategy)."""
     if bits == 8:
         return Scheme("w8a16")
-    if group == k:
+    if per_row or (group == k and group not in checks.GROUP_SIZES):
         return Scheme("w4a16", None, symmetric)
     if group not in checks.GROUP_SIZES:
         raise ValueError(f"group_size {group}: lowbit's int4 kernels take groups of {checks.GROUP_SIZES} or one "
@@ -111,9 +113,6 @@ class GPTQ(Format):
         if any(layer.scheme.is_int4 and not layer.scheme.symmetric for layer in layers):
             notes.append("vLLM's Marlin GPTQ kernel takes symmetric weights only: asymmetric GPTQ falls back to a "
                          "slower kernel; export asymmetric W4A16 as compressed-tensors or awq")
-        if self.v1 and any(not layer.scheme.symmetric and layer.scheme.is_int4 for layer in layers):
-            notes.append("checkpoint_format 'gptq' (v1) cannot hold a zero point of 0; 'gptq_v2' can, but fewer "
-                         "readers take it")
         odd = [layer.name for layer in layers if layer.out_features % 64 or layer.in_features % 128]
         if odd:
             notes.append(f"vLLM's Marlin kernel wants N % 64 == 0 and K % 128 == 0 per tensor-parallel shard; "
@@ -182,7 +181,7 @@ class GPTQReader(Reader):
         scales = scales.float().t().contiguous()
         if bits == 8:
             return self._int8(codes, scales, zeros, groups, perm, n, k)
-        scheme = _scheme_for(4, g, k, spec["sym"])
+        scheme = _scheme_for(4, g, k, spec["sym"], per_row=spec["group_size"] == -1)
         if scheme.symmetric and bool((zeros != 8).any()):
             raise ValueError("qzeros: the config says sym = true but zero points other than 8 are stored")
         if bool((zeros > 15).any()):
