@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 # (name, format, scheme, export options)
@@ -94,7 +95,7 @@ def _make_llama(path: Path) -> None:
         shutil.copy2(tokenizer / name, path / name)
 
 
-def _lowbit_rows(model, prompts: list[list[int]]) -> list[dict]:
+def _lowbit_rows(model, prompts: list[list[int]], generate: bool = True) -> list[dict]:
     import torch
 
     rows = []
@@ -103,9 +104,25 @@ def _lowbit_rows(model, prompts: list[list[int]]) -> list[dict]:
             x = torch.tensor([ids])
             logprobs = torch.log_softmax(model(x).logits[0].float(), dim=-1)
             prompt = [logprobs[i - 1, ids[i]].item() for i in range(1, len(ids))]
-            tokens = model.generate(x, max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids):].tolist()
+            tokens = model.generate(x, max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids):].tolist() \
+                if generate else []
             rows.append({"prompt_logprobs": prompt, "tokens": tokens})
     return rows
+
+
+def _dense_truth(source: Path, quantized, prompts):
+    """The log-probs of the float32 model holding the quantized model's exact weights
+    (dequantized): what both engines approximate with their bf16 kernels."""
+    import torch
+    import transformers
+
+    from lowbit.nn import QuantLinear
+
+    dense = transformers.LlamaForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    for name, module in quantized.named_modules():
+        if isinstance(module, QuantLinear):
+            dense.get_submodule(name).weight.data = module.canonical().effective()
+    return _lowbit_rows(dense, prompts, generate=False)
 
 
 def run(args) -> None:
@@ -124,6 +141,8 @@ def run(args) -> None:
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     float_model = transformers.LlamaForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
     ours = {"float": _lowbit_rows(float_model, prompts)}
+    truth = {"float": _lowbit_rows(transformers.LlamaForCausalLM.from_pretrained(source, dtype=torch.float32).eval(),
+                                   prompts, generate=False)}
     models = {"float": str(source)}
     for name, fmt, scheme, options in CASES:
         out = work / name
@@ -133,34 +152,46 @@ def run(args) -> None:
         calibration = [torch.tensor([p]) for p in prompts]
         lowbit.quantize(model, scheme, exclude=["lm_head"], progress=False, scale_dtype=scale_dtype,
                         calibration=calibration if lowbit.Scheme.parse(scheme).static_activations else None)
-        lowbit.export(model, out, fmt, source=source, **options)
-        ours[name] = _lowbit_rows(lowbit.load_pretrained(out).to(torch.bfloat16), prompts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", interop.EngineWarning)
+            lowbit.export(model, out, fmt, source=source, **options)
+        loaded = lowbit.load_pretrained(out)
+        truth[name] = _dense_truth(source, loaded, prompts)
+        ours[name] = _lowbit_rows(loaded.to(torch.bfloat16), prompts)
         models[name] = str(out)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "LOWBIT"))}
     theirs = {}
     for name, directory in models.items():
         spec, served = work / f"{name}.spec.json", work / f"{name}.vllm.json"
         spec.write_text(json.dumps({"model": directory, "prompts": prompts}))
-        served.unlink(missing_ok=True)
-        subprocess.run([args.vllm_python, os.path.abspath(__file__), "serve", str(spec), str(served)], env=env,
-                       timeout=900)
+        if not (args.reuse and served.is_file()):
+            served.unlink(missing_ok=True)
+            subprocess.run([args.vllm_python, os.path.abspath(__file__), "serve", str(spec), str(served)], env=env,
+                           timeout=900)
         theirs[name] = json.loads(served.read_text()) if served.is_file() else {"ok": False, "error": "crashed"}
         print(f"{name}: {'served' if theirs[name]['ok'] else theirs[name]['error']}", flush=True)
-    print(table(ours, theirs))
+    print(table(ours, theirs, truth))
 
 
-def table(ours: dict, theirs: dict) -> str:
-    lines = ["| model | vLLM loads it | max abs diff of prompt log-probs, lowbit vs vLLM | mean abs diff | "
-             "greedy tokens equal |", "|---|---|---|---|---|"]
+def _diffs(a: list[dict], b: list[dict]) -> list[float]:
+    return [abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra["prompt_logprobs"], rb["prompt_logprobs"])]
+
+
+def table(ours: dict, theirs: dict, truth: dict) -> str:
+    """Prompt log-probs (every prompt token): lowbit against vLLM, and each against the
+    float32 model holding the same exact weights; the float row's "lowbit" is transformers
+    in bf16. Greedy tokens: the 8 generated after each prompt."""
+    lines = ["| model | vLLM serves it | lowbit vs vLLM, max / mean abs diff | lowbit vs fp32 truth, max | "
+             "vLLM vs fp32 truth, max | greedy tokens equal |", "|---|---|---|---|---|---|"]
     for name in ours:
         got = theirs.get(name, {"ok": False, "error": "not run"})
+        mine = max(_diffs(ours[name], truth[name]))
         if not got["ok"]:
-            lines.append(f"| {name} | no: {got['error']} | | | |")
+            lines.append(f"| {name} | no: {got['error'].splitlines()[0][:160]} | | {mine:.3f} | | |")
             continue
-        diffs = [abs(a - b) for mine, other in zip(ours[name], got["rows"])
-                 for a, b in zip(mine["prompt_logprobs"], other["prompt_logprobs"])]
+        both, other = _diffs(ours[name], got["rows"]), max(_diffs(got["rows"], truth[name]))
         same = sum(m["tokens"] == o["tokens"] for m, o in zip(ours[name], got["rows"]))
-        lines.append(f"| {name} | yes | {max(diffs):.4f} | {sum(diffs) / len(diffs):.4f} | "
+        lines.append(f"| {name} | yes | {max(both):.3f} / {sum(both) / len(both):.3f} | {mine:.3f} | {other:.3f} | "
                      f"{same} / {len(ours[name])} prompts |")
     return "\n".join(lines)
 
@@ -171,6 +202,7 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("--vllm-python", default=".venv-vllm/bin/python")
     r.add_argument("--work", help="working directory (kept; default a new temporary one)")
+    r.add_argument("--reuse", action="store_true", help="keep vLLM results already in --work")
     s = sub.add_parser("serve")
     s.add_argument("spec")
     s.add_argument("out")

@@ -49,6 +49,9 @@ class Format:
 
     def engine_notes(self, layers: list[Layer]) -> list[str]:
         """Where the chosen scheme falls off a serving engine's fast path."""
+        if any(layer.scheme.kind == "w8a16" for layer in layers):
+            return ["vLLM's CPU build has no 8-bit weight-only kernel and refuses W8A16 (GPUs serve it through "
+                    "Marlin); for vLLM on CPU export W8A8 or W4A16"]
         return []
 
 

@@ -109,10 +109,11 @@ class GPTQ(Format):
         return config
 
     def engine_notes(self, layers: list[Layer]) -> list[str]:
-        notes = []
+        notes = super().engine_notes(layers)
         if any(layer.scheme.is_int4 and not layer.scheme.symmetric for layer in layers):
             notes.append("vLLM's Marlin GPTQ kernel takes symmetric weights only: asymmetric GPTQ falls back to a "
-                         "slower kernel; export asymmetric W4A16 as compressed-tensors or awq")
+                         "slower kernel on GPUs and is refused by vLLM's CPU build; export asymmetric W4A16 as "
+                         "compressed-tensors or awq")
         odd = [layer.name for layer in layers if layer.out_features % 64 or layer.in_features % 128]
         if odd:
             notes.append(f"vLLM's Marlin kernel wants N % 64 == 0 and K % 128 == 0 per tensor-parallel shard; "
