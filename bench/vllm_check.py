@@ -78,7 +78,6 @@ def serve(args) -> None:
 def _make_llama(path: Path) -> None:
     import torch
     import transformers
-
     from lowbit import demo
 
     torch.manual_seed(0)
@@ -115,7 +114,6 @@ def _dense_truth(source: Path, quantized, prompts):
     (dequantized): what both engines approximate with their bf16 kernels."""
     import torch
     import transformers
-
     from lowbit.nn import QuantLinear
 
     dense = transformers.LlamaForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
@@ -126,10 +124,9 @@ def _dense_truth(source: Path, quantized, prompts):
 
 
 def run(args) -> None:
+    import lowbit
     import torch
     import transformers
-
-    import lowbit
     from lowbit import interop
 
     work = Path(args.work or tempfile.mkdtemp(prefix="lowbit-vllm-"))

@@ -15,9 +15,9 @@ here wrote:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -33,6 +33,9 @@ transformers = pytest.importorskip("transformers")
 ct = pytest.importorskip("compressed_tensors")
 
 CLIENT = Path(__file__).parent / "clients" / "gptqmodel_client.py"
+# GPTQModel's venv (`make test` builds it and sets the variable): see the Makefile.
+GPTQMODEL_PYTHON = os.environ.get("LOWBIT_GPTQMODEL_PYTHON",
+                                  str(Path(__file__).parents[1] / ".venv-gptqmodel" / "bin" / "python"))
 VOCAB = 30522  # all-MiniLM-L6-v2's tokenizer, which the Llama borrows
 
 
@@ -197,7 +200,8 @@ def gptqmodel(llama_dir, exports, tmp_path_factory):
     """One GPTQModel process: it quantizes the Llama to GPTQ (act-order, asymmetric, v1)
     and AWQ, and dequantizes those and lowbit's GPTQ and AWQ exports (an act-order one
     among them: GPTQModel's act-order checkpoint, re-exported by lowbit)."""
-    pytest.importorskip("gptqmodel")
+    if not Path(GPTQMODEL_PYTHON).is_file():
+        pytest.skip(f"no GPTQModel venv at {GPTQMODEL_PYTHON} (make test builds it)")
     work = tmp_path_factory.mktemp("gptqmodel")
     torch.save(ids(), work / "ids.pt")
     ours = {"gptq-sym": exports["gptq", "w4a16-g32-sym"][1], "gptq-v2": exports["gptq", "w4a16-g64"][1],
@@ -221,7 +225,7 @@ def gptqmodel(llama_dir, exports, tmp_path_factory):
 
 
 def _run_client(spec):
-    done = subprocess.run([sys.executable, str(CLIENT), str(spec)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([GPTQMODEL_PYTHON, str(CLIENT), str(spec)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -263,7 +267,7 @@ def test_export_refuses_what_a_format_cannot_hold(exports, llama_dir, tmp_path):
         interop.export(exports["compressed-tensors", "w8a16"][0], tmp_path / "b", "awq")
     # Scales that are not float16 values (float32 here): refused, not rounded.
     fp32_scales = quantized(llama_dir, "w4a16-g32", None)
-    with pytest.raises(interop.ExportError, match=r"model.layers.0.self_attn.q_proj.*: scales are not torch.float16 values"):
+    with pytest.raises(interop.ExportError, match=r"q_proj.*: scales are not torch.float16 values"):
         interop.export(fp32_scales, tmp_path / "c", "gptq", checkpoint_format="gptq_v2")
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())  # nothing written
     # Mixed schemes: one config group each in compressed-tensors, refused by GPTQ.

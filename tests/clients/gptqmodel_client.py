@@ -1,7 +1,7 @@
-"""GPTQModel as an independent writer and reader of GPTQ and AWQ checkpoints, run in a
-subprocess by tests/test_interop.py: GPTQModel sets process-wide allocator and thread
-settings on import, so it stays out of the test process, and one process runs every job
-so that its import (seconds) is paid once.
+"""GPTQModel as an independent writer and reader of GPTQ and AWQ checkpoints, run by
+tests/test_interop.py with the Python of GPTQModel's own venv (see the Makefile: installed
+beside peft it changes peft's behaviour; it also sets process-wide allocator and thread
+settings on import). One process runs every job, so its import (seconds) is paid once.
 
     python gptqmodel_client.py JOBS.json
 
