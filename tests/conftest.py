@@ -8,6 +8,7 @@ Hypothesis runs derandomized (the same examples every run, so a CI failure repro
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -174,13 +175,23 @@ def net(seed=0):
 # --- two ranks of torch.distributed (gloo) on this machine -----------------------------------
 
 
+def _rank_main(rank: int, worker, world: int, init_file: str, *args) -> None:
+    worker(rank, world, init_file, *args)
+    # A rank that finished leaves without the interpreter's teardown: torch's distributed
+    # threads, torn down by static destructors at exit, now and then abort a finished rank
+    # ("terminate called without an active exception"), failing a test that passed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_ranks(worker, world: int, tmp_path, *args) -> None:
     """Run ``worker(rank, world, init_file, *args)`` in ``world`` spawned processes; each
     starts a gloo process group through ``init_file``. Raises if any rank fails."""
     import torch.multiprocessing as mp
 
     init_file = tmp_path / "ddp_init"
-    mp.spawn(worker, args=(world, str(init_file), *args), nprocs=world, join=True)
+    mp.spawn(_rank_main, args=(worker, world, str(init_file), *args), nprocs=world, join=True)
 
 
 def init_rank(rank: int, world: int, init_file: str) -> None:

@@ -143,7 +143,7 @@ def test_sentence_transformers_directories_round_trip(tmp_path):
 
 
 def test_load_pretrained_refuses_a_float_directory(llama_dir, tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="not a lowbit model directory"):
+    with pytest.raises(checkpoint.CheckpointError, match="not a quantized model directory lowbit reads"):
         lowbit.load_pretrained(llama_dir)
     shutil.copytree(llama_dir, tmp_path / "copy")
     with pytest.raises(FileNotFoundError, match="no model directory"):
