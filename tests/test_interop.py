@@ -141,6 +141,7 @@ def test_compressed_tensors_decompresses_lowbit_exports_to_lowbits_weights(expor
         assert dense.dtype == torch.bfloat16 and torch.equal(dense, expected), name
 
 
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
 @pytest.mark.parametrize("scheme", ["w4a16-g64-sym", "w8a16", "w8a8", "w4a16-g32"])
 def test_transformers_runs_compressed_tensors_exports(exports, scheme):
     model, out = exports["compressed-tensors", scheme]
