@@ -29,7 +29,7 @@ from lowbit.interop.compressed_tensors import CompressedTensors, CompressedTenso
 from lowbit.interop.gptq import GPTQ, GPTQReader
 from lowbit.nn import QuantLinear
 
-FORMATS = ("compressed-tensors", "gptq", "awq")
+FORMATS = ("compressed-tensors", "gptq", "awq")  # checkpoint directories; "onnx" writes a file
 
 
 class EngineWarning(UserWarning):
@@ -47,7 +47,7 @@ def format_for(name: str, checkpoint_format: str = "gptq") -> Format:
         return AWQ()
     if name == "compressed-tensors":
         return CompressedTensors()
-    raise ValueError(f"unknown export format {name!r}; expected one of {FORMATS}")
+    raise ValueError(f"unknown export format {name!r}; expected one of {FORMATS} or 'onnx'")
 
 
 @dataclasses.dataclass
@@ -83,15 +83,26 @@ def _by_reason(why: dict[str, str]) -> str:
 
 def export(model: nn.Module, out: str | os.PathLike, format: str = "compressed-tensors", *,
            source: str | os.PathLike | None = None, checkpoint_format: str = "gptq",
-           scale_dtype: torch.dtype | None = None, max_shard_size: int | str | None = None) -> ExportReport:
-    """Write a lowbit-quantized transformers model (or SentenceTransformer) to the new
-    directory ``out`` in ``format`` ("compressed-tensors", "gptq", "awq"), with the
-    configuration and tokenizer files of ``source`` (the float model's directory; else the
-    model's own config). ``scale_dtype``: how scales are stored (GPTQ and AWQ: float16;
-    compressed-tensors: the model's float dtype); a scale that is not exactly such a value
-    is refused, so quantize with ``scale_dtype=`` that dtype (``lowbit export`` does).
+           scale_dtype: torch.dtype | None = None, max_shard_size: int | str | None = None,
+           example_inputs=None, accuracy_level: int = 4):
+    """Write a lowbit-quantized model to ``out`` in ``format``:
+
+    * "compressed-tensors", "gptq", "awq": a transformers model (or SentenceTransformer) as
+      the new directory ``out``, with the configuration and tokenizer files of ``source``
+      (the float model's directory; else the model's own config). ``scale_dtype``: how
+      scales are stored (GPTQ and AWQ: float16; compressed-tensors: the model's float
+      dtype); a scale that is not exactly such a value is refused, so quantize with
+      ``scale_dtype=`` that dtype (``lowbit export`` does). Returns an ``ExportReport``.
+    * "onnx": the file ``out`` for onnxruntime (``lowbit.interop.onnx.export_onnx``:
+      ``example_inputs``, ``accuracy_level``). Returns an ``OnnxReport``.
+
     Raises ``ExportError`` naming every layer the format cannot hold, writing nothing."""
     from lowbit import pretrained
+
+    if format == "onnx":
+        from lowbit.interop.onnx import export_onnx
+
+        return export_onnx(model, out, example_inputs, accuracy_level=accuracy_level)
 
     fmt = format_for(format, checkpoint_format)
     out = Path(out)

@@ -1,0 +1,311 @@
+"""ONNX export, for onnxruntime and the runtimes downstream of it (docs/onnx.md).
+
+``export_onnx(model, path, example_inputs)`` swaps each quantized layer for its ONNX form
+for the length of the export, runs torch's dynamo exporter (dynamic batch and sequence
+axes), checks the file with ``onnx.checker`` (full check) and puts the layers back:
+
+=============  ==========================================================================
+scheme         ONNX form
+=============  ==========================================================================
+w4a16          ``com.microsoft::MatMulNBits`` bits 4: lowbit's int4 bytes are its B
+               ([N, K/block, block/2]), scales [N, K/block], zero points packed two per
+               byte along the blocks of a row (each row padded to whole bytes); none for
+               symmetric layers (its default zero point is 8).
+w8a16          ``MatMulNBits`` bits 8: codes q + 128 (its default zero point is 128).
+w8a8           per-token int8 as lowbit computes it, in standard ops: ``s = max|x|/127``
+               (0 -> 1), ``u = round(x/s) + 128`` as uint8, ``MatMulInteger(u, W, 128)``
+               (exact int32), ``acc * s * s_w + b``.
+w8a8-static    QDQ: ``QuantizeLinear`` (int8, the calibrated scale) -> ``DequantizeLinear``
+               on the activations, ``DequantizeLinear`` per output channel on the int8
+               weight, ``MatMul``: what onnxruntime fuses into an integer matmul and what
+               QDQ consumers (NPU toolchains) read.
+=============  ==========================================================================
+
+A group that is not a power of two (one group per row, K = 384) is written as blocks of
+the largest power of two dividing it, each repeating the group's scale and zero point:
+the same weight exactly. ``accuracy_level`` (MatMulNBits' attribute): 0 computes in fp32,
+exactly lowbit's weight-only math, and is slow; 4 (the default) quantizes activations to
+int8 inside onnxruntime, its fast path. An input permutation or input scale becomes a
+``Gather`` / ``Mul`` before the layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit import reference
+from lowbit.formats import QuantizedWeight
+from lowbit.interop.base import ExportError
+from lowbit.nn import QuantLinear
+
+OPSET = 21
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+def _block_for(group: int) -> int | None:
+    """The largest power of two >= 16 dividing ``group`` (MatMulNBits' block), or None."""
+    block = group & -group
+    while block > 256:
+        block //= 2
+    return block if block >= 16 else None
+
+
+class _Form(nn.Module):
+    """A quantized layer as ONNX nodes; runs only inside ``torch.onnx.export``."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.register_buffer("input_perm", weight.input_perm)
+        self.register_buffer("input_scale", weight.input_scale)
+        self.out_features = weight.out_features
+
+    def _prologue(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            raise RuntimeError("an ONNX form of a lowbit layer runs only inside torch.onnx.export")
+        return self.emit(self._prologue(x))
+
+    def _symbolic(self, op: str, inputs, attrs, x: torch.Tensor) -> torch.Tensor:
+        return torch.onnx.ops.symbolic(op, inputs, attrs, dtype=x.dtype, shape=(*x.shape[:-1], self.out_features),
+                                       version=1)
+
+
+class MatMulNBits(_Form):
+    def __init__(self, weight: QuantizedWeight, bias, accuracy_level: int, block: int):
+        super().__init__(weight, bias)
+        n, k, g = weight.out_features, weight.in_features, weight.group_size
+        repeat = g // block  # blocks per lowbit group, each repeating its scale and zero point
+        blocks = k // block
+        if weight.scheme.is_int4:
+            self.bits = 4
+            codes = weight.qweight.reshape(n, blocks, block // 2)
+            scales = weight.scales.repeat_interleave(repeat, dim=1)
+            zeros = None
+            if weight.zeros is not None:
+                z = weight.zeros.repeat_interleave(repeat, dim=1)
+                if blocks % 2:
+                    z = torch.cat([z, z.new_zeros(n, 1)], dim=1)
+                zeros = reference.pack_int4(z.contiguous())
+        else:
+            self.bits = 8
+            codes = (weight.qweight.to(torch.int16) + 128).to(torch.uint8).reshape(n, blocks, block)
+            scales = weight.scales.reshape(n, 1).expand(n, blocks)
+            zeros = None  # MatMulNBits' default 8-bit zero point, 128
+        self.register_buffer("packed", codes.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+        self.register_buffer("zeros", zeros)
+        self.attrs = {"K": k, "N": n, "bits": self.bits, "block_size": block, "accuracy_level": accuracy_level}
+
+    def emit(self, x):
+        inputs = [x, self.packed, self.scales, self.zeros, None, self.bias]
+        return self._symbolic("com.microsoft::MatMulNBits", inputs, self.attrs, x)
+
+
+class DynamicInt8(_Form):
+    """W8A8 with lowbit's per-token activation rounding, exact up to the float epilogue."""
+
+    def __init__(self, weight: QuantizedWeight, bias):
+        super().__init__(weight, bias)
+        self.register_buffer("weight_t", weight.qweight.t().contiguous())  # int8 [K, N]
+        self.register_buffer("weight_scale", weight.scales.float().contiguous())
+
+    def emit(self, x):
+        xf = x.float()
+        scale = xf.abs().amax(dim=-1, keepdim=True) / reference.INT8_MAX
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        codes = (torch.clamp(torch.round(xf / scale), -reference.INT8_MAX, reference.INT8_MAX) + 128).to(torch.uint8)
+        zero = torch.tensor(128, dtype=torch.uint8)
+        acc = torch.onnx.ops.symbolic("::MatMulInteger", [codes, self.weight_t, zero], {}, dtype=torch.int32,
+                                      shape=(*x.shape[:-1], self.out_features), version=OPSET)
+        y = acc.float() * scale * self.weight_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+
+class StaticInt8(_Form):
+    """W8A8 with a calibrated per-tensor activation scale, as QDQ."""
+
+    def __init__(self, weight: QuantizedWeight, bias):
+        super().__init__(weight, bias)
+        self.register_buffer("weight_t", weight.qweight.t().contiguous())  # int8 [K, N]
+        self.register_buffer("weight_scale", weight.scales.float().contiguous())
+        self.register_buffer("act_scale", weight.act_scale.float().reshape(()))
+        self.register_buffer("zero", torch.tensor(0, dtype=torch.int8))
+
+    def emit(self, x):
+        shape = tuple(x.shape)
+        q = torch.onnx.ops.symbolic("::QuantizeLinear", [x.float(), self.act_scale, self.zero], {},
+                                    dtype=torch.int8, shape=shape, version=OPSET)
+        xd = torch.onnx.ops.symbolic("::DequantizeLinear", [q, self.act_scale, self.zero], {},
+                                     dtype=torch.float32, shape=shape, version=OPSET)
+        wd = torch.onnx.ops.symbolic("::DequantizeLinear", [self.weight_t, self.weight_scale], {"axis": 1},
+                                     dtype=torch.float32, shape=tuple(self.weight_t.shape), version=OPSET)
+        y = xd @ wd
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+
+def form_for(layer: QuantLinear, accuracy_level: int) -> _Form:
+    """A quantized layer's ONNX form; ``ValueError`` when it has none."""
+    weight = layer.canonical().to("cpu")
+    bias = None if layer.bias is None else layer.bias.cpu()
+    if weight.scheme.weight_only:
+        block = _block_for(weight.group_size)
+        if block is None:
+            raise ValueError(f"group of {weight.group_size} channels: MatMulNBits needs blocks of a power of two "
+                             ">= 16 that divide it")
+        return MatMulNBits(weight, bias, accuracy_level, block)
+    return StaticInt8(weight, bias) if weight.scheme.static_activations else DynamicInt8(weight, bias)
+
+
+@dataclasses.dataclass
+class OnnxReport:
+    path: Path
+    layers: int
+    bytes: int
+    ops: dict[str, int]
+
+    def __str__(self) -> str:
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(self.ops.items()) if op in _QUANTIZED_OPS)
+        return (f"exported {self.layers} quantized layer(s) to {self.path} ({self.bytes / 2**20:.1f} MB, opset "
+                f"{OPSET}): {ops or 'no quantized ops'}")
+
+
+_QUANTIZED_OPS = ("MatMulNBits", "MatMulInteger", "QuantizeLinear", "DequantizeLinear", "GatherBlockQuantized")
+
+
+def _dynamic_shapes(example_inputs):
+    """Every input's first two dimensions (batch, sequence) left to the exporter to make
+    dynamic."""
+    auto = torch.export.Dim.AUTO
+
+    def dims(t):
+        return {i: auto for i in range(min(t.dim(), 2))} if isinstance(t, torch.Tensor) else None
+
+    if isinstance(example_inputs, dict):
+        return {k: dims(v) for k, v in example_inputs.items()}
+    return tuple(dims(t) for t in example_inputs)
+
+
+class SentenceEmbedding(nn.Module):
+    """A SentenceTransformer's whole pipeline (transformer, pooling, normalization) as a
+    module of tensors: token ids and attention mask in, sentence embeddings out."""
+
+    def __init__(self, st: nn.Module):
+        super().__init__()
+        self.st = st
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        features = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            features["token_type_ids"] = token_type_ids
+        return self.st(features)["sentence_embedding"]
+
+
+class TransformersOutput(nn.Module):
+    """A transformers model as a module of tensors: logits (a causal LM, no cache) or the
+    last hidden state."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.causal = hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
+
+    def forward(self, input_ids, attention_mask):
+        if self.causal:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def traceable(model: nn.Module, example_inputs=None) -> tuple[nn.Module, object]:
+    """The module to export and its example inputs: a SentenceTransformer's pipeline with
+    its tokenizer's output, a transformers model with token ids, or ``model`` itself with
+    the ``example_inputs`` given."""
+    from sentence_transformers import SentenceTransformer
+
+    if isinstance(model, SentenceTransformer):
+        if example_inputs is None:
+            tok = model.tokenizer(["a sentence to trace the model with", "and a second, longer one, so that padding "
+                                   "shows"], return_tensors="pt", padding=True)
+            example_inputs = dict(tok)
+        return SentenceEmbedding(model), example_inputs
+    if hasattr(model, "config") and hasattr(model.config, "vocab_size") and example_inputs is None:
+        ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+        return TransformersOutput(model), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if example_inputs is None:
+        raise ValueError("ONNX export of a plain module needs example_inputs (a tuple of tensors, or a dict)")
+    return model, example_inputs
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, *, accuracy_level: int = 4,
+                dynamic_shapes=None) -> OnnxReport:
+    """Write ``model`` (float32 outside its quantized layers) as an ONNX file at ``path``:
+    a SentenceTransformer's pipeline up to the sentence embedding, a transformers model's
+    logits or last hidden state, or any module (``example_inputs``: a tuple of positional
+    inputs or a dict of keyword inputs). Raises ``ExportError`` naming every layer without
+    an ONNX form before anything is written."""
+    import onnx
+
+    model, example_inputs = traceable(model, example_inputs)
+
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level}")
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if floats - {torch.float32}:
+        raise ExportError(f"ONNX export wants a float32 model (onnxruntime's CPU kernels take float32 "
+                          f"activations); this one holds {sorted(map(str, floats))}: call model.float() first")
+    forms, refused = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            try:
+                forms[name] = form_for(module, accuracy_level)
+            except ValueError as e:
+                refused[name] = str(e)
+    if refused:
+        raise ExportError(f"no ONNX form for {len(refused)} layer(s): "
+                          + "; ".join(f"{n}: {why}" for n, why in refused.items()))
+    path = Path(path)
+    originals = {}
+    training = model.training
+    model.eval()
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")  # torchvision's ops, absent here
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        for name, form in forms.items():
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            originals[name] = (parent, attr, getattr(parent, attr))
+            setattr(parent, attr, form)
+        args, kwargs = ((), example_inputs) if isinstance(example_inputs, dict) else (tuple(example_inputs), None)
+        program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
+                                    dynamic_shapes=dynamic_shapes or _dynamic_shapes(example_inputs),
+                                    verbose=False)
+    finally:
+        for parent, attr, module in originals.values():
+            setattr(parent, attr, module)
+        model.train(training)
+        quiet.setLevel(level)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(os.fspath(path))
+    proto = onnx.load(os.fspath(path))
+    onnx.checker.check_model(proto, full_check=True)
+    ops: dict[str, int] = {}
+    for node in proto.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return OnnxReport(path, len(forms), path.stat().st_size, ops)
