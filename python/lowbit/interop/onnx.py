@@ -15,7 +15,8 @@ w8a16          ``MatMulNBits`` bits 8: codes q + 128 (its default zero point is 
 w8a8           per-token int8 as lowbit computes it, in standard ops: ``s = max|x|/127``
                (0 -> 1), ``u = round(x/s) + 128`` as uint8, ``MatMulInteger(u, W, 128)``
                (exact int32), ``acc * s * s_w + b``.
-w8a8-static    QDQ: ``QuantizeLinear`` (int8, the calibrated scale) -> ``DequantizeLinear``
+w8a8-static    QDQ: ``Clip`` to +-127 scales (lowbit's range; QuantizeLinear's reaches
+               -128), ``QuantizeLinear`` (int8, the calibrated scale) -> ``DequantizeLinear``
                on the activations, ``DequantizeLinear`` per output channel on the int8
                weight, ``MatMul``: what onnxruntime fuses into an integer matmul and what
                QDQ consumers (NPU toolchains) read.
@@ -148,7 +149,10 @@ class StaticInt8(_Form):
 
     def emit(self, x):
         shape = tuple(x.shape)
-        q = torch.onnx.ops.symbolic("::QuantizeLinear", [x.float(), self.act_scale, self.zero], {},
+        # lowbit's codes stop at -127; QuantizeLinear's at -128: clip first, as lowbit does.
+        bound = self.act_scale * reference.INT8_MAX
+        x = torch.clamp(x.float(), -bound, bound)
+        q = torch.onnx.ops.symbolic("::QuantizeLinear", [x, self.act_scale, self.zero], {},
                                     dtype=torch.int8, shape=shape, version=OPSET)
         xd = torch.onnx.ops.symbolic("::DequantizeLinear", [q, self.act_scale, self.zero], {},
                                      dtype=torch.float32, shape=shape, version=OPSET)
@@ -265,7 +269,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
 
     if accuracy_level not in ACCURACY_LEVELS:
         raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level}")
-    floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    floats = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
     if floats - {torch.float32}:
         raise ExportError(f"ONNX export wants a float32 model (onnxruntime's CPU kernels take float32 "
                           f"activations); this one holds {sorted(map(str, floats))}: call model.float() first")

@@ -1,0 +1,130 @@
+"""ONNX export (lowbit.interop.onnx), run by onnxruntime: every scheme's form computes what
+the lowbit layer computes (at accuracy level 0: exactly lowbit's math up to float
+rounding), with dynamic batch and sequence axes; the sentence-transformers pipeline of
+all-MiniLM-L6-v2 keeps lowbit's embeddings; what has no ONNX form is refused before any
+file is written."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import cli, demo, interop
+from lowbit.formats import QuantizedWeight, quantize_weight
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+SCHEMES = ["w4a16-g64", "w4a16-g32-sym", "w4a16-gK", "w8a16", "w8a8", "w8a8-static"]
+
+
+def session(path, threads=1):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run(sess, *arrays):
+    return sess.run(None, {i.name: a for i, a in zip(sess.get_inputs(), arrays)})[0]
+
+
+def small_model(scheme, k=384):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(k, 256), nn.GELU(), nn.Linear(256, 96, bias=False)).eval()
+    calibration = [torch.randn(4, 7, k)] if lowbit.Scheme.parse(scheme).static_activations else None
+    lowbit.quantize(model, scheme, progress=False, calibration=calibration)
+    return model
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_each_scheme_runs_in_onnxruntime_as_lowbit_computes_it(scheme, tmp_path):
+    model = small_model(scheme)
+    report = lowbit.export(model, tmp_path / "m.onnx", "onnx", example_inputs=(torch.randn(3, 5, 384),),
+                           accuracy_level=0)
+    assert report.layers == 2
+    expected_op = {"w8a8": "MatMulInteger", "w8a8-static": "QuantizeLinear"}.get(scheme, "MatMulNBits")
+    assert report.ops.get(expected_op, 0) >= 1
+    sess = session(tmp_path / "m.onnx")
+    for shape in [(2, 9, 384), (1, 1, 384), (4, 3, 384)]:  # other batch and sequence sizes than traced
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+        with torch.no_grad():
+            ours = model(x).numpy()
+        theirs = run(sess, x.numpy())
+        assert theirs.shape == ours.shape
+        assert np.abs(theirs - ours).max() <= 2e-6 * np.abs(ours).max(), shape
+
+
+def test_accuracy_level_4_is_onnxruntimes_int8_compute(tmp_path):
+    model = small_model("w4a16-g64")
+    lowbit.export(model, tmp_path / "m.onnx", "onnx", example_inputs=(torch.randn(2, 3, 384),))
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+    x = torch.randn(2, 4, 384)
+    with torch.no_grad():
+        ours = model(x).numpy()
+    theirs = run(session(tmp_path / "m.onnx"), x.numpy())
+    assert np.abs(theirs - ours).max() <= 0.05 * np.abs(ours).max()  # activations rounded to int8 inside
+
+
+def test_input_permutation_and_input_scale_become_nodes(tmp_path):
+    torch.manual_seed(1)
+    w = torch.randn(64, 128)
+    perm = torch.randperm(128)
+    scale = torch.rand(128) + 0.5
+    qw = quantize_weight(w, lowbit.Scheme.parse("w4a16-g32"), input_scale=scale)
+    qw = QuantizedWeight(**{**qw.__dict__, "input_perm": perm})
+    model = nn.Sequential(lowbit.W4A16Linear(qw, torch.randn(64)))
+    lowbit.export(model, tmp_path / "m.onnx", "onnx", example_inputs=(torch.randn(2, 128),), accuracy_level=0)
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        ours = model(x).numpy()
+    assert np.abs(run(session(tmp_path / "m.onnx"), x.numpy()) - ours).max() <= 2e-6 * np.abs(ours).max()
+
+
+def test_minilm_pipeline_keeps_lowbits_embeddings(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    source = demo.default_model_dir()
+    fp32 = SentenceTransformer(source, device="cpu").eval()
+    sentences = demo.sentences(12)
+    reference = fp32.encode(sentences, convert_to_numpy=True)
+    tok = fp32.tokenizer(sentences, return_tensors="np", padding=True)
+    for scheme in ("w4a16-g128", "w8a8"):
+        model = SentenceTransformer(source, device="cpu").eval()
+        lowbit.quantize(model, scheme, progress=False)
+        lowbit.export(model, tmp_path / f"{scheme}.onnx", "onnx", accuracy_level=0)
+        sess = session(tmp_path / f"{scheme}.onnx")
+        theirs = sess.run(None, {i.name: tok[i.name].astype(np.int64) for i in sess.get_inputs()})[0]
+        ours = model.encode(sentences, convert_to_numpy=True)
+        cosine = lambda a, b: (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)  # noqa: E731
+        assert abs(cosine(theirs, reference).mean() - cosine(ours, reference).mean()) <= 1e-3, scheme
+        if scheme == "w4a16-g128":  # weight-only at level 0: lowbit's math exactly
+            assert np.abs(theirs - ours).max() <= 1e-5
+
+
+def test_what_has_no_onnx_form_is_refused_before_writing(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 64), nn.Linear(64, 8))
+    lowbit.quantize(model, "w8a16", progress=False)  # one scale per row of 100: no power-of-two block
+    with pytest.raises(interop.ExportError, match=r"no ONNX form for 1 layer\(s\): 0: group of 100"):
+        lowbit.export(model, tmp_path / "m.onnx", "onnx", example_inputs=(torch.randn(2, 100),))
+    assert not (tmp_path / "m.onnx").exists()
+    half = small_model("w4a16-g64").to(torch.bfloat16)
+    with pytest.raises(interop.ExportError, match="float32 model"):
+        lowbit.export(half, tmp_path / "h.onnx", "onnx", example_inputs=(torch.randn(2, 384),))
+    with pytest.raises(ValueError, match="example_inputs"):
+        lowbit.export(small_model("w8a8"), tmp_path / "p.onnx", "onnx")
+
+
+def test_command_line_exports_onnx(tmp_path, capsys):
+    out = tmp_path / "minilm.onnx"
+    assert cli.main(["export", demo.default_model_dir(), "--scheme", "w8a16", "--format", "onnx",
+                     "--out", str(out)]) == 0
+    assert "MatMulNBits x36" in capsys.readouterr().out
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    assert cli.main(["export", demo.default_model_dir(), "--scheme", "w8a16", "--format", "onnx",
+                     "--out", str(out)]) == 2  # exists
