@@ -6,14 +6,13 @@ file is written."""
 
 from __future__ import annotations
 
+import lowbit
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-import lowbit
 from lowbit import cli, demo, interop
 from lowbit.formats import QuantizedWeight, quantize_weight
+from torch import nn
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
