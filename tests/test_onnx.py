@@ -44,7 +44,7 @@ def test_each_scheme_runs_in_onnxruntime_as_lowbit_computes_it(scheme, tmp_path)
     report = lowbit.export(model, tmp_path / "m.onnx", "onnx", example_inputs=(torch.randn(3, 5, 384),),
                            accuracy_level=0)
     assert report.layers == 2
-    expected_op = {"w8a8": "MatMulInteger", "w8a8-static": "QuantizeLinear"}.get(scheme, "MatMulNBits")
+    expected_op = {"w8a8": "MatMulIntegerToFloat", "w8a8-static": "QuantizeLinear"}.get(scheme, "MatMulNBits")
     assert report.ops.get(expected_op, 0) >= 1
     sess = session(tmp_path / "m.onnx")
     for shape in [(2, 9, 384), (1, 1, 384), (4, 3, 384)]:  # other batch and sequence sizes than traced

@@ -12,9 +12,9 @@ w4a16          ``com.microsoft::MatMulNBits`` bits 4: lowbit's int4 bytes are it
                byte along the blocks of a row (each row padded to whole bytes); none for
                symmetric layers (its default zero point is 8).
 w8a16          ``MatMulNBits`` bits 8: codes q + 128 (its default zero point is 128).
-w8a8           per-token int8 as lowbit computes it, in standard ops: ``s = max|x|/127``
-               (0 -> 1), ``u = round(x/s) + 128`` as uint8, ``MatMulInteger(u, W, 128)``
-               (exact int32), ``acc * s * s_w + b``.
+w8a8           per-token int8 as lowbit computes it: ``s = max|x|/127``, ``u = round(x/s)
+               + 128`` as uint8 (standard ops), ``com.microsoft::MatMulIntegerToFloat(u, W,
+               1, s_w, 128)`` (exact int32 products, scaled per output channel), ``* s + b``.
 w8a8-static    QDQ: ``Clip`` to +-127 scales (lowbit's range; QuantizeLinear's reaches
                -128), ``QuantizeLinear`` (int8, the calibrated scale) -> ``DequantizeLinear``
                on the activations, ``DequantizeLinear`` per output channel on the int8
@@ -116,22 +116,35 @@ class MatMulNBits(_Form):
 
 
 class DynamicInt8(_Form):
-    """W8A8 with lowbit's per-token activation rounding, exact up to the float epilogue."""
+    """W8A8 with lowbit's per-token activation rounding, exact up to the float epilogue.
+
+    ``round(x / s)`` stays within +-127 when ``s = max|x| / 127`` (the largest |x| divides
+    to 127 within a rounding error), so no Clip is needed; a zero row gets the smallest
+    normal scale instead of lowbit's 1, which gives the same zero codes and output."""
 
     def __init__(self, weight: QuantizedWeight, bias):
         super().__init__(weight, bias)
         self.register_buffer("weight_t", weight.qweight.t().contiguous())  # int8 [K, N]
         self.register_buffer("weight_scale", weight.scales.float().contiguous())
+        self.register_buffer("one", torch.ones((), dtype=torch.float32))
+        self.register_buffer("zero", torch.tensor(128, dtype=torch.uint8))
 
     def emit(self, x):
         xf = x.float()
-        scale = xf.abs().amax(dim=-1, keepdim=True) / reference.INT8_MAX
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        codes = (torch.clamp(torch.round(xf / scale), -reference.INT8_MAX, reference.INT8_MAX) + 128).to(torch.uint8)
-        zero = torch.tensor(128, dtype=torch.uint8)
-        acc = torch.onnx.ops.symbolic("::MatMulInteger", [codes, self.weight_t, zero], {}, dtype=torch.int32,
-                                      shape=(*x.shape[:-1], self.out_features), version=OPSET)
-        y = acc.float() * scale * self.weight_scale
+        scale = torch.clamp(xf.abs().amax(dim=-1, keepdim=True) / reference.INT8_MAX,
+                            min=torch.finfo(torch.float32).tiny)
+        # One scale per row: QuantizeLinear blocked along the last axis, one block per row
+        # (round half to even of x / s, + 128).
+        zero = torch.full_like(scale, 128, dtype=torch.uint8)  # blocked: a zero point per block too
+        codes = torch.onnx.ops.symbolic("::QuantizeLinear", [xf, scale, zero],
+                                        {"axis": -1, "block_size": x.shape[-1]}, dtype=torch.uint8,
+                                        shape=tuple(x.shape), version=OPSET)
+        # onnxruntime's integer matmul with the per-channel weight scale folded in (a
+        # per-token activation scale has no place in it: applied after).
+        acc = torch.onnx.ops.symbolic("com.microsoft::MatMulIntegerToFloat",
+                                      [codes, self.weight_t, self.one, self.weight_scale, self.zero], {},
+                                      dtype=torch.float32, shape=(*x.shape[:-1], self.out_features), version=1)
+        y = acc * scale
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
@@ -190,7 +203,8 @@ class OnnxReport:
                 f"{OPSET}): {ops or 'no quantized ops'}")
 
 
-_QUANTIZED_OPS = ("MatMulNBits", "MatMulInteger", "QuantizeLinear", "DequantizeLinear", "GatherBlockQuantized")
+_QUANTIZED_OPS = ("MatMulNBits", "MatMulIntegerToFloat", "QuantizeLinear", "DequantizeLinear",
+                  "GatherBlockQuantized")
 
 
 def _dynamic_shapes(example_inputs):
