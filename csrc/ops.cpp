@@ -73,6 +73,12 @@ TORCH_LIBRARY(lowbit, m) {
       "int out_features, Tensor? bias) -> Tensor");
   m.def("pack_int4(Tensor q) -> Tensor");
   m.def("unpack_int4(Tensor packed) -> Tensor");
+  // Lookups in quantized embedding tables (the canonical int8 / int4 weight formats of a
+  // [V, D] table): rows ids, dequantized, as dtype; shape ids.shape + (D,).
+  m.def("embedding_int8(Tensor ids, Tensor w, Tensor scale, ScalarType dtype) -> Tensor");
+  m.def(
+      "embedding_int4(Tensor ids, Tensor packed, Tensor scales, Tensor? zeros, int group_size, "
+      "ScalarType dtype) -> Tensor");
 }
 
 namespace {

@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.formats import QuantizedWeight, Scheme
-from lowbit.nn import CANONICAL, QuantLinear, WeightStore, module_for
+from lowbit.nn import CANONICAL, QuantEmbedding, QuantLinear, WeightStore, module_for
 
 FORMAT = "lowbit"
 FORMAT_VERSION = "1"
@@ -138,7 +138,7 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of everything but the quantized layers (which would unpack)."""
     state: dict[str, torch.Tensor] = {}
     for prefix, module in _modules(model):
-        if not isinstance(module, QuantLinear):
+        if not isinstance(module, (QuantLinear, QuantEmbedding)):
             module._save_to_state_dict(state, prefix, keep_vars=True)
     return state
 
@@ -149,6 +149,15 @@ def _plan(model: nn.Module) -> _Plan:
     first_store: dict[int, str] = {}  # store id -> the first layer name holding it
     first_key: dict[tuple, str] = {}  # storage -> the first key holding it
     for prefix, module in _modules(model):
+        if isinstance(module, QuantEmbedding):
+            name = prefix[:-1]
+            layers[name] = embedding_spec(module)
+            if id(module) in first_name:
+                aliases.update({prefix + n: f"{first_name[id(module)]}.{n}" for n in _embedding_names(module)})
+                continue
+            first_name[id(module)] = name
+            producers += [(prefix + n, lambda t=getattr(module, n): t) for n in _embedding_names(module)]
+            continue
         if isinstance(module, QuantLinear):
             name = prefix[:-1]
             layers[name] = {"scheme": str(module.scheme), "group_size": module.group_size,
@@ -181,6 +190,18 @@ def _plan(model: nn.Module) -> _Plan:
                 first_key[sk] = key
                 producers.append((key, lambda t=t: t))
     return _Plan(layers, producers, aliases)
+
+
+def embedding_spec(module: QuantEmbedding) -> dict:
+    """A quantized embedding table's entry in the checkpoint's layers (a table [V, D] is
+    stored as a weight with out_features V and in_features D)."""
+    return {"module": "embedding", "scheme": str(module.scheme), "group_size": module.group_size,
+            "in_features": module.embedding_dim, "out_features": module.num_embeddings, "bias": False,
+            "padding_idx": module.padding_idx, "dtype": str(module.dtype).removeprefix("torch.")}
+
+
+def _embedding_names(module: QuantEmbedding) -> list[str]:
+    return ["qweight", "scales"] + (["zeros"] if module.zeros is not None else [])
 
 
 def _metadata(layers: dict, aliases: dict, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -423,6 +444,14 @@ def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
 
 
 def _check_layer(name: str, spec: dict, old: nn.Module, where) -> None:
+    if spec.get("module") == "embedding":
+        if not isinstance(old, (nn.Embedding, QuantEmbedding)):
+            raise CheckpointError(f"{where}: {name!r} is a {type(old).__name__} in the model, not an embedding")
+        shape = (old.num_embeddings, old.embedding_dim)
+        if shape != (spec.get("out_features"), spec.get("in_features")):
+            raise CheckpointError(f"{where}: embedding {name!r} is {shape[0]}x{shape[1]} in the model but "
+                                  f"{spec.get('out_features')}x{spec.get('in_features')} in the checkpoint")
+        return
     if not isinstance(old, (nn.Linear, QuantLinear)):
         raise CheckpointError(f"{where}: {name!r} is a {type(old).__name__} in the model, not a Linear layer")
     shape = (old.out_features, old.in_features)
@@ -510,6 +539,16 @@ def load(
         old = model.get_submodule(name)
         if id(old) in module_of:
             built[name] = module_of[id(old)]
+            return
+        if spec.get("module") == "embedding":
+            try:
+                weight = reader.weight(name, spec, {p: tensors[k] for p, k in parts.items()})
+                weight.validate()
+                dtype = getattr(torch, str(spec.get("dtype", "float32")))
+                built[name] = module_of[id(old)] = QuantEmbedding(weight.to(device), spec.get("padding_idx"), dtype,
+                                                                  name)
+            except (TypeError, ValueError, AttributeError) as e:
+                raise CheckpointError(f"{where}: embedding {name!r}: {e}") from e
             return
         weight_keys = tuple(sorted(k for p, k in parts.items() if p != "bias"))
         store = stores.get(weight_keys)

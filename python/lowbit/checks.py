@@ -143,3 +143,12 @@ def w4a16_linear(x, packed, scales, zeros, g: int, bias_) -> None:
     in_features(x, packed.shape[1] * 2)
     bias(bias_, packed.shape[0])
     same_device({"x": x, "packed": packed, "bias": bias_})
+
+
+def embedding_ids(ids: torch.Tensor, rows: int) -> None:
+    """Token ids for a table of ``rows`` rows: an integer tensor with every id in range."""
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"embedding ids must be int64 or int32, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise IndexError(f"embedding id {bad} is out of range for a table of {rows} rows")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit import checks
+from lowbit import checks, reference
 from lowbit.backends import Backend, Packed, choose
 from lowbit.formats import QuantizedWeight, Scheme, quantize_weight
 
@@ -282,3 +282,63 @@ def runtime_bytes(model: nn.Module) -> int:
     """Bytes the quantized layers of ``model`` hold at run time (each shared store once)."""
     stores = {id(m.store): m.store for m in model.modules() if isinstance(m, QuantLinear)}
     return sum(s.packed.nbytes() for s in stores.values())
+
+
+class QuantEmbedding(nn.Module):
+    """A drop-in ``nn.Embedding`` whose table is quantized like a Linear weight [V, D]: int8
+    per row (scheme w8a16) or int4 per group of D (w4a16-gG). A lookup dequantizes only
+    the rows it reads (``torch.ops.lowbit.embedding_int8`` / ``embedding_int4`` on CPU; the
+    reference elsewhere) and returns them in ``dtype``, the float table's dtype. The table
+    is frozen; its canonical tensors are the module's buffers (one copy)."""
+
+    def __init__(self, weight: QuantizedWeight, padding_idx: int | None = None, dtype: torch.dtype = torch.float32,
+                 name: str = ""):
+        super().__init__()
+        if not weight.scheme.weight_only:
+            raise ValueError(f"an embedding table is int8 per row (w8a16) or int4 per group (w4a16), not "
+                             f"{weight.scheme}")
+        weight.validate()
+        self.scheme, self.group_size, self.padding_idx, self.dtype, self.name = \
+            weight.scheme, weight.group_size, padding_idx, dtype, name
+        self.num_embeddings, self.embedding_dim = weight.out_features, weight.in_features
+        self.register_buffer("qweight", weight.qweight)
+        self.register_buffer("scales", weight.scales)
+        self.register_buffer("zeros", weight.zeros)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, scheme: Scheme | str, name: str = "",
+                       scale_dtype: torch.dtype | None = None) -> QuantEmbedding:
+        scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
+        if embedding.max_norm is not None:
+            raise ValueError(f"{name or 'embedding'}: max_norm renormalizes the table's rows in place on lookup; "
+                             "a quantized table cannot follow")
+        weight = quantize_weight(embedding.weight.detach(), scheme, name or "embedding", scale_dtype=scale_dtype)
+        return cls(weight, embedding.padding_idx, embedding.weight.dtype, name)
+
+    def canonical(self) -> QuantizedWeight:
+        return QuantizedWeight(scheme=self.scheme, qweight=self.qweight, scales=self.scales, zeros=self.zeros,
+                               group_size=self.group_size, out_features=self.num_embeddings,
+                               in_features=self.embedding_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.device != self.qweight.device:
+            raise ValueError(f"{type(self).__name__} {self.name!r}: the ids are on {ids.device} but the table on "
+                             f"{self.qweight.device}")
+        ops = torch.ops.lowbit if ids.device.type == "cpu" else reference
+        if self.scheme.is_int4:
+            return ops.embedding_int4(ids, self.qweight, self.scales, self.zeros, self.group_size, self.dtype)
+        return ops.embedding_int8(ids, self.qweight, self.scales, self.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Device moves apply to the table; dtype casts change the output dtype only: the
+        # codes keep their formats by definition.
+        target = fn(torch.empty(0, device=self.qweight.device, dtype=self.dtype))
+        for name in ("qweight", "scales", "zeros"):
+            t = self._buffers[name]
+            if t is not None:
+                self._buffers[name] = t.to(target.device)
+        self.dtype = target.dtype if target.is_floating_point() else self.dtype
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme}, dtype={self.dtype}"

@@ -136,6 +136,31 @@ def dequantize_int4_fake(packed, scales, zeros, group_size, dtype):
     return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=dtype)
 
 
+def embedding_int8(ids: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids`` of an int8 table quantized per row, dequantized, as ``dtype``."""
+    return _ops.embedding_int8(ids, w, scale, dtype)
+
+
+@torch.library.register_fake("lowbit::embedding_int8")
+def embedding_int8_fake(ids, w, scale, dtype):
+    checks.int8_weight(w, scale)
+    checks.float_dtype(dtype, "dtype")
+    return w.new_empty((*ids.shape, w.shape[1]), dtype=dtype)
+
+
+def embedding_int4(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                   group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids`` of a group-wise int4 table, dequantized, as ``dtype``."""
+    return _ops.embedding_int4(ids, packed, scales, zeros, group_size, dtype)
+
+
+@torch.library.register_fake("lowbit::embedding_int4")
+def embedding_int4_fake(ids, packed, scales, zeros, group_size, dtype):
+    checks.int4_weight(packed, scales, zeros, group_size)
+    checks.float_dtype(dtype, "dtype")
+    return packed.new_empty((*ids.shape, packed.shape[1] * 2), dtype=dtype)
+
+
 def int8_prepack(w: torch.Tensor) -> torch.Tensor:
     """int8[N, K] weights -> the CPU GEMM's blocked layout (uint8, shifted by 128)."""
     return _ops.int8_prepack(w)

@@ -33,7 +33,7 @@ from lowbit.calibrate.methods import as_method
 from lowbit.calibrate.pipeline import needs_calibration
 from lowbit.calibrate.stages import Entry
 from lowbit.formats import QuantizedWeight, Scheme, quantize_weight
-from lowbit.nn import QuantLinear, WeightStore, module_for
+from lowbit.nn import QuantEmbedding, QuantLinear, WeightStore, module_for
 
 
 @dataclasses.dataclass
@@ -51,6 +51,10 @@ class QuantConfig:
     do not fit beside them on the GPU). ``scale_dtype`` (torch.float16, "bfloat16"):
     scales rounded to that dtype as they are chosen, so that a format storing them so
     (GPTQ, AWQ: float16; compressed-tensors: the model's dtype) holds the model exactly.
+    ``embeddings``: also quantize the ``nn.Embedding`` tables (``QuantEmbedding``), int8 per
+    row ("w8a16") or int4 per group ("w4a16-g32", ...), selected by the same include /
+    exclude / min_numel; a table whose weight is tied to a Linear layer's stays float (its
+    Linear is quantized on its own terms), and so does one with ``max_norm``.
     """
 
     scheme: Scheme | str = "w8a8"
@@ -67,11 +71,17 @@ class QuantConfig:
     propagate: str = "quantized"
     calibration_device: str | None = None
     scale_dtype: torch.dtype | str | None = None
+    embeddings: Scheme | str | None = None
 
     def __post_init__(self):
         if isinstance(self.scale_dtype, str):
             self.scale_dtype = getattr(torch, self.scale_dtype)
         self.scheme = _as_scheme(self.scheme)
+        if self.embeddings is not None:
+            self.embeddings = _as_scheme(self.embeddings)
+            if not self.embeddings.weight_only:
+                raise ValueError(f"embeddings are quantized to w8a16 (int8 per row) or w4a16-gG (int4 per group), "
+                                 f"not {self.embeddings}")
         self.method = as_method(self.method)
         self.overrides = {p: (None if s is None else _as_scheme(s)) for p, s in self.overrides.items()}
 
@@ -89,6 +99,7 @@ class LayerReport:
     reason: str
     bytes_before: int
     bytes_after: int
+    kind: str = "linear"  # or "embedding"
 
 
 class QuantizeReport(list):
@@ -118,10 +129,15 @@ class QuantizeReport(list):
             shape = f"{r.shape[0]}x{r.shape[1]}"
             lines.append(f"{r.name:<{width}}  {shape:>11}  {r.scheme:<14} {r.backend:<9} "
                          f"{r.bytes_before / 2**20:>9.3f} {r.bytes_after / 2**20:>9.3f}  {r.reason}")
-        before, after = self.bytes_before(), self.bytes_after()
-        ratio = before / after if after else float("nan")
-        lines.append(f"{len(self.quantized)} of {len(self)} Linear layers quantized; Linear weights "
-                     f"{before / 2**20:.2f} MB -> {after / 2**20:.2f} MB ({ratio:.2f}x smaller)")
+        for kind, label in (("linear", "Linear layers"), ("embedding", "embedding tables")):
+            rows = [r for r in self if r.kind == kind]
+            if not rows and kind == "embedding":
+                continue
+            before, after = sum(r.bytes_before for r in rows), sum(r.bytes_after for r in rows)
+            ratio = before / after if after else float("nan")
+            quantized = sum(r.backend != "-" for r in rows)
+            lines.append(f"{quantized} of {len(rows)} {label} quantized; their weights "
+                         f"{before / 2**20:.2f} MB -> {after / 2**20:.2f} MB ({ratio:.2f}x smaller)")
         if getattr(self, "calibration", None) is not None:
             lines.append(str(self.calibration))
         return "\n".join(lines)
@@ -276,6 +292,7 @@ def quantize(
     ``calibration`` attribute summarizes the calibration (None without one).
     """
     config = _as_config(config, fields)
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     selection = Selection(model, config, act_scales)
     entries = selection.entries
     reason = needs_calibration(config.method, entries) if entries else None
@@ -283,6 +300,7 @@ def quantize(
         for e in entries:
             selection.replace(e, quantize_weight(e.linear.weight.detach(), e.scheme, e.name, act_scale=e.act_scale,
                                                  scale_dtype=config.scale_dtype))
+        _quantize_embeddings(model, config, selection.report, linear_weights)
         return selection.report
     if calibration is None:
         raise ValueError(f"{reason}: needs calibration data (calibration=batches) or act_scales")
@@ -291,7 +309,46 @@ def quantize(
         observer=config.observer, sequential=config.sequential, blocks=config.blocks, propagate=config.propagate,
         shared_weights=selection.shared_weights, stats_device=config.calibration_device,
         scale_dtype=config.scale_dtype, progress=progress)
+    _quantize_embeddings(model, config, selection.report, linear_weights)
     return selection.report
+
+
+def _quantize_embeddings(model: nn.Module, config: QuantConfig, report: QuantizeReport, linear_weights: set[int]):
+    """Swap the selected ``nn.Embedding`` tables for ``QuantEmbedding`` (``config.embeddings``)."""
+    if config.embeddings is None:
+        return
+    sites: dict[int, list] = {}
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if isinstance(child, nn.Embedding):
+                sites.setdefault(id(child), []).append((f"{parent_name}.{attr}" if parent_name else attr, parent, attr,
+                                                        child))
+    for found in sites.values():
+        name, _, _, embedding = found[0]
+        scheme, reason = config.embeddings, ""
+        v, d = embedding.weight.shape
+        if config.include is not None and not _matches(name, config.include):
+            reason = "not matched by include"
+        elif _matches(name, config.exclude):
+            reason = "matched by exclude"
+        elif id(embedding.weight) in linear_weights:
+            reason = "tied to a Linear layer's weight: kept float"
+        elif embedding.max_norm is not None:
+            reason = "max_norm renormalizes rows on lookup"
+        elif v * d < config.min_numel:
+            reason = f"tiny: {v * d} weights < min_numel={config.min_numel}"
+        elif scheme.is_int4 and (d % 2 or d % scheme.group_for(d)):
+            reason = f"embedding_dim={d} is not a multiple of the group size {scheme.group_for(d)}"
+        before = embedding.weight.numel() * embedding.weight.element_size()
+        row = LayerReport(name, (v, d), "-", "-", reason, before, before, kind="embedding")
+        report.append(row)
+        if reason:
+            continue
+        new = QuantEmbedding.from_embedding(embedding, scheme, name, config.scale_dtype)
+        for _, parent, attr, _ in found:
+            setattr(parent, attr, new)
+        row.scheme, row.backend = str(scheme), "cpu" if new.qweight.device.type == "cpu" else "reference"
+        row.bytes_after = new.canonical().nbytes()
 
 
 def dequantize(model: nn.Module) -> nn.Module:

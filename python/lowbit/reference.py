@@ -124,7 +124,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     checks.packed_int4(packed)
     low = packed & 0x0F
     high = packed >> 4
-    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)
+    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
 
 
 def dequantize_int4(
@@ -163,3 +163,23 @@ def w4a16_linear(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def embedding_int8(ids: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids`` of an int8 table quantized per row: ``q[id] * s[id]`` in fp32, as
+    ``dtype``; output shape ``ids.shape + (D,)``."""
+    checks.embedding_ids(ids, w.shape[0])
+    flat = ids.reshape(-1)
+    rows = dequantize_int8(w.index_select(0, flat), scale.index_select(0, flat), dtype)
+    return rows.reshape(*ids.shape, w.shape[1])
+
+
+def embedding_int4(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                   group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids`` of a group-wise int4 table: ``(q - z) * s`` per group in fp32, as
+    ``dtype``; output shape ``ids.shape + (D,)``."""
+    checks.embedding_ids(ids, packed.shape[0])
+    flat = ids.reshape(-1)
+    rows = dequantize_int4(packed.index_select(0, flat), scales.index_select(0, flat),
+                           None if zeros is None else zeros.index_select(0, flat), group_size, dtype)
+    return rows.reshape(*ids.shape, packed.shape[1] * 2)

@@ -27,7 +27,7 @@ from lowbit.interop.awq import AWQ, AWQReader
 from lowbit.interop.base import ExportError, Format, Layer
 from lowbit.interop.compressed_tensors import CompressedTensors, CompressedTensorsReader
 from lowbit.interop.gptq import GPTQ, GPTQReader
-from lowbit.nn import QuantLinear
+from lowbit.nn import QuantEmbedding, QuantLinear
 
 FORMATS = ("compressed-tensors", "gptq", "awq")  # checkpoint directories; "onnx" writes a file
 
@@ -110,6 +110,10 @@ def export(model: nn.Module, out: str | os.PathLike, format: str = "compressed-t
         raise FileExistsError(f"{out} exists and is not empty; choose a new directory")
     inner = pretrained._transformer_model(model)
     modules = list(checkpoint._modules(inner))
+    tables = [prefix[:-1] for prefix, m in modules if isinstance(m, QuantEmbedding)]
+    if tables:
+        raise ExportError(f"{fmt.name} holds quantized Linear layers only; these embedding tables are quantized: "
+                          f"{', '.join(tables)} (quantize without embeddings= for this format)")
     layers = [Layer(prefix[:-1], m.scheme, m.out_features, m.in_features, m.packed.input_scale is not None,
                     m.packed.input_perm is not None) for prefix, m in modules if isinstance(m, QuantLinear)]
     if not layers:

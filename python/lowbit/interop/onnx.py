@@ -27,7 +27,8 @@ the largest power of two dividing it, each repeating the group's scale and zero 
 the same weight exactly. ``accuracy_level`` (MatMulNBits' attribute): 0 computes in fp32,
 exactly lowbit's weight-only math, and is slow; 4 (the default) quantizes activations to
 int8 inside onnxruntime, its fast path. An input permutation or input scale becomes a
-``Gather`` / ``Mul`` before the layer.
+``Gather`` / ``Mul`` before the layer. Quantized embedding tables (``QuantEmbedding``):
+int8 rows as ``Gather`` + ``Mul``, int4 rows as ``com.microsoft::GatherBlockQuantized``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from torch import nn
 from lowbit import reference
 from lowbit.formats import QuantizedWeight
 from lowbit.interop.base import ExportError
-from lowbit.nn import QuantLinear
+from lowbit.nn import QuantEmbedding, QuantLinear
 
 OPSET = 21
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -177,6 +178,34 @@ class StaticInt8(_Form):
         return y.to(x.dtype)
 
 
+class EmbeddingForm(nn.Module):
+    """A quantized embedding table as ONNX nodes: int8 rows as Gather of the codes and of
+    the row scales, then Cast and Mul (standard ops); int4 rows as onnxruntime's
+    ``com.microsoft::GatherBlockQuantized`` on lowbit's packed table (zero points packed two
+    per byte along each row, padded; none for symmetric tables, its default being 8)."""
+
+    def __init__(self, module: QuantEmbedding):
+        super().__init__()
+        weight = module.canonical().to("cpu")
+        self.int4, self.dim = weight.scheme.is_int4, module.embedding_dim
+        self.register_buffer("qweight", weight.qweight)
+        self.register_buffer("scales", weight.scales.float())
+        zeros = weight.zeros
+        if zeros is not None and zeros.shape[1] % 2:
+            zeros = torch.cat([zeros, zeros.new_zeros(zeros.shape[0], 1)], dim=1)
+        self.register_buffer("zeros", None if zeros is None else reference.pack_int4(zeros.contiguous()))
+        self.attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": weight.group_size, "bits": 4}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            raise RuntimeError("an ONNX form of a lowbit layer runs only inside torch.onnx.export")
+        if self.int4:
+            return torch.onnx.ops.symbolic("com.microsoft::GatherBlockQuantized",
+                                           [self.qweight, ids, self.scales, self.zeros], self.attrs,
+                                           dtype=torch.float32, shape=(*ids.shape, self.dim), version=1)
+        return self.qweight[ids].float() * self.scales[ids].unsqueeze(-1)
+
+
 def form_for(layer: QuantLinear, accuracy_level: int) -> _Form:
     """A quantized layer's ONNX form; ``ValueError`` when it has none."""
     weight = layer.canonical().to("cpu")
@@ -284,12 +313,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     if accuracy_level not in ACCURACY_LEVELS:
         raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level}")
     floats = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    floats |= {m.dtype for m in model.modules() if isinstance(m, QuantEmbedding)}
     if floats - {torch.float32}:
         raise ExportError(f"ONNX export wants a float32 model (onnxruntime's CPU kernels take float32 "
                           f"activations); this one holds {sorted(map(str, floats))}: call model.float() first")
     forms, refused = {}, {}
     for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QuantEmbedding):
+            forms[name] = EmbeddingForm(module)
+        elif isinstance(module, QuantLinear):
             try:
                 forms[name] = form_for(module, accuracy_level)
             except ValueError as e:
