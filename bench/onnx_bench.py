@@ -10,7 +10,10 @@ compute, onnxruntime's fast path and its quantizer's setting here); timings are 
 interleaved runs. Fidelity: MiniLM, cosine of the embeddings to the PyTorch fp32 model's on
 128 sentences (calibration on 256 others); the LM, perplexity on its held-out bytes.
 
-    python bench/onnx_bench.py [--threads 1] [--only minilm|lm] [--work DIR]
+A third table measures MiniLM for the edge: W4A16 Linear layers with the embedding tables
+quantized too (int8 per row, int4 per group), file size and one-sentence latency.
+
+    python bench/onnx_bench.py [--threads 1] [--only minilm|lm|edge] [--work DIR]
 """
 
 from __future__ import annotations
@@ -29,9 +32,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import tinylm  # noqa: E402
-
 import lowbit  # noqa: E402
+import tinylm  # noqa: E402
 from lowbit import demo  # noqa: E402
 from lowbit.calibrate import GPTQ, SmoothQuant  # noqa: E402
 
@@ -120,7 +122,8 @@ def minilm(work: Path, threads: int, rounds: int) -> str:
     fast_one, fast_16 = timed(sessions, one, rounds), timed(sessions, sixteen, max(3, rounds // 4))
     lines = [f"MiniLM, {threads} thread(s): cosine to the PyTorch fp32 embeddings on 128 sentences; ms for one "
              f"sentence ({one['input_ids'].shape[1]} tokens) and for 16 (padded to {sixteen['input_ids'].shape[1]})",
-             "", "| model | MB | mean cos | worst cos | ms, 1 sentence | ms, 16 sentences |", "|---|---|---|---|---|---|"]
+             "", "| model | MB | mean cos | worst cos | ms, 1 sentence | ms, 16 sentences |",
+             "|---|---|---|---|---|---|"]
     for name, sess in sessions.items():
         out = sess.run(None, feed(sess, batch))[0]
         cos = (out * reference).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(reference, axis=-1)
@@ -154,20 +157,54 @@ def lm(work: Path, threads: int, rounds: int) -> str:
     return "\n".join(lines)
 
 
+EDGE_ROWS = [("W4A16 g128 Linear, fp32 embeddings", None), ("W4A16 g128 Linear, int8 embeddings", "w8a16"),
+             ("W4A16 g128 Linear, int4 g64 embeddings", "w4a16-g64"),
+             ("W4A16 g128 Linear, int4 g32 embeddings", "w4a16-g32")]
+
+
+def edge(work: Path, threads: int, rounds: int) -> str:
+    """MiniLM for the edge: the file size and one-sentence latency with the embedding
+    tables quantized too (GPTQ on the Linear layers), beside the fp32 export."""
+    model = demo.load_sentence_model().float().eval()
+    eval_texts = demo.sentences(128)
+    tokenize = getattr(model, "preprocess", None) or model.tokenize
+    calibration = [tokenize([t]) for t in demo.sentences(256, offset=400)]
+    reference = model.encode(eval_texts, convert_to_numpy=True)
+    files = {"fp32": work / "fp32.onnx"}
+    lowbit.export(model, files["fp32"], "onnx")
+    for label, embeddings in EDGE_ROWS:
+        q = copy.deepcopy(model)
+        lowbit.quantize(q, "w4a16-g128", method=GPTQ(act_order=True), calibration=calibration,
+                        calibration_forward=lambda m, f: m(dict(f)), embeddings=embeddings, progress=False)
+        files[label] = work / f"edge-{embeddings}.onnx"
+        lowbit.export(q, files[label], "onnx")
+    sessions = {name: session(path, threads) for name, path in files.items()}
+    one = {k: v.astype(np.int64) for k, v in model.tokenizer(eval_texts[:1], return_tensors="np").items()}
+    batch = {k: v.astype(np.int64) for k, v in model.tokenizer(eval_texts, return_tensors="np", padding=True).items()}
+    speed = timed(sessions, one, rounds)
+    lines = [f"MiniLM for the edge, {threads} thread(s), GPTQ act-order on the Linear layers, accuracy level 4: "
+             f"file size, cosine to the PyTorch fp32 embeddings (128 sentences), ms for one sentence "
+             f"({one['input_ids'].shape[1]} tokens)", "", "| model | MB | mean cos | ms, 1 sentence |",
+             "|---|---|---|---|"]
+    for name, sess in sessions.items():
+        out = sess.run(None, feed(sess, batch))[0]
+        cos = (out * reference).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(reference, axis=-1)
+        lines.append(f"| {name} | {files[name].stat().st_size / 2**20:.1f} | {cos.mean():.4f} | {speed[name]:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--only", choices=["minilm", "lm"])
+    parser.add_argument("--only", choices=["minilm", "lm", "edge"])
     parser.add_argument("--work", help="where the ONNX files go (default: a new temporary directory)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="lowbit-onnx-"))
-    if args.only != "lm":
-        (work / "minilm").mkdir(parents=True, exist_ok=True)
-        print(minilm(work / "minilm", args.threads, args.rounds), flush=True)
-    if args.only != "minilm":
-        (work / "lm").mkdir(parents=True, exist_ok=True)
-        print("\n" + lm(work / "lm", args.threads, args.rounds))
+    for name, table in (("minilm", minilm), ("lm", lm), ("edge", edge)):
+        if args.only in (None, name):
+            (work / name).mkdir(parents=True, exist_ok=True)
+            print(table(work / name, args.threads, args.rounds) + "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,14 @@ float), checkpoints, and the ONNX forms in onnxruntime."""
 
 from __future__ import annotations
 
+import lowbit
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-import lowbit
 from lowbit import interop, ops, reference
 from lowbit.formats import Scheme, quantize_weight
 from lowbit.nn import QuantEmbedding
+from torch import nn
 
 SCHEMES = ["w8a16", "w4a16-g32", "w4a16-g64-sym", "w4a16-g128", "w4a16-gK"]
 
