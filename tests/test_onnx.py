@@ -127,3 +127,29 @@ def test_command_line_exports_onnx(tmp_path, capsys):
     onnx.checker.check_model(onnx.load(out), full_check=True)
     assert cli.main(["export", demo.default_model_dir(), "--scheme", "w8a16", "--format", "onnx",
                      "--out", str(out)]) == 2  # exists
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_benchmark_lm_runs_in_onnxruntime_per_scheme(scheme, tmp_path):
+    """The byte-level LM of bench/tinylm.py (untrained here: its architecture is what the
+    export must express), every scheme, at accuracy level 0."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    import tinylm
+
+    torch.manual_seed(0)
+    model = tinylm.TinyLM(tinylm.Config(layers=2)).eval()
+    ids = torch.randint(0, 256, (2, 32))
+    calibration = [ids] if lowbit.Scheme.parse(scheme).static_activations else None
+    lowbit.quantize(model, scheme.replace("-gK", "-g128"), progress=False, calibration=calibration)
+    lowbit.export(model, tmp_path / "lm.onnx", "onnx", example_inputs=(ids,), accuracy_level=0)
+    x = torch.randint(0, 256, (3, 50))
+    with torch.no_grad():
+        ours = model(x).numpy()
+    theirs = run(session(tmp_path / "lm.onnx"), x.numpy())
+    # Weight-only: lowbit's math exactly; W8A8: a near-tie in an activation may round the
+    # other way after a few layers of float32 differences.
+    tolerance = 2e-5 if lowbit.Scheme.parse(scheme).weight_only else 2e-2
+    assert np.abs(theirs - ours).max() <= tolerance * np.abs(ours).max()
