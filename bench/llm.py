@@ -1,0 +1,91 @@
+"""An LLM on CPU, end to end: lowbit against llama.cpp on the same model and threads.
+
+Builds (once, under ``--work``) a randomly initialised transformers Llama of 491.8M
+parameters (hidden 2048, intermediate 5632, 8 layers, 16 heads, 4 KV heads, vocabulary
+32000, untied; ``lowbit.bench.generate.LLAMA_491M``) or takes ``--model DIR``, and times
+prefill (32 and 512 tokens) and decode (64 tokens after a 32-token prompt, batch 1 and
+4) for bf16 and lowbit's W8A8, W8A16, W4A16 g128 and g32, eager and compiled (static
+cache + torch.compile), round-robin medians (``lowbit.bench.generate``). Then
+``bench/llamacpp.py`` builds llama.cpp from its published source package, converts the
+same directory with its own converter, quantizes Q8_0 / Q4_0 / Q4_K_M and runs
+llama-bench with the same threads; both tables print side by side. ``--profile SCHEME``
+prints where one decode step's time goes instead.
+
+    python bench/llm.py [--threads 2] [--modes eager,compiled] [--no-llamacpp]
+    python bench/llm.py --profile w4a16-g128 [--modes compiled]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import llamacpp  # noqa: E402
+from lowbit.bench import generate  # noqa: E402
+
+SCHEMES = ["w8a8", "w8a16", "w4a16-g128", "w4a16-g32"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="a transformers causal-LM directory (default: the 491.8M Llama)")
+    parser.add_argument("--work", type=Path, default=llamacpp.default_work().parent / "llm")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--schemes", default=",".join(SCHEMES))
+    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--batches", default="1,4", help="decode batch sizes")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--llamacpp-types", default="bf16,q8_0,q4_0,q4_k_m")
+    parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--profile", metavar="SCHEME", help="profile one decode step of this scheme ('bf16': float)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = args.model or generate.build_llama(args.work / "llama-491m")
+    model = generate.load(model_dir)
+    modes = args.modes.split(",")
+
+    if args.profile:
+        schemes = [] if args.profile == "bf16" else [args.profile]
+        target = list(generate.variants(model, schemes).values())[-1]
+        for mode in modes:
+            split = generate.profile_decode(target, compiled=mode == "compiled")
+            print(f"\n{args.profile}, {mode}: ms per decode step (torch.profiler; its own overhead inflates "
+                  f"Python / dispatch)")
+            for k, v in split.items():
+                print(f"  {k:<28} {v:7.2f}")
+        return
+
+    models = generate.variants(model, [s for s in args.schemes.split(",") if s])
+    rows = generate.run(models, modes, batches=[int(b) for b in args.batches.split(",")], rounds=args.rounds)
+    print(f"\nlowbit (transformers {_version('transformers')}, torch {torch.__version__}), {args.threads} threads, "
+          f"tokens/s:\n")
+    print(generate.table(rows))
+    if args.no_llamacpp:
+        return
+    del models, model
+    cpp = llamacpp.bench(model_dir, args.llamacpp_types.split(","), args.threads, [32, 512], 64,
+                         llamacpp.default_work())
+    commit = cpp[0]["commit"] if cpp else "?"
+    print(f"\nllama.cpp {commit} (llama-bench, {args.threads} threads), tokens/s:\n")
+    tests = list(dict.fromkeys(r["test"] for r in cpp))
+    print("| type | " + " | ".join(tests) + " |")
+    print("|---|" + "---:|" * len(tests))
+    for kind in dict.fromkeys(r["type"] for r in cpp):
+        cells = {r["test"]: f"{r['tokens_per_s']:.1f} ± {r['stddev']:.1f}" for r in cpp if r["type"] == kind}
+        print(f"| {kind} | " + " | ".join(cells.get(t, "") for t in tests) + " |")
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+if __name__ == "__main__":
+    main()

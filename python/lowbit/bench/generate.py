@@ -1,0 +1,295 @@
+"""Whole-model generation timing: prefill and decode of a transformers causal LM, float
+against lowbit's schemes, eager and compiled (``lowbit bench --model DIR --generate``,
+``bench/llm.py``).
+
+Prefill: one forward of a prompt of N random token ids into an empty cache, logits of
+the last position only (as ``generate`` asks for them); tokens per second = N / time.
+Decode: greedy ``model.generate`` of 1 and of 1 + D new tokens after a 32-token prompt
+(no early stop); tokens per second = D / (difference), so prefill and the first token
+cancel out and what is left is D decode steps with everything ``generate`` does around
+them. Compiled: a static cache and ``torch.compile`` of the forward through
+transformers' own ``compile_config`` (inductor, default mode, fixed shapes). Every
+variant is timed round-robin, ``rounds`` times, and the median kept.
+
+``profile_decode`` splits one decode step (torch.profiler) into lowbit's ops, float
+matmuls, attention, norms, rotary, the rest of torch's ops, what ``generate`` does
+outside the model (sampling, stopping, cache bookkeeping), and the Python / dispatch
+time no op accounts for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# The benchmark Llama of issue-sized dimensions: 491.8M parameters, untied.
+LLAMA_491M = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+
+PROMPT = 32
+
+
+def build_llama(out: Path, dims: dict | None = None, seed: int = 0) -> Path:
+    """A randomly initialised transformers Llama (bf16 safetensors) in ``out``, once."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(seed)
+    config = LlamaConfig(**(dims or LLAMA_491M), torch_dtype="bfloat16")
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(out)
+    return out
+
+
+def load(model_dir: Path, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model.generation_config.pad_token_id = model.generation_config.pad_token_id or 0
+    return model.eval()
+
+
+def variants(model: nn.Module, schemes: Sequence[str], **quantize_fields) -> dict[str, nn.Module]:
+    """The float model under its dtype's name and a quantized copy per scheme."""
+    import lowbit
+
+    name = str(next(model.parameters()).dtype).removeprefix("torch.")
+    out = {name: model}
+    for scheme in schemes:
+        quantized = copy.deepcopy(model)
+        lowbit.quantize(quantized, scheme, progress=False, **quantize_fields)
+        out[scheme] = quantized
+    return out
+
+
+def _generate(model: nn.Module, ids: torch.Tensor, new: int, compiled: bool) -> torch.Tensor:
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    if compiled:
+        from transformers import CompileConfig
+
+        kwargs.update(cache_implementation="static",
+                      compile_config=CompileConfig(fullgraph=True, dynamic=False, mode="default",
+                                                   _compile_all_devices=True))
+    return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+
+def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    model(ids, logits_to_keep=1)
+    return time.perf_counter() - t0
+
+
+def decode_seconds(model: nn.Module, ids: torch.Tensor, steps: int, compiled: bool) -> float:
+    """Seconds for ``steps`` decode steps: generate(1 + steps) - generate(1)."""
+    t0 = time.perf_counter()
+    _generate(model, ids, 1, compiled)
+    t1 = time.perf_counter()
+    _generate(model, ids, 1 + steps, compiled)
+    t2 = time.perf_counter()
+    return (t2 - t1) - (t1 - t0)
+
+
+@dataclasses.dataclass
+class GenerateRow:
+    variant: str
+    mode: str  # "eager" or "compiled"
+    batch: int
+    test: str  # "pp32", "pp512", "tg64"
+    tokens_per_s: float
+    spread: float  # (max - min) / median of the rounds
+
+
+def run(models: dict[str, nn.Module], modes: Sequence[str] = ("eager",), prompts: Sequence[int] = (32, 512),
+        decode: int = 64, batches: Sequence[int] = (1,), rounds: int = 3, seed: int = 0,
+        progress: bool = True) -> list[GenerateRow]:
+    """Time every model in every mode, round-robin; rows of tokens per second (per sequence
+    summed over the batch: batch 4 decoding 10 steps per second is 40 tokens/s)."""
+    from tqdm import tqdm
+
+    vocab = next(iter(models.values())).config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    tests = [(f"pp{n}", n, 1) for n in prompts] + [(f"tg{decode}", PROMPT, b) for b in batches]
+    inputs = {(n, b): torch.randint(vocab, (b, n), generator=gen) for _, n, b in tests}
+    times: dict[tuple, list[float]] = {}
+    jobs = [(name, mode, test, n, b) for mode in modes for test, n, b in tests for name in models]
+    with torch.inference_mode():
+        for name, mode, test, n, b in tqdm(jobs, desc="warm-up", disable=not progress or None):
+            _time_one(models[name], mode, test, inputs[(n, b)], decode)  # compiles, fills caches
+        for _ in tqdm(range(rounds), desc="rounds", disable=not progress or None):
+            for name, mode, test, n, b in jobs:
+                times.setdefault((name, mode, test, b), []).append(
+                    _time_one(models[name], mode, test, inputs[(n, b)], decode))
+    rows = []
+    for (name, mode, test, b), ts in times.items():
+        tokens = (decode if test.startswith("tg") else int(test[2:])) * b
+        med = statistics.median(ts)
+        rows.append(GenerateRow(name, mode, b, test, tokens / med, (max(ts) - min(ts)) / med))
+    return rows
+
+
+def _time_one(model: nn.Module, mode: str, test: str, ids: torch.Tensor, decode: int) -> float:
+    if test.startswith("pp"):
+        forward = model.forward
+        if mode == "compiled":
+            model.forward = _compiled_forward(model)
+        try:
+            return prefill_seconds(model, ids)
+        finally:
+            model.forward = forward
+    return decode_seconds(model, ids, decode, mode == "compiled")
+
+
+def _compiled_forward(model: nn.Module):
+    if not hasattr(model, "_lowbit_prefill_compiled"):
+        model._lowbit_prefill_compiled = torch.compile(model.forward, dynamic=False)
+    return model._lowbit_prefill_compiled
+
+
+def table(rows: Sequence[GenerateRow]) -> str:
+    """Markdown: a row per variant and mode, a column per test and batch."""
+    columns = sorted({(r.test, r.batch) for r in rows}, key=lambda c: (c[0].startswith("tg"), int(c[0][2:]), c[1]))
+    keys = list(dict.fromkeys((r.variant, r.mode) for r in rows))
+    head = [f"{t} b{b}" if t.startswith("tg") else t for t, b in columns]
+    lines = ["| variant | mode | " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(columns)]
+    found = {(r.variant, r.mode, r.test, r.batch): r for r in rows}
+    for v, m in keys:
+        cells = []
+        for t, b in columns:
+            r = found.get((v, m, t, b))
+            cells.append("" if r is None else f"{r.tokens_per_s:.1f}")
+        lines.append(f"| {v} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --- profile ---------------------------------------------------------------------------------
+
+CATEGORIES = ("lowbit ops", "float matmuls", "attention", "norms", "rotary", "other torch ops",
+              "compiled graph code", "generate outside the model", "Python / dispatch")
+
+
+@contextlib.contextmanager
+def _labels(model: nn.Module) -> Iterator[None]:
+    """record_function ranges around norms, rotary and the model's forward (by class name,
+    so any transformers decoder works; what is not found falls into 'other torch ops')."""
+    from torch.profiler import record_function
+
+    handles, ranges = [], {}
+
+    def enter(label):
+        def pre(module, args, kwargs=None):
+            r = record_function(f"lowbit.profile:{label}")
+            r.__enter__()
+            ranges.setdefault(id(module), []).append(r)
+        return pre
+
+    def leave(module, args, output):
+        ranges[id(module)].pop().__exit__(None, None, None)
+
+    for module in model.modules():
+        cls = type(module).__name__
+        label = "norms" if "Norm" in cls else "rotary" if "Rotary" in cls else None
+        if module is model:
+            label = "model"
+        if label:
+            handles += [module.register_forward_pre_hook(enter(label)), module.register_forward_hook(leave)]
+    # apply_rotary_pos_emb is a function in the modeling module: wrapped for the profile's length.
+    patched = []
+    for mod in {type(m).__module__ for m in model.modules()}:
+        import sys
+        module = sys.modules.get(mod)
+        fn = getattr(module, "apply_rotary_pos_emb", None)
+        if fn is not None:
+            def wrapped(*a, _fn=fn, **k):
+                with record_function("lowbit.profile:rotary"):
+                    return _fn(*a, **k)
+            setattr(module, "apply_rotary_pos_emb", wrapped)
+            patched.append((module, fn))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for module, fn in patched:
+            module.apply_rotary_pos_emb = fn
+
+
+def _op_category(name: str) -> str | None:
+    if name.startswith("lowbit::"):
+        return "lowbit ops"
+    if "scaled_dot_product" in name or "attention" in name:
+        return "attention"
+    if name in ("aten::linear", "aten::mm", "aten::addmm", "aten::matmul", "aten::bmm"):
+        return "float matmuls"
+    return None
+
+
+def profile_decode(model: nn.Module, steps: int = 16, compiled: bool = False, seed: int = 0) -> dict[str, float]:
+    """Milliseconds per decode step in each of ``CATEGORIES`` (and "total"), from the
+    difference of two profiled ``generate`` calls (1 and 1 + steps new tokens)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab = model.config.vocab_size
+    ids = torch.randint(vocab, (1, PROMPT), generator=torch.Generator().manual_seed(seed))
+    result = {}
+    with torch.inference_mode(), _labels(model):
+        _generate(model, ids, 1 + steps, compiled)  # warm-up (compiles)
+        for new in (1, 1 + steps):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                _generate(model, ids, new, compiled)
+                wall = time.perf_counter() - t0
+            result[new] = _split(prof.events(), wall)
+    return {k: (result[1 + steps][k] - result[1][k]) * 1e3 / steps for k in result[1]}
+
+
+def _split(events, wall: float) -> dict[str, float]:
+    """Seconds per category: each outermost op is charged whole to its own category, or
+    to the innermost labelled range around it; ops outside the model's forward count as
+    generate's; the wall time no op covers is Python / dispatch."""
+    out = dict.fromkeys(CATEGORIES, 0.0)
+
+    def walk(event, label: str | None) -> None:
+        name = event.name
+        if name.startswith("lowbit.profile:"):
+            tag = name.split(":", 1)[1]
+            for child in event.cpu_children:
+                walk(child, tag)
+            return
+        if name.startswith(("Torch-Compiled", "CompiledFunction")):
+            # A compiled graph: its fused kernels are not ops; what its ops leave is charged to it.
+            out["compiled graph code"] += (event.cpu_time_total - sum(c.cpu_time_total for c in event.cpu_children)) / 1e6
+            for child in event.cpu_children:
+                walk(child, label)
+            return
+        if "::" in name:
+            category = _op_category(name)
+            if category is None:
+                if label is None:
+                    category = "generate outside the model"
+                elif label == "model":
+                    category = "other torch ops"
+                else:
+                    category = label
+            out[category] += event.cpu_time_total / 1e6
+            return
+        for child in event.cpu_children:
+            walk(child, label)
+
+    for event in events:
+        if event.cpu_parent is None:
+            walk(event, None)
+    covered = sum(out.values())
+    out["Python / dispatch"] = max(wall - covered, 0.0)
+    out["total"] = wall
+    return out
