@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=3, help="round-robin timing rounds (the fastest is kept)")
     bench.add_argument("--json", help="write every measurement here")
     bench.add_argument("--plot", help="write a PNG of speedup over bf16 against M here")
+    bench.add_argument("--model", help="with --generate: a transformers causal-LM directory")
+    bench.add_argument("--generate", action="store_true",
+                       help="time the model's prefill and decode (float and each scheme) instead of kernels")
+    bench.add_argument("--modes", type=_list, default=["eager"], help="with --generate: eager, compiled")
+    bench.add_argument("--prompts", type=_ints, default=[32, 512], help="with --generate: prefill lengths")
+    bench.add_argument("--batches", type=_ints, default=[1], help="with --generate: decode batch sizes")
+    bench.add_argument("--decode", type=int, default=64, help="with --generate: decode steps")
 
     tune = sub.add_parser("tune", help="measure the kernel paths per M bucket and store the plan")
     tune.add_argument("--schemes", type=_list, default=["w8a8", "w4a16-g128", "w8a16"])
@@ -119,6 +126,15 @@ def main(argv: list[str] | None = None) -> int:
             from lowbit import demo as demo_module
 
             print(demo_module.run(args.model, args.schemes.split(","), args.sentences))
+        elif args.command == "bench" and (args.generate or args.model):
+            if not (args.generate and args.model):
+                parser.error("--generate and --model DIR go together")
+            from lowbit.bench import generate
+
+            models = generate.variants(generate.load(args.model), args.schemes)
+            rows = generate.run(models, args.modes, prompts=args.prompts, decode=args.decode, batches=args.batches,
+                                rounds=args.rounds)
+            print(generate.table(rows))
         elif args.command == "bench":
             from lowbit import bench
 

@@ -1,0 +1,73 @@
+"""The whole-model generation benchmark (lowbit.bench.generate, `lowbit bench --generate`)
+on a tiny random Llama: rows for every variant and test, a profile whose parts add up,
+and the CLI end to end. Timing targets live in bench/llm.py, not here."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from lowbit.bench import generate  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return generate.build_llama(tmp_path_factory.mktemp("llama") / "tiny", TINY)
+
+
+def test_run_rows_and_table(tiny_dir):
+    models = generate.variants(generate.load(tiny_dir), ["w8a8", "w4a16-g32"])
+    assert set(models) == {"bfloat16", "w8a8", "w4a16-g32"}
+    # The copies are quantized; the float model is left alone.
+    assert type(models["w8a8"].model.layers[0].mlp.up_proj).__name__ != "Linear"
+    assert type(models["bfloat16"].model.layers[0].mlp.up_proj) is torch.nn.Linear
+    rows = generate.run(models, ["eager"], prompts=[8], decode=16, batches=[1, 2], rounds=1, progress=False)
+    keys = {(r.variant, r.test, r.batch) for r in rows}
+    assert keys == {(v, t, b) for v in models for t, b in [("pp8", 1), ("tg16", 1), ("tg16", 2)]}
+    assert all(r.tokens_per_s > 0 and r.spread >= 0 for r in rows)
+    lines = generate.table(rows).splitlines()
+    assert lines[0] == "| variant | mode | pp8 | tg16 b1 | tg16 b2 |"
+    assert len(lines) == 2 + len(models)
+
+
+def test_decode_greedy_is_deterministic(tiny_dir):
+    # decode_seconds subtracts two generate calls; both must run the full length (no early stop).
+    model = generate.load(tiny_dir)
+    ids = torch.randint(256, (1, generate.PROMPT), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        out = generate._generate(model, ids, 5, compiled=False)
+    assert out.shape == (1, generate.PROMPT + 5)
+
+
+@pytest.mark.parametrize("scheme", [None, "w4a16-g32"])
+def test_profile_parts_add_up(tiny_dir, scheme):
+    model = list(generate.variants(generate.load(tiny_dir), [scheme] if scheme else []).values())[-1]
+    split = generate.profile_decode(model, steps=4)
+    parts = [split[k] for k in generate.CATEGORIES]
+    assert split["total"] > 0
+    assert sum(parts) == pytest.approx(split["total"], rel=0.05, abs=0.05)
+    if scheme:
+        assert split["lowbit ops"] > 0 and split["float matmuls"] < split["lowbit ops"]
+    else:
+        assert split["lowbit ops"] == 0 and split["float matmuls"] > 0
+    assert split["attention"] > 0 and split["norms"] > 0
+
+
+def test_cli_generate(tiny_dir, capsys):
+    from lowbit import cli
+
+    cli.main(["bench", "--generate", "--model", str(tiny_dir), "--schemes", "w8a16", "--prompts", "8",
+              "--decode", "3", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "| w8a16 | eager |" in out and "| bfloat16 | eager |" in out
+
+
+def test_cli_generate_needs_model(capsys):
+    from lowbit import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--generate"])
+    assert "--model" in capsys.readouterr().err
