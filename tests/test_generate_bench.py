@@ -9,7 +9,8 @@ pytest.importorskip("transformers")
 
 from lowbit.bench import generate  # noqa: E402
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+# Every Linear layer above quantize's min_numel, so the quantized copies hold no float matmul.
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
 
 
@@ -24,12 +25,12 @@ def test_run_rows_and_table(tiny_dir):
     # The copies are quantized; the float model is left alone.
     assert type(models["w8a8"].model.layers[0].mlp.up_proj).__name__ != "Linear"
     assert type(models["bfloat16"].model.layers[0].mlp.up_proj) is torch.nn.Linear
-    rows = generate.run(models, ["eager"], prompts=[8], decode=16, batches=[1, 2], rounds=1, progress=False)
+    rows = generate.run(models, ["eager"], prompts=[8], decode=32, batches=[1, 2], rounds=1, progress=False)
     keys = {(r.variant, r.test, r.batch) for r in rows}
-    assert keys == {(v, t, b) for v in models for t, b in [("pp8", 1), ("tg16", 1), ("tg16", 2)]}
+    assert keys == {(v, t, b) for v in models for t, b in [("pp8", 1), ("tg32", 1), ("tg32", 2)]}
     assert all(r.tokens_per_s > 0 and r.spread >= 0 for r in rows)
     lines = generate.table(rows).splitlines()
-    assert lines[0] == "| variant | mode | pp8 | tg16 b1 | tg16 b2 |"
+    assert lines[0] == "| variant | mode | pp8 | tg32 b1 | tg32 b2 |"
     assert len(lines) == 2 + len(models)
 
 
@@ -45,7 +46,7 @@ def test_decode_greedy_is_deterministic(tiny_dir):
 @pytest.mark.parametrize("scheme", [None, "w4a16-g32"])
 def test_profile_parts_add_up(tiny_dir, scheme):
     model = list(generate.variants(generate.load(tiny_dir), [scheme] if scheme else []).values())[-1]
-    split = generate.profile_decode(model, steps=4)
+    split = generate.profile_decode(model, steps=8)
     parts = [split[k] for k in generate.CATEGORIES]
     assert split["total"] > 0
     assert sum(parts) == pytest.approx(split["total"], rel=0.05, abs=0.05)
