@@ -30,6 +30,7 @@ from lowbit.backends import (  # noqa: E402
 from lowbit.checkpoint import CheckpointError, empty_weights, load, save  # noqa: E402
 from lowbit.formats import QuantizedWeight, Scheme, quantize_weight  # noqa: E402
 from lowbit.nn import QuantLinear, W4A16Linear, W8A8Linear, W8A8StaticLinear, W8A16Linear  # noqa: E402
+from lowbit.fusion import fuse, unfuse  # noqa: E402
 from lowbit.quantize import QuantConfig, QuantizeReport, dequantize, quantize  # noqa: E402
 from lowbit.pretrained import load_pretrained, quantize_pretrained, save_pretrained  # noqa: E402
 from lowbit.interop import export  # noqa: E402

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit import fusion
 from lowbit.calibrate import pipeline
 from lowbit.calibrate.methods import as_method
 from lowbit.calibrate.pipeline import needs_calibration
@@ -55,6 +56,9 @@ class QuantConfig:
     row ("w8a16") or int4 per group ("w4a16-g32", ...), selected by the same include /
     exclude / min_numel; a table whose weight is tied to a Linear layer's stays float (its
     Linear is quantized on its own terms), and so does one with ``max_norm``.
+    ``fuse``: run sibling projections that read one input (q/k/v, gate/up; the name groups
+    of ``lowbit.fusion.DEFAULT_GROUPS``, or a list of such tuples) as one GEMM, exactly
+    (``lowbit.fusion``); False keeps them apart. The report notes each member.
     """
 
     scheme: Scheme | str = "w8a8"
@@ -72,6 +76,7 @@ class QuantConfig:
     calibration_device: str | None = None
     scale_dtype: torch.dtype | str | None = None
     embeddings: Scheme | str | None = None
+    fuse: bool | Sequence[Sequence[str]] = True
 
     def __post_init__(self):
         if isinstance(self.scale_dtype, str):
@@ -301,6 +306,7 @@ def quantize(
             selection.replace(e, quantize_weight(e.linear.weight.detach(), e.scheme, e.name, act_scale=e.act_scale,
                                                  scale_dtype=config.scale_dtype))
         _quantize_embeddings(model, config, selection.report, linear_weights)
+        _fuse(model, config, selection.report)
         return selection.report
     if calibration is None:
         raise ValueError(f"{reason}: needs calibration data (calibration=batches) or act_scales")
@@ -310,7 +316,17 @@ def quantize(
         shared_weights=selection.shared_weights, stats_device=config.calibration_device,
         scale_dtype=config.scale_dtype, progress=progress)
     _quantize_embeddings(model, config, selection.report, linear_weights)
+    _fuse(model, config, selection.report)
     return selection.report
+
+
+def _fuse(model: nn.Module, config: QuantConfig, report: QuantizeReport) -> None:
+    if config.fuse is False:
+        return
+    notes = fusion.fuse(model) if config.fuse is True else fusion.fuse(model, config.fuse)
+    for row in report:
+        if row.name in notes:
+            row.reason = "; ".join(r for r in (row.reason, notes[row.name]) if r)
 
 
 def _quantize_embeddings(model: nn.Module, config: QuantConfig, report: QuantizeReport, linear_weights: set[int]):
