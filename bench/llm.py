@@ -9,7 +9,8 @@ cache + torch.compile), round-robin medians (``lowbit.bench.generate``). Then
 ``bench/llamacpp.py`` builds llama.cpp from its published source package, converts the
 same directory with its own converter, quantizes Q8_0 / Q4_0 / Q4_K_M and runs
 llama-bench with the same threads; both tables print side by side. ``--profile SCHEME``
-prints where one decode step's time goes instead.
+prints where one decode step's time goes instead, with the projections apart and fused;
+``--apart`` adds unfused rows to the table.
 
     python bench/llm.py [--threads 2] [--modes eager,compiled] [--no-llamacpp]
     python bench/llm.py --profile w4a16-g128 [--modes compiled]
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llamacpp-types", default="bf16,q8_0,q4_0,q4_k_m")
     parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--apart", action="store_true", help="also time each scheme with its projections unfused")
     parser.add_argument("--profile", metavar="SCHEME", help="profile one decode step of this scheme ('bf16': float)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -51,17 +53,25 @@ def main() -> None:
     modes = args.modes.split(",")
 
     if args.profile:
-        schemes = [] if args.profile == "bf16" else [args.profile]
-        target = list(generate.variants(model, schemes).values())[-1]
+        # Before and after fusion: the scheme with its projections apart, then fused.
+        columns = {"float": model} if args.profile == "bf16" else {
+            "apart": list(generate.variants(model, [args.profile], fuse=False).values())[-1],
+            "fused": list(generate.variants(model, [args.profile]).values())[-1]}
         for mode in modes:
-            split = generate.profile_decode(target, compiled=mode == "compiled")
+            splits = {name: generate.profile_decode(m, compiled=mode == "compiled") for name, m in columns.items()}
             print(f"\n{args.profile}, {mode}: ms per decode step (torch.profiler; its own overhead inflates "
-                  f"Python / dispatch)")
-            for k, v in split.items():
-                print(f"  {k:<28} {v:7.2f}")
+                  f"Python / dispatch)\n")
+            print("| part | " + " | ".join(splits) + " |")
+            print("|---|" + "---:|" * len(splits))
+            for part in next(iter(splits.values())):
+                print(f"| {part} | " + " | ".join(f"{s[part]:.2f}" for s in splits.values()) + " |")
         return
 
-    models = generate.variants(model, [s for s in args.schemes.split(",") if s])
+    schemes = [s for s in args.schemes.split(",") if s]
+    models = generate.variants(model, schemes)
+    if args.apart:
+        apart = generate.variants(model, schemes, fuse=False)
+        models.update({f"{k} apart": apart[k] for k in schemes})
     rows = generate.run(models, modes, batches=[int(b) for b in args.batches.split(",")], rounds=args.rounds)
     print(f"\nlowbit (transformers {_version('transformers')}, torch {torch.__version__}), {args.threads} threads, "
           f"tokens/s:\n")

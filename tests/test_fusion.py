@@ -4,12 +4,11 @@ torch.compile; members that cannot fuse stay apart with a reason."""
 
 import copy
 
+import lowbit
 import pytest
 import torch
-from torch import nn
-
-import lowbit
 from lowbit.fusion import RowSlice
+from torch import nn
 
 SCHEMES = ["w8a8", "w8a16", "w4a16-g32", "w4a16-g64-sym", "w4a16-g128"]
 
@@ -54,7 +53,8 @@ def _pair(scheme, dtype=torch.bfloat16, bias=False, seed=0):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_model_equals_separate_layers(scheme, dtype):
     apart, fused, report = _pair(scheme, dtype, bias=scheme == "w8a16")
-    members = [n for n, m in fused.named_modules() if isinstance(m, lowbit.QuantLinear) and isinstance(m.store, RowSlice)]
+    members = [n for n, m in fused.named_modules()
+               if isinstance(m, lowbit.QuantLinear) and isinstance(m.store, RowSlice)]
     assert len(members) == 2 * 5  # q, k, v, gate, up in each block
     notes = {r.name: r.reason for r in report}
     assert "fused with q_proj+k_proj+v_proj" in notes["0.attn.k_proj"]

@@ -132,7 +132,8 @@ class RowsPacked(Packed):
             return None if t is None else t[self.start:self.stop]
 
         return dataclasses.replace(whole, qweight=cut(whole.qweight), scales=cut(whole.scales),
-                                   zeros=cut(whole.zeros), out_features=self.stop - self.start)
+                                   zeros=cut(whole.zeros), out_features=self.stop - self.start,
+                                   act_scale=self.act_scale)  # the member's own (equal) tensor
 
 
 class RowSlice(WeightStore):
@@ -141,7 +142,7 @@ class RowSlice(WeightStore):
     def __init__(self, group: FusedGroup, index: int, start: int, stop: int, like: WeightStore):
         whole = group.whole.packed
         self.packed = RowsPacked(scheme=whole.scheme, group_size=whole.group_size, out_features=stop - start,
-                                 in_features=whole.in_features, tensors={}, act_scale=whole.act_scale,
+                                 in_features=whole.in_features, tensors={}, act_scale=like.packed.act_scale,
                                  start=start, stop=stop, group=group)
         self.backend = _GroupBackend(group, index)
         self.group = group

@@ -268,7 +268,8 @@ def _split(events, wall: float) -> dict[str, float]:
             return
         if name.startswith(("Torch-Compiled", "CompiledFunction")):
             # A compiled graph: its fused kernels are not ops; what its ops leave is charged to it.
-            out["compiled graph code"] += (event.cpu_time_total - sum(c.cpu_time_total for c in event.cpu_children)) / 1e6
+            own = event.cpu_time_total - sum(c.cpu_time_total for c in event.cpu_children)
+            out["compiled graph code"] += own / 1e6
             for child in event.cpu_children:
                 walk(child, label)
             return
