@@ -78,9 +78,9 @@ def _generate(model: nn.Module, ids: torch.Tensor, new: int, compiled: bool) -> 
     if compiled:
         from transformers import CompileConfig
 
-        kwargs.update(cache_implementation="static",
-                      compile_config=CompileConfig(fullgraph=True, dynamic=False, mode="default",
-                                                   _compile_all_devices=True))
+        config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+        config._compile_all_devices = True  # transformers compiles only on GPUs unless told
+        kwargs.update(cache_implementation="static", compile_config=config)
     return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
 
 
@@ -242,7 +242,9 @@ def profile_decode(model: nn.Module, steps: int = 16, compiled: bool = False, se
     vocab = model.config.vocab_size
     ids = torch.randint(vocab, (1, PROMPT), generator=torch.Generator().manual_seed(seed))
     result = {}
-    with torch.inference_mode(), _labels(model):
+    # Compiled code cannot hold the labels' hooks (record_function breaks the graph); there
+    # the compiled region stands for the model.
+    with torch.inference_mode(), contextlib.nullcontext() if compiled else _labels(model):
         _generate(model, ids, 1 + steps, compiled)  # warm-up (compiles)
         for new in (1, 1 + steps):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -271,7 +273,7 @@ def _split(events, wall: float) -> dict[str, float]:
             own = event.cpu_time_total - sum(c.cpu_time_total for c in event.cpu_children)
             out["compiled graph code"] += own / 1e6
             for child in event.cpu_children:
-                walk(child, label)
+                walk(child, label or "model")
             return
         if "::" in name:
             category = _op_category(name)
