@@ -14,6 +14,7 @@ prints where one decode step's time goes instead, with the projections apart and
 
     python bench/llm.py [--threads 2] [--modes eager,compiled] [--no-llamacpp]
     python bench/llm.py --profile w4a16-g128 [--modes compiled]
+    python bench/llm.py --vllm-python .venv-vllm/bin/python   # vLLM's CPU build too (make vllm-check first)
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--llamacpp-types", default="bf16,q8_0,q4_0,q4_k_m")
     parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--apart", action="store_true", help="also time each scheme with its projections unfused")
+    parser.add_argument("--vllm-python", help="also time vLLM's CPU build (this venv's python; `make vllm-check` "
+                        "sets up .venv-vllm) on the bf16 model and lowbit's W8A8 / W4A16 g128 exports")
     parser.add_argument("--profile", metavar="SCHEME", help="profile one decode step of this scheme ('bf16': float)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -76,9 +79,13 @@ def main() -> None:
     print(f"\nlowbit (transformers {_version('transformers')}, torch {torch.__version__}), {args.threads} threads, "
           f"tokens/s:\n")
     print(generate.table(rows))
+    if args.vllm_python:
+        del models
+        print("\n" + vllm_table(model, model_dir, args.work, [int(b) for b in args.batches.split(",")],
+                                args.vllm_python))
     if args.no_llamacpp:
         return
-    del models, model
+    del model
     cpp = llamacpp.bench(model_dir, args.llamacpp_types.split(","), args.threads, [32, 512], 64,
                          llamacpp.default_work())
     commit = cpp[0]["commit"] if cpp else "?"
@@ -89,6 +96,36 @@ def main() -> None:
     for kind in dict.fromkeys(r["type"] for r in cpp):
         cells = {r["test"]: f"{r['tokens_per_s']:.1f} ± {r['stddev']:.1f}" for r in cpp if r["type"] == kind}
         print(f"| {kind} | " + " | ".join(cells.get(t, "") for t in tests) + " |")
+
+
+def vllm_table(model, model_dir: Path, work: Path, batches: list[int], vllm_python: str) -> str:
+    """vLLM's decode tokens/s on the float model and lowbit's compressed-tensors exports
+    (lm_head and embeddings bf16, as vLLM's CPU build serves them)."""
+    import copy
+    import warnings
+
+    import lowbit
+    import vllm_check
+    from lowbit import interop
+
+    dirs = {"bf16": str(model_dir)}
+    for scheme in ("w8a8", "w4a16-g128"):
+        out = work / f"ct-{scheme}"
+        if not (out / "config.json").exists():
+            quantized = copy.deepcopy(model)
+            lowbit.quantize(quantized, scheme, exclude=["lm_head"], progress=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", interop.EngineWarning)
+                lowbit.export(quantized, out, "compressed-tensors", source=model_dir)
+            del quantized
+        dirs[scheme] = str(out)
+    got = vllm_check.measure_speed(vllm_python, dirs, work, batches)
+    lines = ["vLLM CPU build (eager, 2 threads bound), decode tokens/s (tg64 after 32):\n",
+             "| model | " + " | ".join(f"b{b}" for b in batches) + " |", "|---|" + "---:|" * len(batches)]
+    for name, result in got.items():
+        cells = [f"{result['tokens_per_s'][str(b)]:.1f}" if result["ok"] else result["error"][:80] for b in batches]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _version(package: str) -> str:

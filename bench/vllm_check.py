@@ -12,7 +12,7 @@ kernels differ by that much on identical weights.
     python bench/vllm_check.py run --vllm-python .venv-vllm/bin/python [--work DIR]
 
 ``serve`` is the part that runs inside vLLM's venv (it imports neither lowbit nor the
-lowbit venv's torch).
+lowbit venv's torch); ``speed`` times decode there for ``bench/llm.py --vllm-python``.
 """
 
 from __future__ import annotations
@@ -70,6 +70,60 @@ def serve(args) -> None:
     except Exception as e:  # a format vLLM refuses is a result too
         result = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
     Path(args.out).write_text(json.dumps(result))
+
+
+def speed(args) -> None:
+    """Inside vLLM's venv: decode tokens/s of one directory at each batch size, as JSON.
+
+    As lowbit's bench times it: greedy, no early stop, a prompt of ``prompt`` random ids
+    per sequence; decode = (time of 1 + D new tokens - time of 1) over D steps, median of
+    ``rounds``; eager (no CUDA graphs exist on CPU), 2 threads bound."""
+    import random
+    import statistics
+    import time
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    from vllm import LLM, SamplingParams
+
+    spec = json.loads(Path(args.spec).read_text())
+    result = {"ok": True, "tokens_per_s": {}}
+    try:
+        llm = LLM(model=spec["model"], dtype="bfloat16", enforce_eager=True, max_model_len=256, seed=0)
+        rng = random.Random(0)
+        for batch in spec["batches"]:
+            prompts = [{"prompt_token_ids": [rng.randrange(100, 30000) for _ in range(spec["prompt"])]}
+                       for _ in range(batch)]
+
+            def timed(n):
+                params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True)
+                t0 = time.perf_counter()
+                llm.generate(prompts, params, use_tqdm=False)
+                return time.perf_counter() - t0
+
+            timed(1 + spec["decode"])  # warm-up
+            steps = [timed(1 + spec["decode"]) - timed(1) for _ in range(spec["rounds"])]
+            result["tokens_per_s"][str(batch)] = spec["decode"] * batch / statistics.median(steps)
+    except Exception as e:
+        result = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    Path(args.out).write_text(json.dumps(result))
+
+
+def measure_speed(vllm_python: str, models: dict[str, str], work: Path, batches: list[int], prompt: int = 32,
+                  decode: int = 64, rounds: int = 3) -> dict[str, dict]:
+    """``speed`` for each {name: directory}, one vLLM process each (run from lowbit's venv)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "LOWBIT"))}
+    out = {}
+    for name, directory in models.items():
+        spec, served = work / f"{name}.speed.json", work / f"{name}.speed.out.json"
+        spec.write_text(json.dumps({"model": directory, "batches": batches, "prompt": prompt, "decode": decode,
+                                    "rounds": rounds}))
+        served.unlink(missing_ok=True)
+        subprocess.run([vllm_python, os.path.abspath(__file__), "speed", str(spec), str(served)], env=env,
+                       timeout=1800)
+        out[name] = json.loads(served.read_text()) if served.is_file() else {"ok": False, "error": "crashed"}
+    return out
 
 
 # --- the lowbit side -------------------------------------------------------------------------------
@@ -200,11 +254,12 @@ def main() -> None:
     r.add_argument("--vllm-python", default=".venv-vllm/bin/python")
     r.add_argument("--work", help="working directory (kept; default a new temporary one)")
     r.add_argument("--reuse", action="store_true", help="keep vLLM results already in --work")
-    s = sub.add_parser("serve")
-    s.add_argument("spec")
-    s.add_argument("out")
+    for command in ("serve", "speed"):
+        s = sub.add_parser(command)
+        s.add_argument("spec")
+        s.add_argument("out")
     args = parser.parse_args()
-    (run if args.command == "run" else serve)(args)
+    {"run": run, "serve": serve, "speed": speed}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -72,3 +72,20 @@ def test_cli_generate_needs_model(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--generate"])
     assert "--model" in capsys.readouterr().err
+
+
+def test_compiled_decode_is_one_graph_with_lowbit_ops_inside(tiny_dir):
+    # Static cache + torch.compile(fullgraph=True): any graph break would raise; the
+    # quantized (fused) layers' ops run inside the compiled region.
+    import lowbit
+
+    model = generate.load(tiny_dir)
+    lowbit.quantize(model, "w4a16-g32", progress=False)
+    torch._dynamo.reset()
+    split = generate.profile_decode(model, steps=4, compiled=True)
+    assert split["lowbit ops"] > 0 and split["norms"] == 0  # norms are inside the compiled code
+    parts = [split[k] for k in generate.CATEGORIES]
+    assert sum(parts) == pytest.approx(split["total"], rel=0.05, abs=0.05)
+    from torch._dynamo.utils import counters
+
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]

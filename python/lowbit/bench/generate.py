@@ -123,7 +123,9 @@ def run(models: dict[str, nn.Module], modes: Sequence[str] = ("eager",), prompts
     inputs = {(n, b): torch.randint(vocab, (b, n), generator=gen) for _, n, b in tests}
     times: dict[tuple, list[float]] = {}
     jobs = [(name, mode, test, n, b) for mode in modes for test, n, b in tests for name in models]
-    with torch.inference_mode():
+    # Every variant, batch and prompt length compiles the same forward code once more:
+    # dynamo's default limit of 8 per code object would stop compiling part-way through.
+    with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=max(64, 4 * len(jobs))):
         for name, mode, test, n, b in tqdm(jobs, desc="warm-up", disable=not progress or None):
             _time_one(models[name], mode, test, inputs[(n, b)], decode)  # compiles, fills caches
         for _ in tqdm(range(rounds), desc="rounds", disable=not progress or None):
