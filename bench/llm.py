@@ -113,7 +113,8 @@ def vllm_table(model, model_dir: Path, work: Path, batches: list[int], vllm_pyth
         out = work / f"ct-{scheme}"
         if not (out / "config.json").exists():
             quantized = copy.deepcopy(model)
-            lowbit.quantize(quantized, scheme, exclude=["lm_head"], progress=False)
+            lowbit.quantize(quantized, scheme, exclude=["lm_head"], progress=False,
+                            scale_dtype=interop.format_for("compressed-tensors").scale_dtype or torch.bfloat16)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", interop.EngineWarning)
                 lowbit.export(quantized, out, "compressed-tensors", source=model_dir)
