@@ -121,6 +121,24 @@ def test_state_dict_checkpoint_and_unfuse(tmp_path):
         assert torch.equal(fused(x), expected)
 
 
+def test_biases_follow_casts_edits_and_copies():
+    apart, fused, _ = _pair("w8a16", torch.float32, bias=True)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for m in (apart, fused):
+            m.to(torch.bfloat16)  # casts the members' biases; the group reads them at each call
+        assert torch.equal(fused(x), apart(x))
+        for m in (apart, fused):
+            m[0].attn.k_proj.bias.add_(1.0)
+            m[1].up_proj.bias.mul_(-2.0)
+        assert torch.equal(fused(x), apart(x))
+        copied = copy.deepcopy(fused)
+        copied[0].attn.v_proj.bias.zero_()
+        assert torch.equal(fused(x), apart(x))  # the copy's group is its own
+        apart[0].attn.v_proj.bias.zero_()
+        assert torch.equal(copied(x), apart(x))
+
+
 def test_members_that_cannot_fuse_stay_apart():
     torch.manual_seed(0)
     model = Block().to(torch.bfloat16)

@@ -59,10 +59,13 @@ class FusedGroup:
     A plain object (not a module): the members own the state dict; the group is reached
     through their stores and moves with them."""
 
-    def __init__(self, whole: WeightStore, bias: torch.Tensor | None, sizes: Sequence[int]):
+    def __init__(self, whole: WeightStore, members: Sequence[QuantLinear]):
         self.whole = whole
-        self.bias = bias
-        self.sizes = list(sizes)
+        # The member layers themselves: their biases are read at each fused call, so a cast,
+        # a move or an in-place edit of a member's bias is what the group computes with.
+        self.members = list(members)
+        self.biased = members[0].bias is not None
+        self.sizes = [m.out_features for m in members]
         self._input: torch.Tensor | None = None
         self._version = 0
         self._outputs: tuple[torch.Tensor, ...] = ()
@@ -71,7 +74,8 @@ class FusedGroup:
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         bit = 1 << index
         if self._input is not x or self._taken & bit or self._version != _version(x):
-            y = self.whole.backend.apply(x, self.whole.packed, self.bias)
+            bias = torch.cat([m.bias for m in self.members]) if self.biased else None
+            y = self.whole.backend.apply(x, self.whole.packed, bias)
             self._input, self._version, self._taken = x, _version(x), 0
             self._outputs = tuple(y.split(self.sizes, dim=-1))
         out = self._outputs[index]
@@ -80,10 +84,6 @@ class FusedGroup:
             self._input, self._outputs = None, ()  # every member has its rows: hold nothing between calls
         return out
 
-    def move(self, device: torch.device) -> None:
-        self.whole.move(device)
-        if self.bias is not None:
-            self.bias = self.bias.to(device)
 
 
 def _version(x: torch.Tensor) -> int:
@@ -94,7 +94,7 @@ def _version(x: torch.Tensor) -> int:
 
 class _GroupBackend:
     """What a member's store answers as its backend: ``apply`` takes the member's rows of
-    the group's output (the member's own bias is in the group's)."""
+    the group's output (computed with every member's bias)."""
 
     def __init__(self, group: FusedGroup, index: int):
         self.group = group
@@ -157,7 +157,7 @@ class RowSlice(WeightStore):
         return self.packed.rows(self.group.whole.canonical())
 
     def move(self, device: torch.device) -> None:
-        self.group.move(device)  # a no-op for the members after the first
+        self.group.whole.move(device)  # a no-op for the members after the first
 
 
 def _why_apart(members: Sequence[QuantLinear]) -> str | None:
@@ -206,8 +206,7 @@ def _fuse(members: Sequence[QuantLinear]) -> None:
 
     whole = dataclasses.replace(parts[0], qweight=stack("qweight"), scales=stack("scales"), zeros=stack("zeros"),
                                 out_features=sum(p.out_features for p in parts))
-    bias = None if members[0].bias is None else torch.cat([m.bias for m in members])
-    group = FusedGroup(WeightStore.build(whole, members[0].store.preferred), bias, [p.out_features for p in parts])
+    group = FusedGroup(WeightStore.build(whole, members[0].store.preferred), members)
     start = 0
     for index, m in enumerate(members):
         m.store = RowSlice(group, index, start, start + m.out_features, m.store)
