@@ -137,6 +137,11 @@ def test_biases_follow_casts_edits_and_copies():
         assert torch.equal(fused(x), apart(x))  # the copy's group is its own
         apart[0].attn.v_proj.bias.zero_()
         assert torch.equal(copied(x), apart(x))
+        # Back to float layers: the members' rows and biases.
+        lowbit.dequantize(copied)
+        lowbit.dequantize(apart)
+        x = x.to(copied[0].attn.q_proj.weight.dtype)
+        assert type(copied[0].attn.q_proj) is nn.Linear and torch.equal(copied(x), apart(x))
 
 
 def test_members_that_cannot_fuse_stay_apart():
