@@ -10,7 +10,7 @@ cache + torch.compile), round-robin medians (``lowbit.bench.generate``). Then
 same directory with its own converter, quantizes Q8_0 / Q4_0 / Q4_K_M and runs
 llama-bench with the same threads; both tables print side by side. ``--profile SCHEME``
 prints where one decode step's time goes instead, with the projections apart and fused;
-``--apart`` adds unfused rows to the table.
+``--apart`` adds unfused rows to the table, ``--lm-head-float`` rows with lm_head left float.
 
     python bench/llm.py [--threads 2] [--modes eager,compiled] [--no-llamacpp]
     python bench/llm.py --profile w4a16-g128 [--modes compiled]
@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--llamacpp-types", default="bf16,q8_0,q4_0,q4_k_m")
     parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--apart", action="store_true", help="also time each scheme with its projections unfused")
+    parser.add_argument("--lm-head-float", action="store_true",
+                        help="also time each scheme with lm_head left in the model's float dtype")
     parser.add_argument("--vllm-python", help="also time vLLM's CPU build (this venv's python; `make vllm-check` "
                         "sets up .venv-vllm) on the bf16 model and lowbit's W8A8 / W4A16 g128 exports")
     parser.add_argument("--profile", metavar="SCHEME", help="profile one decode step of this scheme ('bf16': float)")
@@ -75,6 +77,9 @@ def main() -> None:
     if args.apart:
         apart = generate.variants(model, schemes, fuse=False)
         models.update({f"{k} apart": apart[k] for k in schemes})
+    if args.lm_head_float:
+        float_head = generate.variants(model, schemes, exclude=["lm_head"])
+        models.update({f"{k} lm_head float": float_head[k] for k in schemes})
     rows = generate.run(models, modes, batches=[int(b) for b in args.batches.split(",")], rounds=args.rounds)
     print(f"\nlowbit (transformers {_version('transformers')}, torch {torch.__version__}), {args.threads} threads, "
           f"tokens/s:\n")

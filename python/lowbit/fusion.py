@@ -72,18 +72,17 @@ class FusedGroup:
         self._taken = 0  # bit i: member i has taken its rows of _outputs
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        bit = 1 << index
-        if self._input is not x or self._taken & bit or self._version != _version(x):
+        bit, version = 1 << index, _version(x)
+        if self._input is not x or self._taken & bit or self._version != version:
             bias = torch.cat([m.bias for m in self.members]) if self.biased else None
             y = self.whole.backend.apply(x, self.whole.packed, bias)
-            self._input, self._version, self._taken = x, _version(x), 0
+            self._input, self._version, self._taken = x, version, 0
             self._outputs = tuple(y.split(self.sizes, dim=-1))
         out = self._outputs[index]
         self._taken |= bit
         if self._taken == (1 << len(self.sizes)) - 1:
             self._input, self._outputs = None, ()  # every member has its rows: hold nothing between calls
         return out
-
 
 
 def _version(x: torch.Tensor) -> int:
@@ -152,9 +151,6 @@ class RowSlice(WeightStore):
     @property
     def device(self) -> torch.device:
         return self.group.whole.device
-
-    def canonical(self) -> QuantizedWeight:
-        return self.packed.rows(self.group.whole.canonical())
 
     def move(self, device: torch.device) -> None:
         self.group.whole.move(device)  # a no-op for the members after the first

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import dataclasses
 import statistics
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -208,7 +209,6 @@ def _labels(model: nn.Module) -> Iterator[None]:
     # apply_rotary_pos_emb is a function in the modeling module: wrapped for the profile's length.
     patched = []
     for mod in {type(m).__module__ for m in model.modules()}:
-        import sys
         module = sys.modules.get(mod)
         fn = getattr(module, "apply_rotary_pos_emb", None)
         if fn is not None:
