@@ -3,7 +3,10 @@ training win back over post-training quantization, and what a LoRA step costs.
 
 (a) Perplexity of the byte-level LM of ``bench/tinylm.py`` on its held-out text (the last
     10% of the pydoc corpus): fp32, W4A16 g128 by round-to-nearest and by GPTQ, the RTN
-    model with LoRA adapters trained on the training text, and QAT from the fp32 model.
+    model with LoRA adapters trained on the training text (adapters from zero, and from the
+    quantization error's truncated SVD), the RTN model with LoRA distilled from the fp32
+    model on the training text (the adapters learn what quantization lost, nothing else),
+    and QAT from the fp32 model.
 (b) A LoRA training step (rank 16 on every layer, batch 4 x 128 tokens) over a stack of four
     4096 x 4096 layers: the base in bf16 against the base in W4A16 g128 — bytes held, peak
     resident growth during the step, and time per step.
@@ -37,18 +40,25 @@ SCHEME = "w4a16-g128"
 EVAL_WINDOWS = 160
 
 
-def lm_loss(model, batch):
-    logits = model(batch[:, :-1])
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+def lm_loss(model, batch, teacher=None):
+    """Next-byte cross-entropy, or with ``teacher`` the KL divergence from the teacher's
+    next-byte distribution (distillation: the student learns to compute the teacher)."""
+    logits = model(batch[:, :-1]).reshape(-1, 256)
+    if teacher is None:
+        return nn.functional.cross_entropy(logits, batch[:, 1:].reshape(-1))
+    with torch.no_grad():
+        target = nn.functional.log_softmax(teacher(batch[:, :-1]).reshape(-1, 256), dim=-1)
+    return nn.functional.kl_div(nn.functional.log_softmax(logits, dim=-1), target, log_target=True,
+                                reduction="batchmean")
 
 
-def fit(model, train_data, steps, lr, seed, batch=16, context=128):
+def fit(model, train_data, steps, lr, seed, batch=16, context=128, teacher=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
     model.train()
     for step in range(steps):
-        loss = lm_loss(model, tinylm.windows(train_data, batch, context, seed=seed + step))
+        loss = lm_loss(model, tinylm.windows(train_data, batch, context, seed=seed + step), teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -71,15 +81,19 @@ def perplexity_table(lora_steps: int, qat_steps: int) -> None:
     gptq = copy.deepcopy(base)
     lowbit.quantize(gptq, SCHEME, method=GPTQ(act_order=True), calibration=calibration, progress=False)
 
-    def with_lora(model, include_float):
+    def with_lora(model, include_float, reference=None, teacher=None):
         adapted = copy.deepcopy(model)
-        lora.add_lora(adapted, r=16, alpha=32, include_float=include_float)
+        lora.add_lora(adapted, r=16, alpha=32, include_float=include_float, reference=reference)
         t0 = time.perf_counter()
-        fit(adapted, train_data, lora_steps, lr=2e-3, seed=50_000)
+        fit(adapted, train_data, lora_steps, lr=2e-3, seed=50_000, teacher=teacher)
         return adapted, time.perf_counter() - t0
 
     float_lora, _ = with_lora(base, True)
     rtn_lora, lora_time = with_lora(rtn, False)
+    svd_lora, _ = with_lora(rtn, False, reference=base)
+    svd_start = copy.deepcopy(rtn)
+    lora.add_lora(svd_start, r=16, alpha=32, reference=base)
+    distilled, distill_time = with_lora(rtn, False, reference=base, teacher=base.eval())
     tuned = fit(copy.deepcopy(base), train_data, qat_steps, lr=3e-4, seed=90_000)
     trained = copy.deepcopy(base)
     qat.prepare(trained, SCHEME)
@@ -94,6 +108,11 @@ def perplexity_table(lora_steps: int, qat_steps: int) -> None:
             (f"{SCHEME}, GPTQ act-order", ppl(gptq), fp32, "64 calibration windows"),
             ("fp32 + LoRA r16 (control)", ppl(float_lora), None, f"{lora_steps} steps on the training text"),
             (f"{SCHEME}, RTN + LoRA r16", ppl(rtn_lora), ppl(float_lora), f"same recipe, {lora_time:.0f} s"),
+            (f"{SCHEME}, RTN + LoRA r16 from the error's SVD", ppl(svd_lora), ppl(float_lora),
+             "same recipe, adapters start at W - Q's rank-16 SVD"),
+            (f"{SCHEME}, RTN + that SVD start, untrained", ppl(svd_start), fp32, "no training"),
+            (f"{SCHEME}, RTN + LoRA r16 distilled from fp32", ppl(distilled), fp32,
+             f"SVD start, {lora_steps} steps of KL to fp32's next-byte distribution, {distill_time:.0f} s"),
             ("fp32 fine-tuned (control)", ppl(tuned), None, f"{qat_steps} steps, the QAT recipe without fake quant"),
             (f"{SCHEME}, QAT", ppl(trained), ppl(tuned), f"{qat_steps} steps from the fp32 model, {qat_time:.0f} s")]
     print(f"Held-out perplexity of bench/tinylm.py ({EVAL_WINDOWS} windows of 128 bytes); cost = perplexity - "

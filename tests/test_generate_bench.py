@@ -46,12 +46,13 @@ def test_decode_greedy_is_deterministic(tiny_dir):
 @pytest.mark.parametrize("scheme", [None, "w4a16-g32"])
 def test_profile_parts_add_up(tiny_dir, scheme):
     model = list(generate.variants(generate.load(tiny_dir), [scheme] if scheme else []).values())[-1]
-    split = generate.profile_decode(model, steps=8)
-    parts = [split[k] for k in generate.CATEGORIES]
-    assert split["total"] > 0
-    assert sum(parts) == pytest.approx(split["total"], rel=0.05, abs=0.05)
+    for split in (generate.profile_decode(model, steps=8), generate.profile_generate(model, new=4)):
+        parts = [split[k] for k in generate.CATEGORIES]
+        assert split["total"] > 0
+        assert sum(parts) == pytest.approx(split["total"], rel=0.05, abs=0.05)
+    # One whole call, no difference of two timings: every category that ran is there.
     if scheme:
-        assert split["lowbit ops"] > 0 and split["float matmuls"] < split["lowbit ops"]
+        assert split["lowbit ops"] > 0 and split["float matmuls"] == 0
     else:
         assert split["lowbit ops"] == 0 and split["float matmuls"] > 0
     assert split["attention"] > 0 and split["norms"] > 0
@@ -75,17 +76,36 @@ def test_cli_generate_needs_model(capsys):
 
 
 def test_compiled_decode_is_one_graph_with_lowbit_ops_inside(tiny_dir):
-    # Static cache + torch.compile(fullgraph=True): any graph break would raise; the
-    # quantized (fused) layers' ops run inside the compiled region.
+    # Static cache + torch.compile(fullgraph=True): any graph break would raise; every
+    # decode step's quantized (fused) layers run inside the compiled region.
     import lowbit
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
 
     model = generate.load(tiny_dir)
     lowbit.quantize(model, "w4a16-g32", progress=False)
+    groups = {id(m.store.group) if hasattr(m.store, "group") else id(m)
+              for m in model.modules() if isinstance(m, lowbit.nn.QuantLinear)}
     torch._dynamo.reset()
-    split = generate.profile_decode(model, steps=4, compiled=True)
-    assert split["lowbit ops"] > 0 and split["norms"] == 0  # norms are inside the compiled code
-    parts = [split[k] for k in generate.CATEGORIES]
-    assert sum(parts) == pytest.approx(split["total"], rel=0.05, abs=0.05)
-    from torch._dynamo.utils import counters
+    ids = torch.randint(256, (1, generate.PROMPT), generator=torch.Generator().manual_seed(0))
+    new = 5
+    with torch.inference_mode():
+        generate._generate(model, ids, new, compiled=True)  # compiles
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            generate._generate(model, ids, new, compiled=True)
 
+    def compiled_region(event):
+        while event is not None:
+            if event.name.startswith("Torch-Compiled"):
+                return True
+            event = event.cpu_parent
+        return False
+
+    outer = [e for e in prof.events() if e.name.startswith("lowbit::")
+             and not (e.cpu_parent and e.cpu_parent.name.startswith("lowbit::"))]
+    inside = [e for e in outer if compiled_region(e)]
+    # The prefill runs eager; each of the new - 1 decode steps runs every quantized GEMM
+    # (one per fused group) compiled.
+    assert len(inside) == (new - 1) * len(groups)
+    assert len(outer) - len(inside) == len(groups)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]

@@ -83,6 +83,47 @@ def test_gradients_reach_a_float_layer_before_the_adapted_ones():
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
 
 
+def float_tiny(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32))
+
+
+@pytest.mark.parametrize("scheme", ["w4a16-g32", "w8a8"])
+def test_residual_init_starts_at_the_quantization_errors_truncated_svd(scheme):
+    reference = float_tiny()
+    model = quantized_tiny(scheme=scheme)
+    bases = {n: model.get_submodule(n).canonical().effective() for n in ("0", "2")}
+    lora.add_lora(model, r=4, alpha=8, reference=reference)
+    for name, base in bases.items():
+        w = reference.get_submodule(name).weight.detach()
+        u, s, vh = torch.linalg.svd((w - base).double(), full_matrices=False)
+        best = (u[:, :4] * s[:4]) @ vh[:4]
+        delta = model.get_submodule(name).delta_weight().double()
+        torch.testing.assert_close(delta, best, rtol=1e-4, atol=1e-6)
+        assert (w - base - delta).norm() < (w - base).norm()  # nearer the float weight
+    x, _ = batch(3)
+    float_out = reference(x)
+    assert (model(x) - float_out).norm() < (quantized_tiny(scheme=scheme)(x) - float_out).norm()
+
+
+def test_residual_init_refuses_a_reference_that_does_not_fit():
+    with pytest.raises(ValueError, match="no nn.Linear named '2'"):
+        lora.add_lora(quantized_tiny(), reference=nn.Sequential(float_tiny()[0]))
+    wrong_shape = float_tiny()
+    wrong_shape[2] = nn.Linear(128, 16)
+    with pytest.raises(ValueError, match="layer '2': reference weight has shape"):
+        lora.add_lora(quantized_tiny(), reference=wrong_shape)
+    with pytest.raises(ValueError, match="layer '0': the reference weight is not the one"):
+        lora.add_lora(quantized_tiny(), reference=float_tiny(seed=1))
+    bad = float_tiny()
+    with torch.no_grad():
+        bad[0].weight[3, 5] = float("nan")
+    model = quantized_tiny()
+    with pytest.raises(ValueError, match="layer '0': reference weight has NaN"):
+        lora.add_lora(model, reference=bad)
+    assert isinstance(model[0], QuantLinear) and all(p.requires_grad for p in model.parameters())  # untouched
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="rank"):
         lora.LoRALinear(quantized_tiny()[0], r=0)

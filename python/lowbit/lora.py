@@ -7,7 +7,12 @@ and ``B`` train; the base's gradient with respect to its input flows through low
 registered backward (``lowbit.ops``), so layers before a LoRA-wrapped one train too.
 
 * ``add_lora(model, r=8, alpha=16, dropout=0.0, target=["*"])`` wraps every quantized layer
-  whose name matches a glob pattern of ``target``; ``adapter_state_dict(model)`` is the
+  whose name matches a glob pattern of ``target``. Given ``reference`` (the float model the
+  quantized one came from), each adapter instead starts at the best rank-``r`` approximation
+  of its layer's quantization error ``W - Q`` (truncated SVD; the first step of LoftQ,
+  without re-quantizing the base, so a GPTQ or AWQ base stays as calibrated): training then
+  starts from a model nearer the float one, and the adapters spend their rank on what
+  quantization lost before what the data adds. ``adapter_state_dict(model)`` is the
   adapters alone (what to save apart from the base checkpoint); ``merge_lora(model)``
   replaces each wrapper by a float ``nn.Linear`` holding dequantized base + ``B A`` scaled.
 * For peft users, ``peft_config(LoraConfig(...))`` registers lowbit's layers with peft's
@@ -57,6 +62,21 @@ class LoRALinear(nn.Module):
         delta = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()
         return y + (delta * self.scaling).to(y.dtype)
 
+    @torch.no_grad()
+    def init_from_residual(self, weight: torch.Tensor, name: str = "") -> float:
+        """Set ``B A * alpha / r`` to the rank-``r`` truncated SVD of ``weight - base``
+        (``weight`` [N, K]: the float weight this layer was quantized from). Returns the share
+        of the residual's squared norm the adapter captures."""
+        u, s, vh = torch.linalg.svd(_residual(self.base, weight, name).double(), full_matrices=False)
+        r = min(self.r, s.numel())
+        root = (s[:r] / self.scaling).sqrt()
+        self.lora_B.zero_()
+        self.lora_A.zero_()
+        self.lora_B[:, :r] = (u[:, :r] * root).to(self.lora_B.dtype)
+        self.lora_A[:r] = (root[:, None] * vh[:r]).to(self.lora_A.dtype)
+        total = float((s * s).sum())
+        return float((s[:r] * s[:r]).sum()) / total if total > 0 else 1.0
+
     def delta_weight(self) -> torch.Tensor:
         """``B A * alpha / r`` [N, K]: what the adapter adds to the weight."""
         return (self.lora_B @ self.lora_A) * self.scaling
@@ -76,25 +96,63 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}"
 
 
+@torch.no_grad()
+def _residual(base: QuantLinear | nn.Linear, weight: torch.Tensor, name: str) -> torch.Tensor:
+    """``weight - base``'s weight in float32, after checking that ``weight`` is the float
+    weight ``base`` was quantized from."""
+    label = f"layer {name!r}" if name else "LoRA layer"
+    if weight.shape != (base.out_features, base.in_features):
+        raise ValueError(f"{label}: reference weight has shape {tuple(weight.shape)}, the layer "
+                         f"is {base.out_features} x {base.in_features}")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{label}: reference weight has NaN or Inf values")
+    quantized = base.canonical().effective() if isinstance(base, QuantLinear) else base.weight.float()
+    weight = weight.detach().to(device=quantized.device, dtype=torch.float32)
+    residual = weight - quantized
+    # A base quantized from this weight differs from it by its rounding (about 10% of its
+    # norm at 4 bits); far more means the reference is another weight, and the adapter
+    # would start by adding that difference to the model.
+    relative = float(residual.norm() / weight.norm().clamp_min(1e-30))
+    if relative > 0.5:
+        raise ValueError(f"{label}: the reference weight is not the one this layer was quantized from "
+                         f"(|W - Q| / |W| = {relative:.2f})")
+    return residual
+
+
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name), attr, module)
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-             target: Sequence[str] = ("*",), include_float: bool = False) -> list[str]:
+             target: Sequence[str] = ("*",), include_float: bool = False,
+             reference: nn.Module | None = None) -> list[str]:
     """Wrap the quantized layers (and, with ``include_float``, the float ``nn.Linear`` ones)
     whose names match a pattern of ``target`` in ``LoRALinear``; freeze every other
-    parameter of the model. Returns the wrapped layers' names."""
+    parameter of the model. With ``reference`` (the float model before quantization, same
+    module names), each adapter starts at its layer's quantization error's rank-``r``
+    truncated SVD (``LoRALinear.init_from_residual``) in place of zero. Returns the wrapped
+    layers' names."""
     kinds = (QuantLinear, nn.Linear) if include_float else (QuantLinear,)
     names = [n for n, m in model.named_modules() if isinstance(m, kinds) and any(fnmatch.fnmatchcase(n, p)
                                                                                    for p in target)]
     if not names:
         raise ValueError(f"no {'Linear or ' if include_float else ''}quantized layer matches {list(target)}")
+    floats = {}
+    if reference is not None:  # every layer checked before the model changes
+        linears = dict(reference.named_modules())
+        for name in names:
+            if not isinstance(linears.get(name), nn.Linear):
+                raise ValueError(f"reference model has no nn.Linear named {name!r} to start its adapter from")
+            floats[name] = linears[name].weight
+            _residual(model.get_submodule(name), floats[name], name)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
+        adapter = LoRALinear(model.get_submodule(name), r, alpha, dropout)
+        if reference is not None:
+            adapter.init_from_residual(floats[name], name)
+        _replace(model, name, adapter)
     return names
 
 

@@ -239,22 +239,34 @@ def _op_category(name: str) -> str | None:
 def profile_decode(model: nn.Module, steps: int = 16, compiled: bool = False, seed: int = 0) -> dict[str, float]:
     """Milliseconds per decode step in each of ``CATEGORIES`` (and "total"), from the
     difference of two profiled ``generate`` calls (1 and 1 + steps new tokens)."""
+    one, more = _profile(model, (1, 1 + steps), compiled, seed)
+    return {k: (more[k] - one[k]) * 1e3 / steps for k in one}
+
+
+def profile_generate(model: nn.Module, new: int, compiled: bool = False, seed: int = 0) -> dict[str, float]:
+    """Seconds in each of ``CATEGORIES`` (and "total") of one whole ``generate`` call of
+    ``new`` tokens after the prompt (prefill included; no difference taken, so every
+    category that ran is there, however short)."""
+    return _profile(model, (new,), compiled, seed)[0]
+
+
+def _profile(model: nn.Module, lengths: Sequence[int], compiled: bool, seed: int) -> list[dict[str, float]]:
     from torch.profiler import ProfilerActivity, profile
 
     vocab = model.config.vocab_size
     ids = torch.randint(vocab, (1, PROMPT), generator=torch.Generator().manual_seed(seed))
-    result = {}
+    result = []
     # Compiled code cannot hold the labels' hooks (record_function breaks the graph); there
     # the compiled region stands for the model.
     with torch.inference_mode(), contextlib.nullcontext() if compiled else _labels(model):
-        _generate(model, ids, 1 + steps, compiled)  # warm-up (compiles)
-        for new in (1, 1 + steps):
+        _generate(model, ids, max(lengths), compiled)  # warm-up (compiles)
+        for new in lengths:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 t0 = time.perf_counter()
                 _generate(model, ids, new, compiled)
                 wall = time.perf_counter() - t0
-            result[new] = _split(prof.events(), wall)
-    return {k: (result[1 + steps][k] - result[1][k]) * 1e3 / steps for k in result[1]}
+            result.append(_split(prof.events(), wall))
+    return result
 
 
 def _split(events, wall: float) -> dict[str, float]:
