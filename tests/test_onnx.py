@@ -56,6 +56,44 @@ def test_each_scheme_runs_in_onnxruntime_as_lowbit_computes_it(scheme, tmp_path)
         assert np.abs(theirs - ours).max() <= 2e-6 * np.abs(ours).max(), shape
 
 
+class SharedInput(nn.Module):
+    """Three layers reading one input, as attention's q, k and v: a static scheme gives them
+    one calibrated activation scale, so their activation nodes are the same."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(128, 64) for _ in range(3))
+
+    def forward(self, x):
+        return self.q(x) * self.k(x) + self.v(x)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8-static", "w8a8"])
+def test_layers_sharing_an_input_export_and_run(scheme, tmp_path):
+    torch.manual_seed(3)
+    model = SharedInput().eval()
+    lowbit.quantize(model, scheme, progress=False, calibration=[torch.randn(4, 6, 128)])
+    report = lowbit.export(model, tmp_path / "m.onnx", "onnx", example_inputs=(torch.randn(2, 5, 128),))
+    assert report.layers == 3  # and onnx.checker's full check passed
+    x = torch.randn(3, 4, 128)
+    with torch.no_grad():
+        ours = model(x).numpy()
+    assert np.abs(run(session(tmp_path / "m.onnx"), x.numpy()) - ours).max() <= 1e-5 * np.abs(ours).max()
+
+
+def test_a_graph_failing_the_checker_leaves_no_file(tmp_path, monkeypatch):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"an earlier export")
+
+    def refuse(*args, **kwargs):
+        raise onnx.checker.ValidationError("made to fail")
+
+    monkeypatch.setattr(onnx.checker, "check_model", refuse)
+    with pytest.raises(interop.ExportError, match="fails onnx.checker, nothing written"):
+        lowbit.export(small_model("w8a8"), path, "onnx", example_inputs=(torch.randn(2, 384),))
+    assert path.read_bytes() == b"an earlier export" and sorted(tmp_path.iterdir()) == [path]
+
+
 def test_accuracy_level_4_is_onnxruntimes_int8_compute(tmp_path):
     model = small_model("w4a16-g64")
     lowbit.export(model, tmp_path / "m.onnx", "onnx", example_inputs=(torch.randn(2, 3, 384),))
@@ -92,16 +130,19 @@ def test_minilm_pipeline_keeps_lowbits_embeddings(tmp_path):
     sentences = demo.sentences(12)
     reference = fp32.encode(sentences, convert_to_numpy=True)
     tok = fp32.tokenizer(sentences, return_tensors="np", padding=True)
-    for scheme in ("w4a16-g128", "w8a8"):
+    tokenize = getattr(fp32, "preprocess", None) or fp32.tokenize
+    calibration = [tokenize([t]) for t in demo.sentences(8, offset=400)]
+    for scheme in ("w4a16-g128", "w8a16", "w8a8", "w8a8-static"):  # q, k and v share their input
         model = SentenceTransformer(source, device="cpu").eval()
-        lowbit.quantize(model, scheme, progress=False)
+        lowbit.quantize(model, scheme, progress=False, calibration=calibration,
+                        calibration_forward=lambda m, features: m(dict(features)))
         lowbit.export(model, tmp_path / f"{scheme}.onnx", "onnx", accuracy_level=0)
         sess = session(tmp_path / f"{scheme}.onnx")
         theirs = sess.run(None, {i.name: tok[i.name].astype(np.int64) for i in sess.get_inputs()})[0]
         ours = model.encode(sentences, convert_to_numpy=True)
         cosine = lambda a, b: (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)  # noqa: E731
         assert abs(cosine(theirs, reference).mean() - cosine(ours, reference).mean()) <= 1e-3, scheme
-        if scheme == "w4a16-g128":  # weight-only at level 0: lowbit's math exactly
+        if lowbit.Scheme.parse(scheme).weight_only:  # at level 0: lowbit's math exactly
             assert np.abs(theirs - ours).max() <= 1e-5
 
 

@@ -14,7 +14,8 @@ w4a16          ``com.microsoft::MatMulNBits`` bits 4: lowbit's int4 bytes are it
 w8a16          ``MatMulNBits`` bits 8: codes q + 128 (its default zero point is 128).
 w8a8           per-token int8 as lowbit computes it: ``s = max|x|/127``, ``u = round(x/s)
                + 128`` as uint8 (standard ops), ``com.microsoft::MatMulIntegerToFloat(u, W,
-               1, s_w, 128)`` (exact int32 products, scaled per output channel), ``* s + b``.
+               s, s_w, 128)`` (exact int32 products, scaled per output channel, then by the
+               row scale ``s`` [..., M, 1], which the op applies to its output), ``+ b``.
 w8a8-static    QDQ: ``Clip`` to +-127 scales (lowbit's range; QuantizeLinear's reaches
                -128), ``QuantizeLinear`` (int8, the calibrated scale) -> ``DequantizeLinear``
                on the activations, ``DequantizeLinear`` per output channel on the int8
@@ -66,7 +67,7 @@ class _Form(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.register_buffer("input_perm", weight.input_perm)
         self.register_buffer("input_scale", weight.input_scale)
-        self.out_features = weight.out_features
+        self.in_features, self.out_features = weight.in_features, weight.out_features
 
     def _prologue(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_perm is not None:
@@ -127,25 +128,25 @@ class DynamicInt8(_Form):
         super().__init__(weight, bias)
         self.register_buffer("weight_t", weight.qweight.t().contiguous())  # int8 [K, N]
         self.register_buffer("weight_scale", weight.scales.float().contiguous())
-        self.register_buffer("one", torch.ones((), dtype=torch.float32))
         self.register_buffer("zero", torch.tensor(128, dtype=torch.uint8))
 
     def emit(self, x):
         xf = x.float()
-        scale = torch.clamp(xf.abs().amax(dim=-1, keepdim=True) / reference.INT8_MAX,
-                            min=torch.finfo(torch.float32).tiny)
+        # max|x| as max(max x, -min x): two reductions, no |x| tensor written.
+        peak = torch.maximum(xf.amax(dim=-1, keepdim=True), -xf.amin(dim=-1, keepdim=True))
+        scale = torch.clamp(peak / reference.INT8_MAX, min=torch.finfo(torch.float32).tiny)
         # One scale per row: QuantizeLinear blocked along the last axis, one block per row
         # (round half to even of x / s, + 128).
         zero = torch.full_like(scale, 128, dtype=torch.uint8)  # blocked: a zero point per block too
         codes = torch.onnx.ops.symbolic("::QuantizeLinear", [xf, scale, zero],
-                                        {"axis": -1, "block_size": x.shape[-1]}, dtype=torch.uint8,
+                                        {"axis": -1, "block_size": self.in_features}, dtype=torch.uint8,
                                         shape=tuple(x.shape), version=OPSET)
-        # onnxruntime's integer matmul with the per-channel weight scale folded in (a
-        # per-token activation scale has no place in it: applied after).
-        acc = torch.onnx.ops.symbolic("com.microsoft::MatMulIntegerToFloat",
-                                      [codes, self.weight_t, self.one, self.weight_scale, self.zero], {},
-                                      dtype=torch.float32, shape=(*x.shape[:-1], self.out_features), version=1)
-        y = acc * scale
+        # onnxruntime's integer matmul, the per-channel weight scale folded into its output
+        # and the per-row activation scale ([..., M, 1]) applied by the op to its output.
+        # The bias stays outside: the op would add it before that row scale.
+        y = torch.onnx.ops.symbolic("com.microsoft::MatMulIntegerToFloat",
+                                    [codes, self.weight_t, scale, self.weight_scale, self.zero], {},
+                                    dtype=torch.float32, shape=(*x.shape[:-1], self.out_features), version=1)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
@@ -160,12 +161,15 @@ class StaticInt8(_Form):
         self.register_buffer("weight_scale", weight.scales.float().contiguous())
         self.register_buffer("act_scale", weight.act_scale.float().reshape(()))
         self.register_buffer("zero", torch.tensor(0, dtype=torch.int8))
+        # lowbit's codes stop at -127; QuantizeLinear's at -128: Clip first, as lowbit does.
+        # The bound is a Python number, written into the Clip node: a bound computed in the
+        # graph from the scale buffer ended up, for layers sharing an input and a scale (q, k,
+        # v), as a Clip reading an initializer the exporter's optimizer had merged away.
+        self.bound = float(weight.act_scale.float() * reference.INT8_MAX)
 
     def emit(self, x):
         shape = tuple(x.shape)
-        # lowbit's codes stop at -127; QuantizeLinear's at -128: clip first, as lowbit does.
-        bound = self.act_scale * reference.INT8_MAX
-        x = torch.clamp(x.float(), -bound, bound)
+        x = torch.clamp(x.float(), -self.bound, self.bound)
         q = torch.onnx.ops.symbolic("::QuantizeLinear", [x, self.act_scale, self.zero], {},
                                     dtype=torch.int8, shape=shape, version=OPSET)
         xd = torch.onnx.ops.symbolic("::DequantizeLinear", [q, self.act_scale, self.zero], {},
@@ -352,9 +356,16 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
         model.train(training)
         quiet.setLevel(level)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(os.fspath(path))
-    proto = onnx.load(os.fspath(path))
-    onnx.checker.check_model(proto, full_check=True)
+    # Written beside the destination and checked there; only a file that passes replaces it.
+    partial = path.with_name(path.name + ".partial")
+    try:
+        program.save(os.fspath(partial))
+        proto = onnx.load(os.fspath(partial))
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        partial.unlink(missing_ok=True)
+        raise ExportError(f"the exported graph fails onnx.checker, nothing written to {path}: {e}") from e
+    os.replace(partial, path)
     ops: dict[str, int] = {}
     for node in proto.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
