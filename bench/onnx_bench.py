@@ -4,7 +4,8 @@ For all-MiniLM-L6-v2 (the sentence-transformers pipeline up to the normalized em
 and the byte-level LM of ``bench/tinylm.py``: the fp32 model exported to ONNX, quantized by
 onnxruntime's tools (``quantize_dynamic``, per-channel int8 weights with dynamic uint8
 activations; ``MatMulNBitsQuantizer``, int4 blocks of 128, asymmetric), against lowbit's
-exports (RTN and calibrated: SmoothQuant for W8A8, GPTQ for W4A16). Every file runs in
+exports (RTN and calibrated: SmoothQuant for W8A8 with per-token and with static per-tensor
+activations, GPTQ for W4A16). Every file runs in
 onnxruntime (CPU, ``--threads`` intra-op threads) at MatMulNBits accuracy level 4 (int8
 compute, onnxruntime's fast path and its quantizer's setting here); timings are medians of
 interleaved runs. Fidelity: MiniLM, cosine of the embeddings to the PyTorch fp32 model's on
@@ -39,6 +40,7 @@ from lowbit.calibrate import GPTQ, SmoothQuant  # noqa: E402
 
 LOWBIT_ROWS = [("lowbit W8A8, RTN", "w8a8", {}),
                ("lowbit W8A8, SmoothQuant 0.5", "w8a8", {"method": SmoothQuant(0.5)}),
+               ("lowbit W8A8-static, SmoothQuant 0.8", "w8a8-static", {"method": SmoothQuant(0.8)}),
                ("lowbit W4A16 g128, RTN", "w4a16-g128", {}),
                ("lowbit W4A16 g128, GPTQ act-order", "w4a16-g128", {"method": GPTQ(act_order=True)})]
 

@@ -75,6 +75,11 @@ def test_layers_sharing_an_input_export_and_run(scheme, tmp_path):
     lowbit.quantize(model, scheme, progress=False, calibration=[torch.randn(4, 6, 128)])
     report = lowbit.export(model, tmp_path / "m.onnx", "onnx", example_inputs=(torch.randn(2, 5, 128),))
     assert report.layers == 3  # and onnx.checker's full check passed
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(tmp_path / "fused.onnx").graph.node]
+    assert fused.count("MatMulIntegerToFloat") == 3 and "MatMul" not in fused  # onnxruntime's integer path
     x = torch.randn(3, 4, 128)
     with torch.no_grad():
         ours = model(x).numpy()
