@@ -1,10 +1,11 @@
-"""SmoothQuant factors by hand; AWQ scale and clip searches against round-to-nearest."""
+"""SmoothQuant factors by hand and its alpha search against each candidate's error computed
+apart; AWQ scale and clip searches against round-to-nearest."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from lowbit.calibrate.scaling import awq_clip_search, awq_scale_search, smoothquant_factors
+from lowbit.calibrate.scaling import awq_clip_search, awq_scale_search, smoothquant_factors, smoothquant_search
 from lowbit.formats import Scheme, fake_quantize
 
 
@@ -50,3 +51,43 @@ def test_awq_clip_search_reduces_output_error():
     after = ((x @ (fake_quantize(clipped, s) - w).T) ** 2).mean()
     assert after < 0.97 * before  # about 5% on Gaussian weights at 4 bits
     assert (clipped.abs() <= w.abs() + 1e-6).all()  # clipping only shrinks
+
+
+def _smoothquant_error(x, w, alpha, scheme):
+    """The output error of one candidate, computed apart from the search's own code."""
+    ranges = x[0::2].abs().amax(0) if scheme.static_activations else x.abs().amax(0)
+    s = torch.ones(x.shape[1]) if alpha is None else smoothquant_factors(ranges, [w], alpha)
+    if scheme.static_activations:  # s and the scale from the even rows, the error on the odd ones
+        step = (ranges / s).amax() / 127
+        x = x[1::2]
+        xq = torch.clamp(torch.round(x / s / step), -127, 127) * step
+    else:
+        step = (x / s).abs().amax(-1, keepdim=True) / 127
+        xq = torch.clamp(torch.round(x / s / step), -127, 127) * step
+    return ((xq @ fake_quantize(w * s, scheme).T - x @ w.T) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8-static"])
+def test_smoothquant_search_picks_the_alpha_with_the_least_output_error(scheme):
+    s = Scheme.parse(scheme)
+    x = salient_inputs(512, 256, seed=5)
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(6)) / 16
+    act_max = x.abs().amax(0)
+    scale, alpha = smoothquant_search(x, act_max, [w], s, grid=10)
+    errors = {a: _smoothquant_error(x, w, a, s) for a in [None] + [i / 10 for i in range(11)]}
+    assert errors[alpha] == pytest.approx(min(errors.values()), rel=1e-3)
+    assert errors[alpha] < 0.5 * errors[None]  # salient channels: smoothing pays
+    expected = torch.ones(256) if alpha is None else smoothquant_factors(act_max, [w], alpha)
+    torch.testing.assert_close(scale, expected)
+
+
+def test_smoothquant_search_takes_the_ranks_reduced_scores():
+    x = salient_inputs(256, 128, seed=7)
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(8))
+
+    def favour_alpha_03(errors):  # as if the other ranks' samples scored 0.3 best
+        errors += 1e6
+        errors[4] = 0  # candidates: s = 1, then alpha = 0, 0.1, 0.2, 0.3, ...
+
+    _, alpha = smoothquant_search(x, x.abs().amax(0), [w], Scheme.parse("w8a8"), grid=10, reduce=favour_alpha_03)
+    assert alpha == pytest.approx(0.3)

@@ -18,7 +18,7 @@ from torch import nn
 
 from lowbit.calibrate.accounting import tensors
 from lowbit.calibrate.methods import AWQ, SmoothQuant
-from lowbit.calibrate.scaling import awq_clip_search, awq_scale_search, smoothquant_factors
+from lowbit.calibrate.scaling import awq_clip_search, awq_scale_search, smoothquant_factors, smoothquant_search
 from lowbit.calibrate.stages import Context, Entry, Group, Stage, run_pass
 
 # Relative change of a stage's output that a fold may cause by rounding alone (fp32).
@@ -82,9 +82,10 @@ def scale_groups(ctx: Context, stage: Stage, groups: list[Group], shared_weights
         k = group.lead.linear.in_features
         stats[group] = {"max": None, "sum": None, "n": 0, "sample": []}
         ctx.hold(3 * 4 * k)
-    # AWQ's searches use a sample of the inputs: an equal share of rows from every
-    # batch, drawn at random (seeded), max_tokens rows in all.
-    quota = -(-method.max_tokens // len(stage.inputs)) if isinstance(method, AWQ) else 0
+    # AWQ's searches and SmoothQuant's alpha search use a sample of the inputs: an equal
+    # share of rows from every batch, drawn at random (seeded), max_tokens rows in all.
+    searches = isinstance(method, AWQ) or method.searches
+    quota = -(-method.max_tokens // len(stage.inputs)) if searches else 0
     rng = [None]  # one generator for the stage, made at the first input
     run_pass(ctx, stage, {g.lead: _collector(ctx, stats[g], quota, rng) for g in groups}, "activation ranges")
     if isinstance(method, SmoothQuant) and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -98,7 +99,11 @@ def scale_groups(ctx: Context, stage: Stage, groups: list[Group], shared_weights
             st = stats[group]
             weights = [e.linear.weight for e in group.entries]
             device = weights[0].device
-            if isinstance(method, SmoothQuant):
+            if isinstance(method, SmoothQuant) and method.searches:
+                s, alpha = smoothquant_search(torch.cat(st["sample"]).to(device), st["max"].to(device), weights,
+                                              group.lead.scheme, method.grid, reduce=_all_ranks_sum())
+                ctx.summary.alphas.append(f"{group.lead.name} {'none' if alpha is None else f'{alpha:g}'}")
+            elif isinstance(method, SmoothQuant):
                 s = smoothquant_factors(st["max"].to(device), weights, method.alpha)
             else:
                 x = torch.cat(st["sample"]).to(device)
@@ -119,6 +124,14 @@ def scale_groups(ctx: Context, stage: Stage, groups: list[Group], shared_weights
             ctx.release(3 * 4 * s.numel() + sum(t.numel() * 4 for t in st["sample"]))
             st["sample"] = []
     return input_scales, hooks
+
+
+def _all_ranks_sum():
+    """Under torch.distributed, the sum over ranks in place (every rank's sample scores the
+    candidates, so every rank picks the same one); else None."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return lambda t: torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return None
 
 
 def _fold(ctx: Context, stage: Stage, group: Group, s: torch.Tensor, reference) -> bool:

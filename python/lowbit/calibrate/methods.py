@@ -61,15 +61,26 @@ class AWQ:
 @dataclasses.dataclass(frozen=True)
 class SmoothQuant:
     """Activation smoothing for W8A8 (``lowbit.calibrate.scaling``); ``alpha`` is the
-    migration strength (0: none, 1: all of the activation range moves to the weights)."""
+    migration strength (0: none, 1: all of the activation range moves to the weights), or
+    ``"auto"``: for each group of layers reading one input, the alpha of ``{i / grid}`` (or
+    no smoothing) whose quantized outputs (weights and activations rounded as the scheme
+    rounds them) are nearest the float outputs on ``max_tokens`` sampled input rows."""
 
-    alpha: float = 0.5
+    alpha: float | str = 0.5
+    grid: int = 20
+    max_tokens: int = 2048
     name = "smoothquant"
     schemes = ("w8a8", "w8a8-static")
 
     def __post_init__(self):
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha}")
+        if self.alpha != "auto" and (isinstance(self.alpha, str) or not 0 <= self.alpha <= 1):
+            raise ValueError(f"SmoothQuant alpha must be in [0, 1] or 'auto', got {self.alpha!r}")
+        if self.grid < 1 or self.max_tokens < 1:
+            raise ValueError("SmoothQuant grid and max_tokens must be positive")
+
+    @property
+    def searches(self) -> bool:
+        return self.alpha == "auto"
 
 
 METHODS = {m.name: m for m in (RTN, GPTQ, AWQ, SmoothQuant)}

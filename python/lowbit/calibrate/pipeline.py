@@ -48,6 +48,7 @@ class CalibrationSummary:
     tokens: int
     folds: list[str] = dataclasses.field(default_factory=list)
     input_scales: list[str] = dataclasses.field(default_factory=list)
+    alphas: list[str] = dataclasses.field(default_factory=list)  # SmoothQuant("auto")'s choice per group
     peak_state_bytes: int = 0
     peak_rss_delta_bytes: int = 0
     block_weight_bytes: int = 0
@@ -61,6 +62,8 @@ class CalibrationSummary:
                  + f", {mode}, {self.batches} batches ({self.tokens} tokens), {self.seconds:.1f} s"]
         if self.folds:
             lines.append("  folded scales: " + "; ".join(self.folds))
+        if self.alphas:
+            lines.append("  SmoothQuant alpha per group: " + "; ".join(self.alphas))
         if self.input_scales:
             lines.append("  kept as input_scale: " + ", ".join(self.input_scales))
         lines.append(f"  peak calibration state {self.peak_state_bytes / 2**20:.1f} MB "

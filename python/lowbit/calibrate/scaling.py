@@ -6,7 +6,10 @@ produces ``x`` when the graph allows (see ``lowbit.calibrate.pipeline``). Layers
 the same input share one ``s``.
 
 * SmoothQuant (Xiao et al., 2023), for W8A8: ``s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha)``
-  migrates activation outliers into the weights; ``alpha`` is the migration strength.
+  migrates activation outliers into the weights; ``alpha`` is the migration strength,
+  given, or searched per group of layers (``smoothquant_search``: the grid of alphas and
+  ``s = 1``, scored by the output error with weights and activations both quantized as
+  the scheme quantizes them, on sampled calibration inputs).
 * AWQ (Lin et al., 2024), for weight-only schemes: ``s = mean|x|^r`` (or, weight-aware,
   ``mean|x|^r / salience(W)^(1-r)``) normalized to a geometric mean of one, with ``r`` on
   a grid in ``[0, 1)`` chosen to minimize the output error of the quantized layers on
@@ -18,8 +21,11 @@ the same input share one ``s``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from lowbit import reference
 from lowbit.formats import Scheme, fake_quantize
 
 
@@ -32,6 +38,50 @@ def smoothquant_factors(act_max: torch.Tensor, weights: list[torch.Tensor], alph
     # Channels that never saw input or hold only zero weights keep their scale.
     s = torch.where((act_max > 0) & (w_max > 0), s, torch.ones_like(s))
     return s.clamp(min=1e-5)
+
+
+def smoothquant_search(x: torch.Tensor, act_max: torch.Tensor, weights: list[torch.Tensor], scheme: Scheme,
+                       grid: int = 20, reduce: Callable[[torch.Tensor], None] | None = None
+                       ) -> tuple[torch.Tensor, float | None]:
+    """The best ``s[K]`` for sampled inputs ``x[T, K]`` among ``s = 1`` and
+    ``smoothquant_factors`` at ``alpha = i / grid``; returns ``(s, alpha)``, alpha None
+    for ``s = 1``.
+
+    The score is the summed mean squared output error of the layers with the weight
+    quantized as ``scheme`` does and the activations ``x / s`` rounded to int8 per token
+    (dynamic), or (static) with ``s`` and the one activation scale (as the max observer
+    sets it) from the range of the even sample rows and the error taken on the odd rows:
+    a static scale meets tokens beyond its calibration range, and scored on the rows that
+    set it, the search preferred alpha = 1 (every channel's range exactly 1) for layers
+    whose error on new tokens it then doubled. The chosen alpha's ``s`` is then computed
+    from ``act_max``, the whole calibration range. ``reduce`` (in place, on the candidates' errors) lets ranks
+    that sampled different inputs agree on one choice."""
+    x = x.float()
+    ws = [w.detach().float() for w in weights]
+    fit_max = act_max
+    if scheme.static_activations:
+        fit_max, x = x[0::2].abs().amax(dim=0), x[1::2]
+    exact = [x @ w.T for w in ws]
+    alphas = [None] + [i / grid for i in range(grid + 1)]
+
+    def factors(alpha, ranges):
+        return torch.ones_like(ranges, dtype=torch.float32) if alpha is None else smoothquant_factors(ranges, ws, alpha)
+
+    errors = torch.zeros(len(alphas), dtype=torch.float64, device=x.device)
+    for i, alpha in enumerate(alphas):
+        s = factors(alpha, fit_max)
+        xs = x / s
+        if scheme.static_activations:
+            scale = ((fit_max / s).amax() / reference.INT8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+            xq = reference.quantize_per_tensor(xs, scale.reshape(())).float() * scale
+        else:
+            codes, scale = reference.quantize_per_token(xs)
+            xq = codes.float() * scale.unsqueeze(-1)
+        errors[i] = sum(((xq @ fake_quantize(w * s, scheme).T - y) ** 2).mean() for w, y in zip(ws, exact))
+    if reduce is not None:
+        reduce(errors)
+    alpha = alphas[int(errors.argmin())]
+    return factors(alpha, act_max), alpha
 
 
 def _output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
