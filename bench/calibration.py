@@ -45,6 +45,7 @@ W4_ROWS = [
 MINILM_ROWS = [
     ("W8A8 dynamic, RTN", "w8a8", {}),
     ("W8A8 dynamic, SmoothQuant a=0.5", "w8a8", {"method": SmoothQuant(0.5)}),
+    ("W8A8 dynamic, SmoothQuant a=auto", "w8a8", {"method": SmoothQuant("auto")}),
     ("W8A8 static, min-max", "w8a8-static", {"observer": "minmax"}),
     ("W8A8 static, moving min-max", "w8a8-static", {"observer": "moving_minmax"}),
     ("W8A8 static, percentile 99.99", "w8a8-static", {"observer": "percentile"}),
@@ -53,6 +54,8 @@ MINILM_ROWS = [
     ("W8A8 static, SmoothQuant a=0.5 + MSE", "w8a8-static", {"method": SmoothQuant(0.5), "observer": "mse"}),
     ("W8A8 static, SmoothQuant a=0.8 + min-max", "w8a8-static", {"method": SmoothQuant(0.8), "observer": "minmax"}),
     ("W8A8 static, SmoothQuant a=0.8 + MSE", "w8a8-static", {"method": SmoothQuant(0.8), "observer": "mse"}),
+    ("W8A8 static, SmoothQuant a=auto + min-max", "w8a8-static",
+     {"method": SmoothQuant("auto"), "observer": "minmax"}),
     *W4_ROWS,
 ]
 
@@ -65,6 +68,9 @@ LM_ROWS = [
     ("W8A8 static, MSE", "w8a8-static", {"observer": "mse"}),
     ("W8A8 static, SmoothQuant a=0.5 + min-max", "w8a8-static", {"method": SmoothQuant(0.5), "observer": "minmax"}),
     ("W8A8 static, SmoothQuant a=0.5 + MSE", "w8a8-static", {"method": SmoothQuant(0.5), "observer": "mse"}),
+    ("W8A8 dynamic, SmoothQuant a=auto", "w8a8", {"method": SmoothQuant("auto")}),
+    ("W8A8 static, SmoothQuant a=auto + min-max", "w8a8-static",
+     {"method": SmoothQuant("auto"), "observer": "minmax"}),
 ]
 
 

@@ -35,6 +35,7 @@ PROMPTS, PROMPT_BYTES, NEW_BYTES = 20, 32, 64
 ROWS = [
     ("W8A8, RTN", "w8a8", {}),
     ("W8A8, SmoothQuant 0.5", "w8a8", {"method": SmoothQuant(0.5)}),
+    ("W8A8, SmoothQuant auto", "w8a8", {"method": SmoothQuant("auto")}),
     ("W8A16, RTN", "w8a16", {}),
     ("W4A16 g128, RTN", "w4a16-g128", {}),
     ("W4A16 g128, GPTQ act-order", "w4a16-g128", {"method": GPTQ(act_order=True)}),

@@ -40,7 +40,7 @@ from lowbit.calibrate import GPTQ, SmoothQuant  # noqa: E402
 
 LOWBIT_ROWS = [("lowbit W8A8, RTN", "w8a8", {}),
                ("lowbit W8A8, SmoothQuant 0.5", "w8a8", {"method": SmoothQuant(0.5)}),
-               ("lowbit W8A8-static, SmoothQuant 0.8", "w8a8-static", {"method": SmoothQuant(0.8)}),
+               ("lowbit W8A8-static, SmoothQuant auto", "w8a8-static", {"method": SmoothQuant("auto")}),
                ("lowbit W4A16 g128, RTN", "w4a16-g128", {}),
                ("lowbit W4A16 g128, GPTQ act-order", "w4a16-g128", {"method": GPTQ(act_order=True)})]
 
