@@ -91,3 +91,13 @@ def test_smoothquant_search_takes_the_ranks_reduced_scores():
 
     _, alpha = smoothquant_search(x, x.abs().amax(0), [w], Scheme.parse("w8a8"), grid=10, reduce=favour_alpha_03)
     assert alpha == pytest.approx(0.3)
+
+
+def test_smoothquant_search_on_a_single_row_still_chooses():
+    x = salient_inputs(1, 64, seed=9)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(10))
+    static = Scheme.parse("w8a8-static")
+    scale, alpha = smoothquant_search(x, x.abs().amax(0), [w], static, grid=4)
+    # Scored on itself: as two copies of the row, one fitting the range, one scored.
+    assert alpha is not None and alpha == smoothquant_search(torch.cat([x, x]), x.abs().amax(0), [w], static, grid=4)[1]
+    assert torch.isfinite(scale).all() and (scale > 0).all()

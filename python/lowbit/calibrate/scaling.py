@@ -53,13 +53,14 @@ def smoothquant_search(x: torch.Tensor, act_max: torch.Tensor, weights: list[tor
     sets it) from the range of the even sample rows and the error taken on the odd rows:
     a static scale meets tokens beyond its calibration range, and scored on the rows that
     set it, the search preferred alpha = 1 (every channel's range exactly 1) for layers
-    whose error on new tokens it then doubled. The chosen alpha's ``s`` is then computed
-    from ``act_max``, the whole calibration range. ``reduce`` (in place, on the candidates' errors) lets ranks
-    that sampled different inputs agree on one choice."""
+    whose error on new tokens it then doubled (a single row is scored on itself). The
+    chosen alpha's ``s`` is then computed from ``act_max``, the whole calibration range.
+    ``reduce`` (in place, on the candidates' errors) lets ranks that sampled different
+    inputs agree on one choice."""
     x = x.float()
     ws = [w.detach().float() for w in weights]
     fit_max = act_max
-    if scheme.static_activations:
+    if scheme.static_activations and x.shape[0] > 1:
         fit_max, x = x[0::2].abs().amax(dim=0), x[1::2]
     exact = [x @ w.T for w in ws]
     alphas = [None] + [i / grid for i in range(grid + 1)]
