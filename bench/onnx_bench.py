@@ -11,16 +11,20 @@ compute, onnxruntime's fast path and its quantizer's setting here); timings are 
 interleaved runs. Fidelity: MiniLM, cosine of the embeddings to the PyTorch fp32 model's on
 128 sentences (calibration on 256 others); the LM, perplexity on its held-out bytes.
 
+With ``--op-profile``, the MiniLM table is followed by onnxruntime's own profile of the int8
+files at 16 sentences: milliseconds per run in each op type.
+
 A third table measures MiniLM for the edge: W4A16 Linear layers with the embedding tables
 quantized too (int8 per row, int4 per group), file size and one-sentence latency.
 
-    python bench/onnx_bench.py [--threads 1] [--only minilm|lm|edge] [--work DIR]
+    python bench/onnx_bench.py [--threads 1] [--only minilm|lm|edge] [--work DIR] [--op-profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import sys
 import tempfile
@@ -108,7 +112,31 @@ def _files(work: Path, model, example_inputs, calibration, forward) -> dict[str,
     return files
 
 
-def minilm(work: Path, threads: int, rounds: int) -> str:
+PROFILED = ("onnxruntime int8 (quantize_dynamic, per channel)", "lowbit W8A8, RTN")
+
+
+def op_profile(path: Path, inputs: dict[str, np.ndarray], threads: int, work: Path, runs: int = 10) -> dict[str, float]:
+    """Milliseconds per run spent in each op type, from onnxruntime's profiler."""
+    import json
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(work / f"profile-{path.stem}")
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    sess.run(None, feed(sess, inputs))  # warm-up, profiled too: taken out below
+    for _ in range(runs):
+        sess.run(None, feed(sess, inputs))
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = len(kernels) // (runs + 1)
+    totals: dict[str, float] = {}
+    for e in kernels[per_run:]:  # the warm-up run's nodes come first
+        totals[e["args"]["op_name"]] = totals.get(e["args"]["op_name"], 0.0) + e["dur"] / 1e3 / runs
+    return totals
+
+
+def minilm(work: Path, threads: int, rounds: int, profile: bool = False) -> str:
     model = demo.load_sentence_model().float().eval()
     eval_texts = demo.sentences(128)
     calibration_texts = demo.sentences(256, offset=400)
@@ -131,6 +159,14 @@ def minilm(work: Path, threads: int, rounds: int) -> str:
         cos = (out * reference).sum(-1) / np.linalg.norm(out, axis=-1) / np.linalg.norm(reference, axis=-1)
         lines.append(f"| {name} | {files[name].stat().st_size / 2**20:.1f} | {cos.mean():.4f} | {cos.min():.4f} | "
                      f"{fast_one[name]:.2f} | {fast_16[name]:.1f} |")
+    if profile:
+        split = {name: op_profile(files[name], sixteen, threads, work) for name in PROFILED}
+        ops = sorted({op for t in split.values() for op in t},
+                     key=lambda op: -max(t.get(op, 0) for t in split.values()))
+        lines += ["", f"onnxruntime's profile, 16 sentences, ms per run in each op type ({threads} thread(s)):", "",
+                  "| op | " + " | ".join(PROFILED) + " |", "|---|" + "---:|" * len(PROFILED)]
+        lines += [f"| {op} | " + " | ".join(f"{split[n].get(op, 0):.2f}" for n in PROFILED) + " |" for op in ops]
+        lines.append("| all ops | " + " | ".join(f"{sum(split[n].values()):.2f}" for n in PROFILED) + " |")
     return "\n".join(lines)
 
 
@@ -201,9 +237,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--only", choices=["minilm", "lm", "edge"])
     parser.add_argument("--work", help="where the ONNX files go (default: a new temporary directory)")
+    parser.add_argument("--op-profile", action="store_true", help="add onnxruntime's per-op profile of the int8 files")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="lowbit-onnx-"))
-    for name, table in (("minilm", minilm), ("lm", lm), ("edge", edge)):
+    for name, table in (("minilm", functools.partial(minilm, profile=args.op_profile)), ("lm", lm), ("edge", edge)):
         if args.only in (None, name):
             (work / name).mkdir(parents=True, exist_ok=True)
             print(table(work / name, args.threads, args.rounds) + "\n", flush=True)

@@ -19,7 +19,7 @@ from torch import nn
 from lowbit.calibrate.accounting import tensors
 from lowbit.calibrate.methods import AWQ, SmoothQuant
 from lowbit.calibrate.scaling import awq_clip_search, awq_scale_search, smoothquant_factors, smoothquant_search
-from lowbit.calibrate.stages import Context, Entry, Group, Stage, run_pass
+from lowbit.calibrate.stages import Context, Entry, Group, Stage, distributed, run_pass
 
 # Relative change of a stage's output that a fold may cause by rounding alone (fp32).
 FOLD_TOLERANCE = 1e-4
@@ -88,7 +88,7 @@ def scale_groups(ctx: Context, stage: Stage, groups: list[Group], shared_weights
     quota = -(-method.max_tokens // len(stage.inputs)) if searches else 0
     rng = [None]  # one generator for the stage, made at the first input
     run_pass(ctx, stage, {g.lead: _collector(ctx, stats[g], quota, rng) for g in groups}, "activation ranges")
-    if isinstance(method, SmoothQuant) and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if isinstance(method, SmoothQuant) and distributed():
         for st in stats.values():  # every rank's shard of the calibration data: the global ranges
             torch.distributed.all_reduce(st["max"], op=torch.distributed.ReduceOp.MAX)
     reference = stage.run(stage.inputs[0])
@@ -101,7 +101,8 @@ def scale_groups(ctx: Context, stage: Stage, groups: list[Group], shared_weights
             device = weights[0].device
             if isinstance(method, SmoothQuant) and method.searches:
                 s, alpha = smoothquant_search(torch.cat(st["sample"]).to(device), st["max"].to(device), weights,
-                                              group.lead.scheme, method.grid, reduce=_all_ranks_sum())
+                                              group.lead.scheme, method.grid,
+                                              reduce=_sum_over_ranks if distributed() else None)
                 ctx.summary.alphas.append(f"{group.lead.name} {'none' if alpha is None else f'{alpha:g}'}")
             elif isinstance(method, SmoothQuant):
                 s = smoothquant_factors(st["max"].to(device), weights, method.alpha)
@@ -126,12 +127,9 @@ def scale_groups(ctx: Context, stage: Stage, groups: list[Group], shared_weights
     return input_scales, hooks
 
 
-def _all_ranks_sum():
-    """Under torch.distributed, the sum over ranks in place (every rank's sample scores the
-    candidates, so every rank picks the same one); else None."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return lambda t: torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return None
+def _sum_over_ranks(t: torch.Tensor) -> None:
+    """In place: every rank's sample scores the candidates, so every rank picks the same one."""
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
 
 
 def _fold(ctx: Context, stage: Stage, group: Group, s: torch.Tensor, reference) -> bool:

@@ -74,7 +74,7 @@ def smoothquant_search(x: torch.Tensor, act_max: torch.Tensor, weights: list[tor
         xs = x / s
         if scheme.static_activations:
             scale = ((fit_max / s).amax() / reference.INT8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-            xq = reference.quantize_per_tensor(xs, scale.reshape(())).float() * scale
+            xq = reference.quantize_per_tensor(xs, scale).float() * scale
         else:
             codes, scale = reference.quantize_per_token(xs)
             xq = codes.float() * scale.unsqueeze(-1)

@@ -21,12 +21,8 @@ from lowbit.calibrate.folding import scale_groups
 from lowbit.calibrate.gptq import factor_hessian, gptq_quantize, workspace_bytes
 from lowbit.calibrate.methods import AWQ, GPTQ, SmoothQuant
 from lowbit.calibrate.observers import make_observer
-from lowbit.calibrate.stages import Context, Group, Stage, probe, run_pass
+from lowbit.calibrate.stages import Context, Group, Stage, distributed, probe, run_pass
 from lowbit.formats import from_codes, quantize_weight
-
-
-def distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class _Hessian:

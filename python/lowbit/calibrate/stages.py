@@ -26,6 +26,11 @@ from lowbit.calibrate.accounting import StateBytes
 from lowbit.formats import QuantizedWeight, Scheme
 
 
+def distributed() -> bool:
+    """Whether calibration runs under torch.distributed (each rank on its shard of the data)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 @dataclasses.dataclass(eq=False)
 class Entry:
     """One selected Linear layer: its name, the module, its scheme, a user-given
