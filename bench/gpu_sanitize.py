@@ -46,11 +46,16 @@ def main() -> None:
                        (weight_only.prepack_int8(qw8, s8), reference.w8a16_linear(xr, qw8, s8, None))):
             for split in (1, 3):
                 close(weight_only.linear(xr, p, split_k=split), ref, 1e-2)
-    for rows in (1, 5, 40):  # the CUDA W4A16 GEMM, with and without split-K (N = 77, K = 96: tails)
-        xr = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
-        codes, s_t, z_t = (t.to(dev) for t in lowbit.ops.w4a16_cuda_prepack(p4.cpu(), sc4.cpu(), z4.cpu(), 32))
-        close(lowbit.ops.w4a16_linear_cuda_prepacked(xr, codes, s_t, z_t, 32, n, None),
-              reference.w4a16_linear(xr, p4, sc4, z4, 32, None), 1e-2)
+    # The CUDA W4A16 GEMM: blocks of 1, 2 and 4 m16 tiles and the float32 kernel, with tails
+    # (N = 77, K = 608) and with split-K at small M (K = 608 is ten 64-k stages: two splits).
+    k4 = 608
+    p4, sc4, z4 = formats.quantize_int4_groupwise(torch.randn(n, k4, device=dev) / k4**0.5, 32, symmetric=False)
+    codes, s_t, z_t = (t.to(dev) for t in lowbit.ops.w4a16_cuda_prepack(p4.cpu(), sc4.cpu(), z4.cpu(), 32))
+    for rows in (1, 5, 20, 40, 70):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            xr = torch.randn(rows, k4, device=dev, dtype=dtype)
+            close(lowbit.ops.w4a16_linear_cuda_prepacked(xr, codes, s_t, z_t, 32, n, None),
+                  reference.w4a16_linear(xr, p4, sc4, z4, 32, None), 1e-2)
     torch.cuda.synchronize()
     print("sanitizer cases ran")
 

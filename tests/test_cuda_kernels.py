@@ -64,17 +64,52 @@ def test_int8_gemm_model_rejects_bad_input():
 
 
 @needs_models
-@given(m=st.integers(1, 40), n=st.integers(1, 600), groups=st.integers(1, 5), g=st.sampled_from([32, 64, 128, None]),
-       sym=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_w4a16_prepack_and_model_match_the_reference(m, n, groups, g, sym, seed):
-    k = groups * (g or 8 * (seed % 37 + 1))
+@given(m=st.integers(1, 70), n=st.integers(1, 600), groups=st.integers(1, 5), g=st.sampled_from([32, 64, 128, None]),
+       sym=st.booleans(), m_tiles=st.sampled_from([0, 1, 2, 4]), splits=st.integers(1, 5),
+       seed=st.integers(0, 2**31 - 1))
+def test_w4a16_prepack_and_model_match_the_reference(m, n, groups, g, sym, m_tiles, splits, seed):
+    # Every tile (one, two and four m16 tiles; 0: the launcher's choice by M) and split-K
+    # order; group K of any even length (K % 8 != 0 included: the launcher pads x).
+    k = groups * (g or 2 * (seed % 150 + 1))
     packed, scales, zeros = int4_weight(n, k, g, sym, seed)
     gs = g or k
     codes, s_t, z_t = ops.w4a16_cuda_prepack(packed, scales, zeros, gs)
     x = activation((m, k), torch.float32, seed=seed)
-    out = torch.ops.lowbit_model.w4a16_gemm(x, codes, s_t, z_t, gs, n)
+    splits = min(splits, (k + 63) // 64)
+    out = torch.ops.lowbit_model.w4a16_gemm(x, codes, s_t, z_t, gs, n, m_tiles, splits)
     ref = reference.w4a16_linear(x, packed, scales, zeros, gs, None)
     assert_linear_close(out, ref, x, reference.dequantize_int4(packed, scales, zeros, gs, torch.float32))
+
+
+@needs_models
+@pytest.mark.parametrize("k,g", [(40, 40), (36, 36), (96, 32), (200, 200), (320, 64), (384, 128)])
+def test_w4a16_model_stages_every_group_it_reads(k, g):
+    # The kernel reads a group's scales from the stage slot the loader filled when the group
+    # started; the model poisons unfilled slots (NaN scales), so a group read from the wrong
+    # slot, or a slice starting more groups than there are slots, fails here. Distinct
+    # scales per group: a group read in place of another shows.
+    packed, scales, zeros = int4_weight(300, k, g, False, seed=k)
+    scales = scales * torch.arange(1, scales.shape[1] + 1, dtype=torch.float32)
+    codes, s_t, z_t = ops.w4a16_cuda_prepack(packed, scales, zeros, g)
+    x = activation((20, k), torch.float32, seed=k)
+    ref = reference.w4a16_linear(x, packed, scales, zeros, g, None)
+    w = reference.dequantize_int4(packed, scales, zeros, g, torch.float32)
+    for splits in range(1, (k + 63) // 64 + 1):
+        for m_tiles in (1, 2, 4):
+            out = torch.ops.lowbit_model.w4a16_gemm(x, codes, s_t, z_t, g, 300, m_tiles, splits)
+            assert torch.isfinite(out).all(), (splits, m_tiles)
+            assert_linear_close(out, ref, x, w)
+
+
+@needs_models
+def test_w4a16_model_rejects_bad_tiles_and_splits():
+    packed, scales, zeros = int4_weight(64, 128, 32, False)
+    codes, s_t, z_t = ops.w4a16_cuda_prepack(packed, scales, zeros, 32)
+    x = activation((3, 128))
+    with pytest.raises(ValueError, match="m_tiles must be 1, 2 or 4"):
+        torch.ops.lowbit_model.w4a16_gemm(x, codes, s_t, z_t, 32, 64, 3, 1)
+    with pytest.raises(ValueError, match=r"splits must be in \[1, 2\]"):
+        torch.ops.lowbit_model.w4a16_gemm(x, codes, s_t, z_t, 32, 64, 1, 3)
 
 
 def test_w4a16_prepack_pads_and_rejects_bad_input():
@@ -132,10 +167,15 @@ def test_cuda_binaries_have_tensor_core_gemms_without_spills():
     # one group of MMAs stays in flight in the k loop; all are waited for only at the end
     assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass and "WARPGROUP.DEPBAR.LE gsb0, 0x0" in sass
     w4 = [k for k in kernels if "17w4a16_gemm_kernelI" in k[0]]
-    assert len(w4) == 2 * 2 * 2  # two architectures, fp16 / bf16, with and without split-K
-    sass = subprocess.run([_cuobjdump(), "-sass", "-fun", w4[0][0], so], capture_output=True, text=True,
-                          check=True).stdout
-    assert "HMMA" in sass and "LOP3" in sass and "LDSM" in sass  # mma, the lop3 conversion, ldmatrix
+    assert len(w4) == 2 * 2 * 3  # two architectures, fp16 / bf16, blocks of 1, 2 and 4 m16 tiles
+    for m_tiles in (1, 2, 4):
+        name = next(k[0] for k in w4 if f"6__halfLi{m_tiles}E" in k[0])
+        sass = subprocess.run([_cuobjdump(), "-sass", "-arch", "sm_80", "-fun", name, so], capture_output=True,
+                              text=True, check=True).stdout
+        # mma, the lop3 conversion, ldmatrix, cp.async (x, codes and the scale slots)
+        assert "HMMA.16816.F32" in sass and "LOP3" in sass and "LDSM" in sass and "LDGSTS" in sass, m_tiles
+        # split-K's lock: an acquire load and a release store at GPU scope, no atomics
+        assert "LDG.E.STRONG.GPU" in sass and "STG.E.STRONG.GPU" in sass and not re.search(r"\b(ATOM|RED)\b", sass)
 
 
 # --- on a GPU -----------------------------------------------------------------------------------
@@ -182,7 +222,7 @@ def test_unaligned_operands_are_copied_not_misread():
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)  # fp16 / bf16 on tensor cores, fp32 on CUDA cores
-@pytest.mark.parametrize("m", [1, 3, 16, 17, 100])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 32, 33, 64, 100])  # blocks of 1, 2 and 4 m16 tiles, with tails
 @pytest.mark.parametrize("g,sym", [(32, False), (64, True), (128, False), (None, False)])
 def test_w4a16_on_cuda_matches_the_reference(dtype, m, g, sym):
     n, k = 300, 512 if g else 200
@@ -198,13 +238,16 @@ def test_w4a16_on_cuda_matches_the_reference(dtype, m, g, sym):
 
 
 @needs_gpu
-def test_w4a16_on_cuda_split_k_llama_shape():
-    packed, scales, zeros = int4_weight(4096, 4096, 128, False, seed=1)
-    codes, s_t, z_t = (t.cuda() for t in ops.w4a16_cuda_prepack(packed, scales, zeros, 128))
-    x = activation((1, 4096), torch.bfloat16, "cuda")
-    out = ops.w4a16_linear_cuda_prepacked(x, codes, s_t, z_t, 128, 4096)
-    ref = reference.w4a16_linear(x.cpu(), packed, scales, zeros, 128, None)
-    assert_linear_close(out.cpu(), ref, x.cpu(), reference.dequantize_int4(packed, scales, zeros, 128, torch.float32))
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (1, 512, 1088), (2048, 4096, 4096)])
+def test_w4a16_on_cuda_llama_shapes(m, n, k):
+    # M = 1: split-K (K = 1088 is 17 stages: uneven splits); M = 2048: 64-row blocks.
+    g = 128 if k % 128 == 0 else 64
+    packed, scales, zeros = int4_weight(n, k, g, False, seed=1)
+    codes, s_t, z_t = (t.cuda() for t in ops.w4a16_cuda_prepack(packed, scales, zeros, g))
+    x = activation((m, k), torch.bfloat16, "cuda")
+    out = ops.w4a16_linear_cuda_prepacked(x, codes, s_t, z_t, g, n)
+    ref = reference.w4a16_linear(x.cpu(), packed, scales, zeros, g, None)
+    assert_linear_close(out.cpu(), ref, x.cpu(), reference.dequantize_int4(packed, scales, zeros, g, torch.float32))
 
 
 @needs_gpu
@@ -238,9 +281,10 @@ def test_cuda_launchers_copy_unaligned_views_and_check_devices():
 
 @needs_gpu
 def test_every_cuda_kernel_gives_the_same_bits_twice():
-    # Split-K included: the splits' partial tiles are summed in a fixed order.
+    # Split-K included: the splits add their partial tiles in split order, on a lock. Every
+    # W4A16 tile height (1, 2, 4 m16 tiles).
     torch.manual_seed(0)
-    for m in (1, 7, 64, 300):
+    for m in (1, 7, 20, 64, 300):
         x = activation((m, 4096), torch.bfloat16, "cuda", seed=m)
         packed, scales, zeros = int4_weight(4096, 4096, 128, False, 1, "cuda")
         codes, s_t, z_t = (t.cuda() for t in ops.w4a16_cuda_prepack(packed.cpu(), scales.cpu(), zeros.cpu(), 128))

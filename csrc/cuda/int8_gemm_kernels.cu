@@ -23,6 +23,7 @@
 #include "cuda/int8_gemm_kernels.cuh"
 #include "cuda/int8_gemm_layout.h"
 #include "cuda/ptx.cuh"
+#include "cuda/smem_opt_in.cuh"
 
 namespace lowbit::cuda {
 namespace {
@@ -127,22 +128,6 @@ __global__ void __launch_bounds__(T::THREADS)
           out[static_cast<int64_t>(gm) * n + gn] = from_float<OutT>(v);
         }
       }
-}
-
-constexpr int kMaxDevices = 64;
-
-// Above 48 KB of dynamic shared memory a kernel must opt in; the setting belongs to the
-// current device, so it is made once per kernel and device.
-template <typename Kernel>
-cudaError_t allow_shared_memory(Kernel kernel, int bytes) {
-  static std::atomic<bool> done[kMaxDevices] = {};
-  int device = 0;
-  cudaError_t e = cudaGetDevice(&device);
-  if (e != cudaSuccess) return e;
-  if (device < kMaxDevices && done[device].load()) return cudaSuccess;
-  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (e == cudaSuccess && device < kMaxDevices) done[device].store(true);
-  return e;
 }
 
 template <typename T, typename OutT>

@@ -1,5 +1,6 @@
 // Inline-PTX wrappers shared by the tensor-core kernels (sm_80 and newer): asynchronous
-// global -> shared copies, their commit / wait groups, and ldmatrix.
+// global -> shared copies, their commit / wait groups, ldmatrix, and the acquire / release
+// pair of a lock that orders blocks (serial split-K).
 #pragma once
 
 #include <cstdint>
@@ -38,6 +39,26 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
   return policy;
+}
+
+// Block-wide wait until *lock == value (thread 0 polls with acquire loads at GPU scope; the
+// barrier then orders every thread's later reads after the acquire).
+__device__ __forceinline__ void wait_for_turn(const int* lock, int value) {
+  if (threadIdx.x == 0) {
+    int seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(seen) : "l"(lock) : "memory");
+    } while (seen != value);
+  }
+  __syncthreads();
+}
+
+// Block-wide *lock = value after every thread's earlier global writes: each thread fences
+// its own writes at GPU scope, the barrier gathers them, thread 0 publishes with a release store.
+__device__ __forceinline__ void pass_turn(int* lock, int value) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(lock), "r"(value) : "memory");
 }
 
 }  // namespace lowbit::cuda

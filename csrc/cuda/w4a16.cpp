@@ -1,9 +1,11 @@
 // CUDA launcher of w4a16_linear_cuda_prepacked on the W4A16 tensor-core GEMM
-// (w4a16_kernels.cu): argument checks, the kernel's input requirements, the split-K
-// choice, output and workspace allocation, the current stream, and the launch's error.
+// (w4a16_kernels.cu): argument checks, the kernel's input requirements, the tile and
+// split-K choice, output, workspace and lock allocation, the current stream, and the
+// launch's error.
 #include <ATen/ops/clone.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,16 +20,13 @@
 namespace lowbit::cuda {
 namespace {
 
-// Split K while the output tiles alone leave SMs idle (small M): up to two waves of
-// blocks, each split at least 4 pipeline stages long.
-int choose_splits(int m, int np, int kp) {
+// Split K while the output tiles alone leave SMs idle (small M): doubling the splits while
+// the blocks stay within two waves, each split at least 4 pipeline stages long.
+int choose_splits(int tiles, int kp) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int tiles = (m + w4a16::kBM - 1) / w4a16::kBM * (np / w4a16::kBN);
   int splits = 1;
-  while (splits < 16 && tiles * splits * 2 <= 2 * sms && kp % (2 * splits * w4a16::kBK) == 0 &&
-         kp / (2 * splits) >= 4 * w4a16::kBK)
-    splits *= 2;
+  while (splits < 16 && tiles * splits * 2 <= 2 * sms && kp / (2 * splits) >= 4 * w4a16::kBK) splits *= 2;
   return splits;
 }
 
@@ -45,8 +44,9 @@ at::Tensor w4a16_linear_cuda_prepacked(const at::Tensor& x, const at::Tensor& co
   check_contiguous(codes, "codes");
   check_contiguous(scales, "scales");
   check_contiguous(zeros, "zeros");
-  TORCH_CHECK_VALUE(aligned16(codes.const_data_ptr()),
-                    "codes must be 16-byte aligned (as w4a16_cuda_prepack allocates them)");
+  TORCH_CHECK_VALUE(aligned16(codes.const_data_ptr()) && aligned16(scales.const_data_ptr()) &&
+                        aligned16(zeros.const_data_ptr()),
+                    "codes, scales and zeros must be 16-byte aligned (as w4a16_cuda_prepack allocates them)");
   TORCH_CHECK_VALUE(scales.dim() == 2, "scales must be 2-D [groups, N padded], got ", scales.dim(), "-D");
   const int64_t k = x.size(-1), rows = x.numel() / k;
   const int64_t np = scales.size(1), kp = w4a16::round_up(static_cast<int>(k), w4a16::kBK);
@@ -66,18 +66,23 @@ at::Tensor w4a16_linear_cuda_prepacked(const at::Tensor& x, const at::Tensor& co
     x2 = x2.clone(at::MemoryFormat::Contiguous);
   const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor out = at::empty({rows, out_features}, x.options());
-  const int splits = choose_splits(static_cast<int>(rows), static_cast<int>(np), static_cast<int>(kp));
-  // Splits store their partial tiles in slices of their own, summed in order afterwards.
-  const bool needs_workspace = splits > 1;
-  at::Tensor workspace =
-      needs_workspace ? at::empty({splits, rows, out_features}, x.options().dtype(at::kFloat)) : at::Tensor();
-  W4A16Args args{x2.const_data_ptr(), x2.stride(0),
-                 float_type(x.scalar_type()),
+  const FloatType type = float_type(x.scalar_type());
+  const int m_tiles = w4a16::tile_m_tiles(static_cast<int>(rows));
+  const int block_rows = w4a16::rows_per_block(type == FloatType::kFloat32, m_tiles);
+  const int tiles = static_cast<int>((rows + block_rows - 1) / block_rows * (np / w4a16::kBN));
+  const int splits = choose_splits(tiles, static_cast<int>(kp));
+  // Splits add their partial tiles in order into one fp32 workspace, each tile's turn
+  // passed on through a lock that starts (and is left) at zero.
+  const bool split = splits > 1;
+  at::Tensor workspace = split ? at::empty({rows, out_features}, x.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor locks = split ? at::zeros({tiles}, x.options().dtype(at::kInt)) : at::Tensor();
+  W4A16Args args{x2.const_data_ptr(), x2.stride(0), type,
                  codes.const_data_ptr(), scales.const_data_ptr<float>(), zeros.const_data_ptr<uint8_t>(),
                  bias ? bias_f.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(),
-                 needs_workspace ? workspace.mutable_data_ptr<float>() : nullptr, static_cast<int>(rows),
+                 split ? workspace.mutable_data_ptr<float>() : nullptr,
+                 split ? locks.mutable_data_ptr<int>() : nullptr, static_cast<int>(rows),
                  static_cast<int>(out_features), static_cast<int>(x2.size(1)), static_cast<int>(np),
-                 static_cast<int>(group_size), splits};
+                 static_cast<int>(group_size), m_tiles, splits};
   C10_CUDA_CHECK(launch_w4a16_gemm(args, c10::cuda::getCurrentCUDAStream()));
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;

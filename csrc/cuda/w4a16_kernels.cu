@@ -3,23 +3,25 @@
 // Layout: x fp16 or bf16 [M, K] (row stride ldx, K and ldx multiples of 8, 16-byte aligned:
 // the launcher copies other inputs); the weight prepacked by w4a16_cuda_prepack into the
 // order of w4a16_layout.h (each lane's B fragments of a k16 x n64 tile are one 16-byte
-// vector); scales float32 and zero points uint8 as [groups, NP].
-// Algorithm: one block of 4 warps per 16 x 256 output tile (and per K split). A 4-stage
-// cp.async pipeline brings 64-k slices of x (into the XOR-swizzled rows of the int8 GEMM,
-// read with ldmatrix.x4) and of the weight codes (copied with an L2 evict-first policy:
-// they are read once) into shared memory. Per k16 step each warp reads its lanes' 16-byte
-// code vectors and converts them without integer-to-float instructions: lop3 merges a
+// vector); scales float32 and zero points uint8 as [groups, NP], 16-byte aligned.
+// Algorithm: one block per (16 MT) x 256 output tile and per K split, MT = 1, 2 or 4 m16
+// tiles by M, on 4 or 8 warps (w4a16_layout.h, "Tiles"). A 4-stage cp.async pipeline brings 64-k slices of x
+// (into the XOR-swizzled rows of the int8 GEMM, read with ldmatrix.x4), of the weight codes
+// (copied with an L2 evict-first policy: they are read once) and, in the slices where a
+// group starts, that group's scales and zero points (the stage's scale slots) into shared
+// memory, so no global load waits inside the k loop. Per k16 step each warp converts its
+// lanes' 16-byte code vectors once, without integer-to-float instructions — lop3 merges a
 // nibble pair into the mantissas of 1024.0 (fp16) or 128.0 (bf16), and one subtraction of
-// (1024 or 128) + z leaves (q - z) — a small integer, exact in 16 bits. mma.m16n8k16
-// multiplies x by these integers with fp32 accumulation, and the partial sum of each k16
-// step is scaled by its group's fp32 scale into the accumulators (more accurate than
-// rounding w' to 16 bits; the reference differs only in summation order).
+// (1024 or 128) + z leaves (q - z), a small integer exact in 16 bits — and feeds them to
+// the warp's m16 tiles' mma.m16n8k16 (fp32 accumulation); the partial sum of each k16 step is
+// scaled by its group's fp32 scale into the accumulators (more accurate than rounding w' to
+// 16 bits; the reference differs only in summation order).
 // float32 activations take w4a16_fp32_kernel (CUDA-core FMAs, same weights) instead.
-// Small M: the launcher splits K so that the tiles times the splits fill the SMs; each
-// split stores its fp32 tile in a slice of its own of a [splits, M, N] workspace, and a
-// second kernel sums the slices in split order, adds the bias and casts: the same bits on
-// every run (atomic adds would sum in whatever order the blocks finish). Limits: M, N and K tails are handled by zero-fill, zero padding of
-// the prepacked weight and store masks.
+// Small M: the launcher splits K so that the tiles times the splits fill the SMs; the splits
+// of a tile add their partial sums in split order on a lock (w4a16_layout.h, "Split K"),
+// in the kernel: no atomics, no second kernel, the same bits on every run.
+// Limits: M, N and K tails are handled by zero-fill, zero padding of the prepacked weight
+// and store masks.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -28,6 +30,7 @@
 #include "cuda/float_convert.cuh"
 #include "cuda/int8_gemm_layout.h"
 #include "cuda/ptx.cuh"
+#include "cuda/smem_opt_in.cuh"
 #include "cuda/w4a16_kernels.cuh"
 #include "cuda/w4a16_layout.h"
 
@@ -97,37 +100,72 @@ __device__ __forceinline__ uint32_t codes_minus_zero(uint32_t word, int p, uint3
   return Mma<T>::sub(lop3_and_or(word >> (4 * p), 0x000f000fu, Mma<T>::kMagic), zsub);
 }
 
-template <typename T, bool kSplit>
-__global__ void __launch_bounds__(kThreads)
+// The split-K epilogue of one accumulator (w4a16_layout.h, "Split K"): the sum of the
+// earlier splits (read past L1: another SM wrote it) plus this split's value; stored back
+// for the next split, or, by the last, completed with the bias and cast into the output.
+template <typename T>
+__device__ __forceinline__ void store_result(float v, int64_t at, int col, int split, int splits,
+                                             const float* __restrict__ bias, T* __restrict__ out,
+                                             float* __restrict__ ws) {
+  if (split > 0) v = __fadd_rn(__ldcg(ws + at), v);
+  if (split + 1 < splits) {
+    __stcg(ws + at, v);
+  } else {
+    out[at] = from_float<T>(bias != nullptr ? __fadd_rn(v, bias[col]) : v);
+  }
+}
+
+template <typename T, int MT>
+__global__ void __launch_bounds__(block_threads(MT))
     w4a16_gemm_kernel(const T* __restrict__ x, int64_t ldx, const uint4* __restrict__ codes,
                       const float* __restrict__ scales, const uint8_t* __restrict__ zeros,
-                      const float* __restrict__ bias, T* __restrict__ out, float* __restrict__ ws, int m, int n,
-                      int k, int np, int group, int k_split) {
-  __shared__ __align__(128) uint8_t smem[kStages * kStageBytes];
-  const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
+                      const float* __restrict__ bias, T* __restrict__ out, float* __restrict__ ws,
+                      int* __restrict__ locks, int m, int n, int k, int np, int group, int splits) {
+  constexpr int kStage = stage_bytes(MT), kBlockThreads = block_threads(MT), MI = m_tiles_per_warp(MT);
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int m0 = blockIdx.y * 16 * MT, n0 = blockIdx.x * kBN;
   const int kp = round_up(k, kBK);
-  const int k_begin = blockIdx.z * k_split, k_end = min(kp, k_begin + k_split);
+  const int split = blockIdx.z;
+  const int k_begin = split_begin(split, splits, kp), k_end = split_begin(split + 1, splits, kp);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wn0 = n0 + warp * kWarpN;
+  const int warp_n = warp % kWarps, wm0 = (warp / kWarps) * 16 * MI;  // this warp's columns and rows
+  const int wn0 = n0 + warp_n * kWarpN;
   const int g = lane / 4, t = lane % 4;
   const int k_tiles = (k_end - k_begin) / kBK;
   const uint64_t policy = evict_first_policy();
 
   auto load_stage = [&](int stage, int kt) {
-    uint8_t* sa = smem + stage * kStageBytes;
-    uint8_t* sb = sa + kAStageBytes;
+    uint8_t* st = smem + stage * kStage;
     const int k0 = k_begin + kt * kBK;
-    {  // x: 16 rows x 8 chunks of 8 values, one chunk per thread
-      const int row = threadIdx.x / 8, chunk = threadIdx.x % 8;
+#pragma unroll
+    for (int i = 0; i < 16 * MT * 8 / kBlockThreads; ++i) {  // x: 16 MT rows x 8 chunks of 8 values
+      const int c = threadIdx.x + i * kBlockThreads;
+      const int row = c / 8, chunk = c % 8;
       const int gm = m0 + row, gk = k0 + chunk * 8;
       const bool ok = gm < m && gk < k;  // k % 8 == 0: a chunk is all in or all out
-      cp_async_16(sa + int8_gemm::smem_offset(row, chunk), ok ? x + gm * ldx + gk : x, ok ? 16 : 0);
+      cp_async_16(st + int8_gemm::smem_offset(row, chunk), ok ? x + gm * ldx + gk : x, ok ? 16 : 0);
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {  // codes: 4 k16 tiles x 4 n64 tiles x 32 lanes of 16 bytes
-      const int c = threadIdx.x + i * kThreads;
-      const int k16 = c / 128, nt = (c / 32) % 4, l = c % 32;
-      cp_async_16_hint(sb + c * 16, codes + vector_index(k0 / 16 + k16, n0 / kWarpN + nt, np, l), policy);
+    for (int i = 0; i < kCodeChunks / kBlockThreads; ++i) {  // codes: 4 k16 steps x 4 n64 tiles x 32 lanes
+      const int c = threadIdx.x + i * kBlockThreads;
+      cp_async_16_hint(st + code_offset(MT) + c * 16,
+                       codes + vector_index(k0 / 16 + code_chunk_step(c), n0 / kWarpN + code_chunk_tile(c), np,
+                                            code_chunk_lane(c)),
+                       policy);
+    }
+    int slot = 0;  // scales and zero points of the groups this slice starts
+#pragma unroll
+    for (int j = 0; j < kKSteps; ++j) {
+      const int k16 = k0 + 16 * j;
+      if (!starts_group(k16, k_begin, group, k)) continue;
+      if (threadIdx.x < kSlotChunks) {
+        const int c = threadIdx.x, col = n0 + slot_chunk_column(c);
+        const int64_t row = static_cast<int64_t>(step_group(k16, group, k)) * np;
+        const void* src = slot_chunk_is_scale(c) ? static_cast<const void*>(scales + row + col)
+                                                 : static_cast<const void*>(zeros + row + col);
+        cp_async_16(st + slot_offset(MT, slot) + 16 * c, src, 16);
+      }
+      ++slot;
     }
   };
 
@@ -137,10 +175,9 @@ __global__ void __launch_bounds__(kThreads)
     cp_async_commit();
   }
 
-  float acc[8][4] = {};
+  float acc[MI][8][4] = {};
   float sc[8][2];     // scales of this lane's C columns (8b + 2t, 8b + 2t + 1) in the current group
   uint32_t zsub[8];   // {magic + z, magic + z} of this lane's B column (8b + g)
-  int current_group = -1;
   for (int kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
@@ -148,15 +185,14 @@ __global__ void __launch_bounds__(kThreads)
     if (next < k_tiles) load_stage(next % kStages, next);
     cp_async_commit();
 
-    const uint8_t* sa = smem + (kt % kStages) * kStageBytes;
-    const uint8_t* sb = sa + kAStageBytes;
+    const uint8_t* st = smem + (kt % kStages) * kStage;
+    const int k0 = k_begin + kt * kBK;
 #pragma unroll
-    for (int kk = 0; kk < kBK / 16; ++kk) {
-      const int grp = (k_begin + kt * kBK + kk * 16) / group;
-      if (grp != current_group) {
-        current_group = grp;
-        const float* srow = scales + static_cast<int64_t>(grp) * np + wn0;
-        const uint8_t* zrow = zeros + static_cast<int64_t>(grp) * np + wn0;
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      if (starts_group(k0 + 16 * kk, k_begin, group, k)) {
+        const uint8_t* slot = st + slot_offset(MT, slot_of_step(k0, kk, k_begin, group, k));
+        const float* srow = reinterpret_cast<const float*>(slot) + warp_n * kWarpN;
+        const uint8_t* zrow = slot + kSlotScaleBytes + warp_n * kWarpN;
 #pragma unroll
         for (int b = 0; b < 8; ++b) {
           sc[b][0] = srow[8 * b + 2 * t];
@@ -164,69 +200,71 @@ __global__ void __launch_bounds__(kThreads)
           zsub[b] = Mma<T>::pair(Mma<T>::kBias + static_cast<float>(zrow[8 * b + g]));
         }
       }
-      uint32_t af[4];
-      ldmatrix_x4(af, sa + int8_gemm::a_ldmatrix_offset(lane, 0, kk));
-      const uint4 v = *reinterpret_cast<const uint4*>(sb + (kk * 128 + warp * 32 + lane) * 16);
+      uint32_t af[MI][4];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+        ldmatrix_x4(af[mi], st + int8_gemm::a_ldmatrix_offset(lane, wm0 + 16 * mi, kk));
+      const uint4 v = *reinterpret_cast<const uint4*>(st + code_offset(MT) + code_chunk(kk, warp_n, lane) * 16);
       const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int b = 0; b < 8; ++b) {
         // Block b comes from word b / 2, pairs 2 (b % 2) (register 0) and 2 (b % 2) + 1.
         const uint32_t bf[2] = {codes_minus_zero<T>(words[b / 2], 2 * (b % 2), zsub[b]),
                                 codes_minus_zero<T>(words[b / 2], 2 * (b % 2) + 1, zsub[b])};
-        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        Mma<T>::mma(c, af, bf);
-        acc[b][0] += c[0] * sc[b][0];
-        acc[b][1] += c[1] * sc[b][1];
-        acc[b][2] += c[2] * sc[b][0];
-        acc[b][3] += c[3] * sc[b][1];
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+          float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          Mma<T>::mma(c, af[mi], bf);
+          acc[mi][b][0] += c[0] * sc[b][0];
+          acc[mi][b][1] += c[1] * sc[b][1];
+          acc[mi][b][2] += c[2] * sc[b][0];
+          acc[mi][b][3] += c[3] * sc[b][1];
+        }
       }
     }
   }
   cp_async_wait<0>();
 
+  int* lock = locks != nullptr ? locks + blockIdx.y * gridDim.x + blockIdx.x : nullptr;
+  if (lock != nullptr) wait_for_turn(lock, split);
 #pragma unroll
-  for (int b = 0; b < 8; ++b)
+  for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = m0 + int8_gemm::acc_row(lane, i), col = wn0 + 8 * b + int8_gemm::acc_col(lane, i);
-      if (row < m && col < n) {
-        const int64_t at = static_cast<int64_t>(row) * n + col;
-        if constexpr (kSplit) {
-          ws[blockIdx.z * static_cast<int64_t>(m) * n + at] = acc[b][i];  // this split's slice
-        } else {
-          out[at] = from_float<T>(bias != nullptr ? __fadd_rn(acc[b][i], bias[col]) : acc[b][i]);
-        }
+    for (int b = 0; b < 8; ++b)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = m0 + wm0 + 16 * mi + int8_gemm::acc_row(lane, i);
+        const int col = wn0 + 8 * b + int8_gemm::acc_col(lane, i);
+        if (row < m && col < n)
+          store_result(acc[mi][b][i], static_cast<int64_t>(row) * n + col, col, split, splits, bias, out, ws);
       }
-    }
+  if (lock != nullptr) pass_turn(lock, split + 1 < splits ? split + 1 : 0);
 }
 
 // float32 activations: CUDA-core FMAs over the same prepacked weights (a tensor-core float32
 // product would round x to tf32, 10 mantissa bits, far from the reference). One warp per
 // n64 column strip and kFp32Rows rows: a lane holds 8 columns (one per n8 block) and, per
 // k16 tile, 4 k values of each (w4a16_layout.h); the 4 lanes sharing a column add their
-// sums with shuffles at the end.
-constexpr int kFp32Rows = 8;
+// sums with shuffles at the end. Split K as in the tensor-core kernel.
 
 __global__ void __launch_bounds__(kThreads)
     w4a16_fp32_kernel(const float* __restrict__ x, int64_t ldx, const uint4* __restrict__ codes,
                       const float* __restrict__ scales, const uint8_t* __restrict__ zeros,
-                      const float* __restrict__ bias, float* __restrict__ out, float* __restrict__ ws, int m,
-                      int n, int k, int np, int group, int k_split) {
+                      const float* __restrict__ bias, float* __restrict__ out, float* __restrict__ ws,
+                      int* __restrict__ locks, int m, int n, int k, int np, int group, int splits) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int nt = blockIdx.x * kWarps + warp;  // n64 tile
   const int m0 = blockIdx.y * kFp32Rows;
   const int kp = round_up(k, kBK);
-  const int k_begin = blockIdx.z * k_split, k_end = min(kp, k_begin + k_split);
+  const int split = blockIdx.z;
+  const int k_begin = split_begin(split, splits, kp), k_end = split_begin(split + 1, splits, kp);
   float acc[kFp32Rows][8] = {};
   float s[8], z[8];
-  int current_group = -1;
   for (int k16 = k_begin; k16 < k_end; k16 += 16) {
-    const int grp = k16 / group;
-    if (grp != current_group) {
-      current_group = grp;
+    if (starts_group(k16, k_begin, group, k)) {
 #pragma unroll
       for (int b = 0; b < 8; ++b) {
-        const int64_t at = static_cast<int64_t>(grp) * np + nt * kWarpN + 8 * b + g;
+        const int64_t at = static_cast<int64_t>(step_group(k16, group, k)) * np + nt * kWarpN + 8 * b + g;
         s[b] = scales[at];
         z[b] = static_cast<float>(zeros[at]);
       }
@@ -265,26 +303,40 @@ __global__ void __launch_bounds__(kThreads)
   for (int r = 0; r < kFp32Rows; ++r)
 #pragma unroll
     for (int b = 0; b < 8; ++b) {
-      float v = acc[r][b];
-      v += __shfl_xor_sync(0xffffffffu, v, 1);
-      v += __shfl_xor_sync(0xffffffffu, v, 2);
-      const int row = m0 + r, col = nt * kWarpN + 8 * b + g;
-      if (t == 0 && row < m && col < n) {
-        const int64_t at = static_cast<int64_t>(row) * n + col;
-        if (ws != nullptr) ws[blockIdx.z * static_cast<int64_t>(m) * n + at] = v;  // this split's slice
-        else out[at] = bias != nullptr ? __fadd_rn(v, bias[col]) : v;
-      }
+      acc[r][b] += __shfl_xor_sync(0xffffffffu, acc[r][b], 1);
+      acc[r][b] += __shfl_xor_sync(0xffffffffu, acc[r][b], 2);
     }
+  int* lock = locks != nullptr ? locks + blockIdx.y * gridDim.x + blockIdx.x : nullptr;
+  if (lock != nullptr) wait_for_turn(lock, split);
+#pragma unroll
+  for (int r = 0; r < kFp32Rows; ++r)
+#pragma unroll
+    for (int b = 0; b < 8; ++b) {
+      const int row = m0 + r, col = nt * kWarpN + 8 * b + g;
+      if (t == 0 && row < m && col < n)
+        store_result(acc[r][b], static_cast<int64_t>(row) * n + col, col, split, splits, bias, out, ws);
+    }
+  if (lock != nullptr) pass_turn(lock, split + 1 < splits ? split + 1 : 0);
 }
 
-// out = the splits' slices of ws summed in split order (+ bias), cast once.
+template <typename T, int MT>
+cudaError_t launch_tiles(const W4A16Args& p, cudaStream_t stream) {
+  auto kernel = w4a16_gemm_kernel<T, MT>;
+  if (const cudaError_t attr = allow_shared_memory(kernel, smem_bytes(MT)); attr != cudaSuccess) return attr;
+  const dim3 grid(p.np / kBN, (p.m + 16 * MT - 1) / (16 * MT), p.splits);
+  kernel<<<grid, block_threads(MT), smem_bytes(MT), stream>>>(
+      static_cast<const T*>(p.x), p.ldx, static_cast<const uint4*>(p.codes), p.scales, p.zeros, p.bias,
+      static_cast<T*>(p.out), p.workspace, p.locks, p.m, p.n, p.k, p.np, p.group, p.splits);
+  return cudaGetLastError();
+}
+
 template <typename T>
-__global__ void split_epilogue_kernel(const float* __restrict__ ws, const float* __restrict__ bias, T* __restrict__ out,
-                                      int64_t count, int n, int splits) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count; i += int64_t{gridDim.x} * blockDim.x) {
-    float y = ws[i];
-    for (int s = 1; s < splits; ++s) y = __fadd_rn(y, ws[s * count + i]);
-    out[i] = from_float<T>(bias != nullptr ? __fadd_rn(y, bias[i % n]) : y);
+cudaError_t launch_16bit(const W4A16Args& p, cudaStream_t stream) {
+  switch (p.m_tiles) {
+    case 1: return launch_tiles<T, 1>(p, stream);
+    case 2: return launch_tiles<T, 2>(p, stream);
+    case kMaxMTiles: return launch_tiles<T, kMaxMTiles>(p, stream);
+    default: return cudaErrorInvalidValue;
   }
 }
 
@@ -292,47 +344,14 @@ __global__ void split_epilogue_kernel(const float* __restrict__ ws, const float*
 
 cudaError_t launch_w4a16_gemm(const W4A16Args& p, cudaStream_t stream) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
-  const int kp = round_up(p.k, kBK);
-  const dim3 grid(p.np / kBN, (p.m + kBM - 1) / kBM, p.splits);
-  const int k_split = kp / p.splits;
-  cudaError_t result = cudaErrorInvalidValue;
-  const int64_t count = static_cast<int64_t>(p.m) * p.n;
-  const int epilogue_blocks = static_cast<int>(count / 256 + 1 < 65535 ? count / 256 + 1 : 65535);
-  auto run = [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    const T* x = static_cast<const T*>(p.x);
-    T* out = static_cast<T*>(p.out);
-    const auto* codes = static_cast<const uint4*>(p.codes);
-    if (p.splits == 1) {
-      w4a16_gemm_kernel<T, false><<<grid, kThreads, 0, stream>>>(x, p.ldx, codes, p.scales, p.zeros, p.bias, out,
-                                                                 nullptr, p.m, p.n, p.k, p.np, p.group, k_split);
-      result = cudaGetLastError();
-      return;
-    }
-    w4a16_gemm_kernel<T, true><<<grid, kThreads, 0, stream>>>(x, p.ldx, codes, p.scales, p.zeros, nullptr, nullptr,
-                                                              p.workspace, p.m, p.n, p.k, p.np, p.group, k_split);
-    result = cudaGetLastError();
-    if (result != cudaSuccess) return;
-    split_epilogue_kernel<T><<<epilogue_blocks, 256, 0, stream>>>(p.workspace, p.bias, out, count, p.n, p.splits);
-    result = cudaGetLastError();
-  };
-  if (p.x_type == FloatType::kFloat16) {
-    run(static_cast<__half*>(nullptr));
-  } else if (p.x_type == FloatType::kBFloat16) {
-    run(static_cast<__nv_bfloat16*>(nullptr));
-  } else {
-    const dim3 grid32(p.np / kBN, (p.m + kFp32Rows - 1) / kFp32Rows, p.splits);
-    float* out = static_cast<float*>(p.out);
-    float* ws = p.splits > 1 ? p.workspace : nullptr;
-    w4a16_fp32_kernel<<<grid32, kThreads, 0, stream>>>(static_cast<const float*>(p.x), p.ldx,
-                                                       static_cast<const uint4*>(p.codes), p.scales, p.zeros, p.bias,
-                                                       out, ws, p.m, p.n, p.k, p.np, p.group, k_split);
-    result = cudaGetLastError();
-    if (result != cudaSuccess || ws == nullptr) return result;
-    split_epilogue_kernel<float><<<epilogue_blocks, 256, 0, stream>>>(ws, p.bias, out, count, p.n, p.splits);
-    result = cudaGetLastError();
-  }
-  return result;
+  if (p.x_type == FloatType::kFloat16) return launch_16bit<__half>(p, stream);
+  if (p.x_type == FloatType::kBFloat16) return launch_16bit<__nv_bfloat16>(p, stream);
+  const dim3 grid(p.np / kBN, (p.m + kFp32Rows - 1) / kFp32Rows, p.splits);
+  w4a16_fp32_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const float*>(p.x), p.ldx,
+                                                   static_cast<const uint4*>(p.codes), p.scales, p.zeros, p.bias,
+                                                   static_cast<float*>(p.out), p.workspace, p.locks, p.m, p.n, p.k,
+                                                   p.np, p.group, p.splits);
+  return cudaGetLastError();
 }
 
 }  // namespace lowbit::cuda

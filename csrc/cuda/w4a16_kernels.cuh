@@ -15,12 +15,15 @@ struct W4A16Args {
   int64_t ldx;
   FloatType x_type;         // also the output type
   const void* codes;        // from w4a16_cuda_prepack, 16-byte aligned
-  const float* scales;      // [groups, np]
-  const uint8_t* zeros;     // [groups, np]
+  const float* scales;      // [groups, np], 16-byte aligned
+  const uint8_t* zeros;     // [groups, np], 16-byte aligned
   const float* bias;        // [n] float32 or nullptr
   void* out;                // [m, n] contiguous
-  float* workspace;         // [splits, m, n] float32 when splits > 1: one slice per split
-  int m, n, k, np, group, splits;  // splits divides round_up(k, 64) / 64
+  float* workspace;         // [m, n] float32 when splits > 1: the running sum of the splits
+  int* locks;               // one zeroed int per output tile when splits > 1 (left zeroed)
+  int m, n, k, np, group;
+  int m_tiles;              // m16 tiles per block of the 16-bit kernel: 1, 2 or 4 (tile_m_tiles)
+  int splits;               // K splits, each at least one 64-k stage (split_begin)
 };
 
 cudaError_t launch_w4a16_gemm(const W4A16Args& args, cudaStream_t stream);

@@ -1,0 +1,27 @@
+// Host helper of the kernel launchers: the opt-in a kernel needs to use more than 48 KB of
+// dynamic shared memory, made once per kernel and device.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <atomic>
+
+namespace lowbit::cuda {
+
+constexpr int kMaxDevices = 64;
+
+// The setting belongs to the current device, so it is remembered per device (devices past
+// kMaxDevices set it on every launch).
+template <typename Kernel>
+cudaError_t allow_shared_memory(Kernel kernel, int bytes) {
+  static std::atomic<bool> done[kMaxDevices] = {};
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  if (device < kMaxDevices && done[device].load()) return cudaSuccess;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e == cudaSuccess && device < kMaxDevices) done[device].store(true);
+  return e;
+}
+
+}  // namespace lowbit::cuda
