@@ -67,6 +67,25 @@ def test_outputs_table_json_plot_crossover(result, tmp_path):
                 assert (r.m in ms) == (r.seconds < base[(scheme, r.m)])
 
 
+def test_bounds_are_the_baseline_over_the_larger_floor(result):
+    bounds = result.bounds()
+    if result.meta["isa"] == "amx":  # the vpdpbusd probe does not measure AMX's rate
+        assert bounds == []
+        return
+    rows = {(r.scheme, r.m, r.impl): r.seconds for r in result.rows}
+    lowbit_w8a8 = {(r.m, r.impl) for r in result.rows if r.scheme == "w8a8" and r.impl.startswith("lowbit:")}
+    assert {(b.m, b.impl) for b in bounds} == lowbit_w8a8  # W8A8 only: weight-only has no fbgemm
+    for b in bounds:
+        base = rows["w8a8", b.m, bench.INT8_BASELINE]
+        compute = 2 * b.m * b.n * b.k / result.ceilings.int8_ops
+        assert b.measured == pytest.approx(base / rows["w8a8", b.m, b.impl])
+        assert b.read == pytest.approx(base / rows["w8a8", b.m, bench.READ])
+        assert b.compute == pytest.approx(base / compute)
+        assert b.bound == pytest.approx(min(b.read, b.compute))
+    assert "bounds: speedup over torch:fbgemm" in result.table()
+    assert len(result.to_json()["bounds"]) == len(bounds)
+
+
 def test_tune_picks_the_fastest_measured_path():
     p = bench.tune(["w4a16-g64"], [(128, 192)], [1, 32], progress=False)
     entry = p.entries[plan.key("w4a16-g64", "cpu", 192, 128)]

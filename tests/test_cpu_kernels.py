@@ -128,62 +128,97 @@ def test_w4a16_on_every_path(isa, m, n, groups, g, sym, dtype, with_bias, seed):
         assert_linear_close(ops.w4a16_linear_prepacked(x, w, params, gs, n, bias), expected, x, w_full, bias)
 
 
-AMX_BF16 = plan.path_id("weight_only", "amx")  # the AMX-BF16 kernels
+# The kernels on weights decoded to bf16: AMX tiles and AVX512-BF16 (vdpbf16ps).
+DECODED = [pytest.param(name, marks=pytest.mark.skipif(name not in plan.runnable_paths("weight_only"),
+                                                       reason=f"this CPU cannot run path {name}"))
+           for name in ("amx", "bf16")]
 
 
-@pytest.mark.skipif(best_cpu_isa() != "amx", reason="this CPU has no AMX")
-@given(lead=st.sampled_from([(1,), (2,), (8,), (15,), (16,), (17,), (33,), (100,), (2, 19), (3, 1, 16), (4, 3)]), n=cols,
-       groups=st.sampled_from([1, 2, 5]), g=st.sampled_from([32, 64, 128, None]), sym=st.booleans(),
+@pytest.mark.parametrize("path", DECODED)
+@given(lead=st.sampled_from([(1,), (2,), (7,), (8,), (15,), (16,), (17,), (33,), (100,), (2, 19), (3, 1, 16), (4, 3)]),
+       n=cols, groups=st.sampled_from([1, 2, 5]), g=st.sampled_from([32, 64, 128, None]), sym=st.booleans(),
        with_bias=st.booleans(), nc=st.booleans(), seed=seeds)
-def test_w4a16_amx_bf16_path(lead, n, groups, g, sym, with_bias, nc, seed):
-    # Forced at every M (the automatic choice takes it from wo::kAmxMinRowsInt4 rows on);
-    # up to 16 rows the block-by-block kernel, beyond it the decoded-panel one.
+def test_w4a16_decoded_bf16_paths(path, lead, n, groups, g, sym, with_bias, nc, seed):
+    # Forced at every M (the automatic choice takes them from wo::kAmxMinRowsInt4 /
+    # kBf16MinRowsInt4 rows on); for AMX up to 16 rows the block-by-block kernel, beyond it
+    # the decoded-panel one; AVX512-BF16 in tiles of 6 rows with every tail.
     k = groups * (g or 32 * (seed % 9 + 1))
-    gs = g or k  # G = K only when K is a multiple of 32 (one AMX tile of k)
+    gs = g or k  # G = K only when K is a multiple of 32 (blocks of k end at multiples of 32)
     x = activation((*lead, k), torch.bfloat16, seed=seed, noncontiguous=nc)
     packed, scales, zeros = int4_weight(n, k, g, sym, seed)
     bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
     expected = reference.w4a16_linear(x, packed, scales, zeros, gs, bias)
     w_full = reference.dequantize_int4(packed, scales, zeros, gs, torch.float32)
     w, params = ops.w4a16_prepack(packed, scales, zeros, gs)
-    assert_linear_close(ops.w4a16_linear_prepacked(x, w, params, gs, n, bias, AMX_BF16), expected, x, w_full, bias)
+    out = ops.w4a16_linear_prepacked(x, w, params, gs, n, bias, plan.path_id("weight_only", path))
+    assert_linear_close(out, expected, x, w_full, bias)
 
 
-@pytest.mark.skipif(best_cpu_isa() != "amx", reason="this CPU has no AMX")
+@pytest.mark.parametrize("path", DECODED)
 @given(lead=st.sampled_from([(1,), (3,), (8,), (16,), (17,), (50,), (2, 19)]), n=cols, k=st.sampled_from([32, 64, 96, 256, 704]),
        with_bias=st.booleans(), nc=st.booleans(), seed=seeds)
-def test_w8a16_amx_bf16_path(lead, n, k, with_bias, nc, seed):
+def test_w8a16_decoded_bf16_paths(path, lead, n, k, with_bias, nc, seed):
     x = activation((*lead, k), torch.bfloat16, seed=seed, noncontiguous=nc)
     w, sw = int8_weight(n, k, seed)
     bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
     expected = reference.w8a16_linear(x, w, sw, bias)
     w_full = reference.dequantize_int8(w, sw, torch.float32)
-    assert_linear_close(ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(w), sw, bias, AMX_BF16), expected, x,
-                        w_full, bias)
+    out = ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(w), sw, bias, plan.path_id("weight_only", path))
+    assert_linear_close(out, expected, x, w_full, bias)
 
 
-@pytest.mark.skipif(best_cpu_isa() != "amx", reason="this CPU has no AMX")
+@pytest.mark.parametrize("path", DECODED)
 @pytest.mark.parametrize("g", [128, None])
 @pytest.mark.parametrize("m", [5, 40, 300])
-def test_amx_path_with_k_past_one_chunk(m, g):
+def test_decoded_paths_with_k_past_one_chunk(path, m, g):
     # K beyond one chunk of k (wo::kAmxChunkK = 2048) and rows beyond one row chunk (256):
     # chunk boundaries inside and at the end of groups, partial last chunks of both.
+    path_id = plan.path_id("weight_only", path)
     k, n = 4352, 72
     x = activation((m, k), torch.bfloat16, seed=m)
     packed, scales, zeros = int4_weight(n, k, g, False, m)
     gs = g or k
     w, params = ops.w4a16_prepack(packed, scales, zeros, gs)
-    assert_linear_close(ops.w4a16_linear_prepacked(x, w, params, gs, n, None, AMX_BF16),
+    assert_linear_close(ops.w4a16_linear_prepacked(x, w, params, gs, n, None, path_id),
                         reference.w4a16_linear(x, packed, scales, zeros, gs, None), x,
                         reference.dequantize_int4(packed, scales, zeros, gs, torch.float32))
     q, sw = int8_weight(n, 4160, m)
     x8 = activation((m, 4160), torch.bfloat16, seed=m + 1)
-    assert_linear_close(ops.w8a16_linear_prepacked(x8, ops.w8a16_prepack(q), sw, None, AMX_BF16),
+    assert_linear_close(ops.w8a16_linear_prepacked(x8, ops.w8a16_prepack(q), sw, None, path_id),
                         reference.w8a16_linear(x8, q, sw, None), x8, reference.dequantize_int8(q, sw, torch.float32))
+
+
+@pytest.mark.skipif("bf16" not in plan.runnable_paths("weight_only") or best_cpu_isa() == "amx",
+                    reason="the automatic choice takes AVX512-BF16 on CPUs with it and without AMX")
+def test_bf16_rows_take_the_avx512_bf16_kernel_by_default():
+    # From wo::kBf16MinRowsInt4 / Int8 rows, bf16 activations are the vdpbf16ps kernel's, bit
+    # for bit; fewer rows, fp32 activations, or another ISA in force stay off it.
+    bf16 = plan.path_id("weight_only", "bf16")
+    packed, scales, zeros = int4_weight(130, 512, 128, False, seed=1)
+    w, params = ops.w4a16_prepack(packed, scales, zeros, 128)
+    q, sw = int8_weight(130, 512, seed=2)
+    w8 = ops.w8a16_prepack(q)
+    for m in (4, 8, 100):
+        x = activation((m, 512), torch.bfloat16, seed=m)
+        assert torch.equal(ops.w4a16_linear_prepacked(x, w, params, 128, 130, None),
+                           ops.w4a16_linear_prepacked(x, w, params, 128, 130, None, bf16))
+    for m in (12, 100):
+        x = activation((m, 512), torch.bfloat16, seed=m)
+        assert torch.equal(ops.w8a16_linear_prepacked(x, w8, sw, None), ops.w8a16_linear_prepacked(x, w8, sw, None, bf16))
+    x = activation((3, 512), torch.bfloat16, seed=3)
+    assert torch.equal(ops.w4a16_linear_prepacked(x, w, params, 128, 130, None),
+                       ops.w4a16_linear_prepacked(x, w, params, 128, 130, None, GEMV))
+    x = activation((100, 512), torch.bfloat16, seed=4)
+    assert torch.equal(ops.w4a16_linear_prepacked(x.float(), w, params, 128, 130, None),
+                       ops.w4a16_linear_prepacked(x.float(), w, params, 128, 130, None, GEMM))
+    with lowbit.use_cpu_isa("scalar"):
+        assert torch.equal(ops.w4a16_linear_prepacked(x, w, params, 128, 130, None),
+                           ops.w4a16_linear_prepacked(x, w, params, 128, 130, None, plan.path_id("weight_only", "scalar")))
 
 
 GEMV_VNNI = plan.path_id("weight_only", "gemv_vnni")  # the integer GEMV
 GEMV = plan.path_id("weight_only", "gemv")  # the FMA GEMV
+GEMM = plan.path_id("weight_only", "gemm")  # the FMA GEMM on dequantized blocks
 needs_avx512 = pytest.mark.skipif(best_cpu_isa() not in ("avx512_vnni", "amx"), reason="needs AVX-512 VNNI")
 
 
@@ -322,8 +357,8 @@ def test_weight_only_outputs_round_as_torch_does(path, dtype, m):
     # (nearest even), the bias and the partial last panel (N = 70); a NaN row stays NaN.
     # Scales 1 + 2^-8, 1 + 3 * 2^-8 (and 2^-11 for fp16) put (q - z) s exactly halfway
     # between two bf16 (fp16) values whenever |q - z| is a power of two: ties to even.
-    if path == "amx" and (dtype != torch.bfloat16 or best_cpu_isa() != "amx"):
-        pytest.skip("the AMX kernels take bf16 activations on an AMX CPU")
+    if path in ("amx", "bf16") and (dtype != torch.bfloat16 or path not in plan.runnable_paths("weight_only")):
+        pytest.skip(f"path {path} takes bf16 activations on a CPU that has it")
     if path == "gemv_vnni" and dtype != torch.bfloat16:
         pytest.skip("the integer GEMV takes bf16 activations")
     if path in ("gemm", "gemv", "gemv_vnni") and best_cpu_isa() not in ("avx512_vnni", "amx"):
@@ -345,20 +380,21 @@ def test_weight_only_outputs_round_as_torch_does(path, dtype, m):
     assert torch.isnan(out[m - 1]).all()
 
 
-@pytest.mark.skipif(best_cpu_isa() != "amx", reason="this CPU has no AMX")
-def test_amx_path_refuses_other_activation_dtypes_and_group_sizes():
+@pytest.mark.parametrize("path", DECODED)
+def test_decoded_paths_refuse_other_activation_dtypes_and_group_sizes(path):
+    path_id = plan.path_id("weight_only", path)
     packed, scales, zeros = int4_weight(64, 48, None, False)
     w, params = ops.w4a16_prepack(packed, scales, zeros, 48)
-    with pytest.raises(ValueError, match="multiple of 32"):
-        ops.w4a16_linear_prepacked(torch.randn(4, 48).bfloat16(), w, params, 48, 64, None, AMX_BF16)
+    with pytest.raises(ValueError, match=f"path {path} needs a group size .* multiple of 32"):
+        ops.w4a16_linear_prepacked(torch.randn(4, 48).bfloat16(), w, params, 48, 64, None, path_id)
     packed, scales, zeros = int4_weight(64, 128, 64, False)
     w, params = ops.w4a16_prepack(packed, scales, zeros, 64)
-    with pytest.raises(TypeError, match="bf16 activations"):
-        ops.w4a16_linear_prepacked(torch.randn(4, 128), w, params, 64, 64, None, AMX_BF16)
+    with pytest.raises(TypeError, match=f"path {path} multiplies bf16 activations"):
+        ops.w4a16_linear_prepacked(torch.randn(4, 128), w, params, 64, 64, None, path_id)
     q = torch.zeros(64, 40, dtype=torch.int8)
     with pytest.raises(ValueError, match="multiple of 32"):
         ops.w8a16_linear_prepacked(torch.randn(4, 40).bfloat16(), ops.w8a16_prepack(q), torch.ones(64), None,
-                                   AMX_BF16)
+                                   path_id)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -53,6 +53,11 @@ bool has_amx_bf16() {
   return ok;
 }
 
+bool has_avx512_bf16() {
+  static const bool ok = has_avx512(best_isa()) && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
 Isa current_isa() { return static_cast<Isa>(forced().load(std::memory_order_relaxed)); }
 
 const char* isa_name(Isa isa) {

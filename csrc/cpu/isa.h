@@ -20,6 +20,7 @@ enum class Isa {
 Isa best_isa();         // the best path this CPU supports
 Isa current_isa();      // the path the kernels take now
 bool has_amx_bf16();    // AMX usable (best_isa() == kAmx) and the CPU has AMX-BF16
+bool has_avx512_bf16();  // AVX-512 VNNI and the BF16 dot products (vdpbf16ps): Cooper Lake, Zen 4 and newer
 // At least AVX-512 VNNI: the AVX-512 kernels (weight-only GEMM, quantizer) apply.
 inline bool has_avx512(Isa isa) { return static_cast<int>(isa) >= static_cast<int>(Isa::kAvx512Vnni); }
 const char* isa_name(Isa isa);

@@ -34,7 +34,8 @@ Isa needed_isa(Path path) {
     case Path::kInt8Amx: return int8_path_isa(path);
     case Path::kWoGemm:
     case Path::kWoGemv:
-    case Path::kWoGemvVnni: return Isa::kAvx512Vnni;
+    case Path::kWoGemvVnni:
+    case Path::kWoBf16: return Isa::kAvx512Vnni;
     case Path::kWoAmx: return Isa::kAmx;
     default: return Isa::kScalar;
   }
@@ -47,6 +48,7 @@ std::string path_unavailable(Path path) {
   if (static_cast<int>(need) > static_cast<int>(best_isa()))
     return std::string("needs ") + isa_name(need) + "; this CPU's best is " + isa_name(best_isa());
   if (path == Path::kWoAmx && !has_amx_bf16()) return "needs AMX-BF16, which this CPU lacks";
+  if (path == Path::kWoBf16 && !has_avx512_bf16()) return "needs AVX512-BF16, which this CPU lacks";
   return "";
 }
 

@@ -34,6 +34,7 @@ enum class Path : int64_t {
   kWoGemv = 12,      // AVX-512: weights widened in registers from the packed bytes, 8 rows at a time
   kWoGemvVnni = 13,  // bf16 activations: rows in block floating point, codes x digits with vpdpbusd
   kWoAmx = 14,       // bf16 activations on AMX-BF16 tiles, (q - z) or q decoded to bf16 per block
+  kWoBf16 = 15,      // bf16 activations on AVX512-BF16 (vdpbf16ps), the same decoded blocks, no AMX
 };
 
 struct PathInfo {
@@ -52,6 +53,7 @@ inline constexpr PathInfo kPaths[] = {
     {Path::kWoGemv, "gemv", Family::kWeightOnly},
     {Path::kWoGemvVnni, "gemv_vnni", Family::kWeightOnly},
     {Path::kWoAmx, "amx", Family::kWeightOnly},
+    {Path::kWoBf16, "bf16", Family::kWeightOnly},
 };
 
 const char* family_name(Family family);

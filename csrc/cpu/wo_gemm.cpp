@@ -225,7 +225,7 @@ at::Tensor run_panels(const at::Tensor& x, int64_t m, int64_t n, const std::opti
 
 // Activations of any float dtype, widened to fp32, times the int4 or int8 panels from
 // panel_at(p): in registers from the packed bytes up to kMaxGemvRows rows, else through
-// dequantized fp32 blocks. `path` is checked (checked_path); kWoAmx is taken before this.
+// dequantized fp32 blocks. `path` is checked (checked_path); kWoAmx and kWoBf16 are taken before this.
 template <typename PanelAt>
 at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, Path path,
                            PanelAt panel_at) {
@@ -311,46 +311,59 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
   });
 }
 
-// Whether a weight-only call runs on the AMX-BF16 kernels: asked for (kWoAmx, which
-// checked_path has checked against the CPU), or chosen (kAuto) for bf16 activations from
-// min_rows rows (wo::kAmxMinRowsInt4 / Int8) when AMX is current. group: the quantization
-// group size (K for int8); AMX takes k in tiles of 32.
-bool takes_amx(const at::Tensor& x, Path path, int64_t group, int64_t min_rows) {
-  if (path == Path::kWoAmx) {
-    TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "path amx multiplies bf16 activations; x is ",
+// The kernels that multiply bf16 activations by weights decoded to bf16.
+enum class Decoded { kNone, kAmx, kBf16 };
+
+// Whether a weight-only call runs on a decoded-bf16 kernel, and which: asked for (kWoAmx or
+// kWoBf16, which checked_path has checked against the CPU), or chosen (kAuto) for bf16
+// activations from a number of rows on: AMX when it is current (wo::kAmxMinRowsInt4 /
+// Int8), else AVX512-BF16 when the CPU has it and the ISA in force is AVX-512
+// (wo::kBf16MinRowsInt4 / Int8). group: the quantization group size (K for int8); both
+// take k in blocks that end at multiples of 32.
+Decoded takes_decoded(const at::Tensor& x, Path path, int64_t group, bool int4) {
+  if (path == Path::kWoAmx || path == Path::kWoBf16) {
+    const char* name = path_info(path).name;
+    TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "path ", name, " multiplies bf16 activations; x is ",
                      x.scalar_type());
-    TORCH_CHECK_VALUE(group % 32 == 0, "path amx needs a group size (K for int8 weights) that is a multiple ",
-                      "of 32 (one AMX tile of k), got ", group);
-    return true;
+    TORCH_CHECK_VALUE(group % 32 == 0, "path ", name, " needs a group size (K for int8 weights) that is a multiple ",
+                      "of 32, got ", group);
+    return path == Path::kWoAmx ? Decoded::kAmx : Decoded::kBf16;
   }
+  if (path != Path::kAuto || x.scalar_type() != at::kBFloat16 || group % 32) return Decoded::kNone;
   const int64_t k = x.size(-1), m = k ? x.numel() / k : 0;
-  return path == Path::kAuto && current_isa() == Isa::kAmx && has_amx_bf16() && x.scalar_type() == at::kBFloat16 &&
-         m >= min_rows && group % 32 == 0;
+  if (current_isa() == Isa::kAmx && has_amx_bf16())
+    return m >= (int4 ? wo::kAmxMinRowsInt4 : wo::kAmxMinRowsInt8) ? Decoded::kAmx : Decoded::kNone;
+  if (has_avx512(current_isa()) && has_avx512_bf16())
+    return m >= (int4 ? wo::kBf16MinRowsInt4 : wo::kBf16MinRowsInt8) ? Decoded::kBf16 : Decoded::kNone;
+  return Decoded::kNone;
 }
 
-// Weight-only through AMX BF16 tiles (wo_gemm_amx.cpp): one task per panel over all rows, so
-// that each panel is decoded once per call. Up to wo::kAmxSmallRows rows, block by block
-// into L1; beyond, tasks of (panel, wo::kAmxRowChunk rows), each decoding the panel chunk
-// by chunk of k (wo_gemm.h), rows padded to whole tiles of 16.
+// Weight-only on weights decoded to bf16 (wo_gemm_amx.cpp, wo_gemm_bf16.cpp): one task per
+// panel over all rows, so that each panel is decoded once per call. On AMX up to
+// wo::kAmxSmallRows rows, block by block into L1; beyond (and always for AVX512-BF16),
+// tasks of (panel, wo::kAmxRowChunk rows), each decoding the panel chunk by chunk of k
+// (wo_gemm.h), rows padded to whole tiles of 16 for AMX.
 template <typename PanelAt>
-at::Tensor run_amx(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, PanelAt panel_at) {
+at::Tensor run_decoded(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, PanelAt panel_at,
+                       Decoded kernel) {
+  const bool amx = kernel == Decoded::kAmx;
   const int64_t k = x.size(-1);
   at::Tensor x2 = x.reshape({-1, k}).contiguous();
-  const int64_t m = x2.size(0), m16 = (m + 15) / 16 * 16;
-  if (m <= wo::kAmxSmallRows) {
+  const int64_t m = x2.size(0), tile = amx ? 16 : 1, mp = (m + tile - 1) / tile * tile;
+  if (amx && m <= wo::kAmxSmallRows) {
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.const_data_ptr<at::BFloat16>());
     return run_panels(x, m, n, bias, /*avx512=*/true, [&](int64_t p, int64_t, int64_t rows, float* c) {
       wo::gemv_amx_bf16(xp, k, rows, panel_at(p), c);
     }, wo::kAmxSmallRows);
   }
-  if (m16 != m) {
-    at::Tensor padded = at::zeros({m16, k}, x2.options());
+  if (mp != m) {
+    at::Tensor padded = at::zeros({mp, k}, x2.options());
     padded.narrow(0, 0, m).copy_(x2);
     x2 = padded;
   }
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.const_data_ptr<at::BFloat16>());
   // Tasks of (panel, kAmxRowChunk rows): the padding rows land in c and are not written.
-  const int64_t chunk = std::min(m16, wo::kAmxRowChunk);
+  const int64_t chunk = std::min(mp, wo::kAmxRowChunk);
   return run_panels(x, m, n, bias, /*avx512=*/true, [&](int64_t p, int64_t m0, int64_t rows, float* c) {
     thread_local std::vector<uint16_t> b;  // a decoded chunk of the panel, reused across calls
     b.resize(std::min(k, wo::kAmxChunkK) * kPanel);
@@ -358,14 +371,17 @@ at::Tensor run_amx(const at::Tensor& x, int64_t n, const std::optional<at::Tenso
     const bool int4 = panel.kind == Weights::kInt4;
     // int8: one "group" of all K, the same 64 scales throughout.
     const int64_t group = int4 ? panel.group_size : k, scale_stride = int4 ? 2 * kPanel : 0;
-    const int64_t rows16 = (rows + 15) / 16 * 16;
+    const int64_t rows_p = (rows + tile - 1) / tile * tile;
     for (int64_t k0 = 0; k0 < k; k0 += wo::kAmxChunkK) {
       const int64_t k1 = std::min(k, k0 + wo::kAmxChunkK);
       if (int4)
         wo::decode_int4_panel_bf16(panel, k0, k1, b.data());
       else
         wo::decode_int8_panel_bf16(panel, k0, k1, b.data());
-      wo::gemm_amx_bf16(xp + m0 * k, k, rows16, b.data(), k0, k1, group, panel.params, scale_stride, c);
+      if (amx)
+        wo::gemm_amx_bf16(xp + m0 * k, k, rows_p, b.data(), k0, k1, group, panel.params, scale_stride, c);
+      else
+        wo::gemm_bf16_avx512(xp + m0 * k, k, rows_p, b.data(), k0, k1, group, panel.params, scale_stride, c);
     }
   }, chunk);
 }
@@ -406,7 +422,8 @@ at::Tensor w4a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
   const auto panel_at = [&](int64_t p) {
     return Panel{Weights::kInt4, wp + p * k * kPanel / 2, pp + p * groups * 2 * kPanel, group_size, k};
   };
-  if (takes_amx(x, path, group_size, wo::kAmxMinRowsInt4)) return run_amx(x, out_features, bias, panel_at);
+  const Decoded decoded = takes_decoded(x, path, group_size, /*int4=*/true);
+  if (decoded != Decoded::kNone) return run_decoded(x, out_features, bias, panel_at, decoded);
   return run_weight_only(x, out_features, bias, path, panel_at);
 }
 
@@ -426,7 +443,8 @@ at::Tensor w8a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.const_data_ptr<int8_t>());
   const float* sp = scales.const_data_ptr<float>();
   const auto panel_at = [&](int64_t p) { return Panel{Weights::kInt8, wp + p * k * kPanel, sp + p * kPanel, 0, k}; };
-  if (takes_amx(x, path, k, wo::kAmxMinRowsInt8)) return run_amx(x, n, bias, panel_at);
+  const Decoded decoded = takes_decoded(x, path, k, /*int4=*/false);
+  if (decoded != Decoded::kNone) return run_decoded(x, n, bias, panel_at, decoded);
   return run_weight_only(x, n, bias, path, panel_at);
 }
 

@@ -120,7 +120,7 @@ constexpr int64_t kVnniMaxRows = 2;
 constexpr int64_t kVnniMaxRowsInt8 = 1;
 
 // AMX BF16 path (wo_gemm_amx.cpp): bf16 activations.
-// decode writes pair rows [k0 / 2, k1 / 2) of the panel's (q - z) (int4) or q (int8) as
+// decode (wo_gemm_bf16.cpp) writes pair rows [k0 / 2, k1 / 2) of the panel's (q - z) (int4) or q (int8) as
 // bf16 in AMX's B layout (b[(k - k0) / 2][64][2]); gemm adds to c[rows][64] x[rows][k0, k1)
 // (bf16, row stride ldx elements from column 0, rows a multiple of 16) times that, group
 // g's 64 scales at scales + g * scale_stride applied per block (at most kAmxBlockK k, or
@@ -141,6 +141,24 @@ void decode_int4_panel_bf16(const Panel& panel, int64_t k0, int64_t k1, uint16_t
 void decode_int8_panel_bf16(const Panel& panel, int64_t k0, int64_t k1, uint16_t* b);
 void gemm_amx_bf16(const uint16_t* x, int64_t ldx, int64_t rows, const uint16_t* b, int64_t k0, int64_t k1,
                    int64_t group_size, const float* scales, int64_t scale_stride, float* c);
+
+// AVX512-BF16 path (wo_gemm_bf16.cpp), for CPUs with vdpbf16ps and no usable AMX: the
+// same decoded chunks and driver as gemm_amx_bf16 (rows need no padding), multiplied by
+// tiles of kBf16TileRows rows with vdpbf16ps; blocks end where the scales change (at most
+// kBf16BlockK k, as for AMX).
+constexpr int64_t kBf16TileRows = 6;
+constexpr int64_t kBf16BlockK = 128;
+// From how many rows the automatic choice takes it for bf16 activations. Measured here
+// (AMD EPYC, Zen 4, 2 threads; ms, this kernel / the FMA GEMV; bench/RESULTS.md): int4
+// G = 128 at 4 rows 0.26 / 0.27 (2048 x 3072), 0.78 / 0.93 (2048 x 11264), 0.56 / 0.69
+// (4096 x 4096); at 8 rows 0.40 / 0.52, 1.26 / 1.84, 0.90 / 1.39. int8 at 4 rows 0.35 /
+// 0.25, 1.55 / 0.92 (the GEMV reads int8 with fewer instructions); at 8 rows 0.47 / 0.49,
+// 2.07 / 1.82, 1.42 / 1.32; at 16 rows 0.68 / 0.98, 2.86 / 3.65, 2.14 / 2.67. At 512 rows it
+// is twice the FMA GEMM and level with torch's bf16 Linear.
+constexpr int64_t kBf16MinRowsInt4 = 4;
+constexpr int64_t kBf16MinRowsInt8 = 12;
+void gemm_bf16_avx512(const uint16_t* x, int64_t ldx, int64_t rows, const uint16_t* b, int64_t k0, int64_t k1,
+                      int64_t group_size, const float* scales, int64_t scale_stride, float* c);
 
 // Small M on AMX: at most kAmxSmallRows bf16 rows against one int4 or int8 panel, each
 // 32-k block decoded into L1 right before its tile multiplies (no decoded panel); the

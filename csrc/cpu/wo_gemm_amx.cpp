@@ -23,12 +23,7 @@
 //   16), so it loses to the FMA GEMV at 1-2 rows and wins from 3 (int4) or 6 (int8) rows,
 //   2.1x at 8 (measured figures: wo_gemm.h, kAmxMinRowsInt4).
 //
-// Decoding: int4: the packed byte 32h + 2c + t of pair row i holds q[32h + c][2i + t] (low
-// nibble) and q[32h + 16 + c][2i + t] (high nibble), so the low nibbles of 32 bytes are
-// already 16 columns x 2 k in B order, the high nibbles the next 16 columns. Each nibble
-// plus 16 - z indexes a 32-entry table of bf16 values -16..15 (one vpermw). int8: the two
-// k rows of a pair are interleaved (one vpermt2w), widened to fp32 and rounded to bf16
-// (exact).
+// Decoding: wo_decode_bf16.h (shared with the AVX512-BF16 kernel, wo_gemm_bf16.cpp).
 //
 // Limits: bf16 activations only (fp32 / fp16 ones would have to be rounded to bf16);
 // group size a multiple of 32 (one tile of k; 32, 64, 128, and G = K when K is); rows of
@@ -40,86 +35,13 @@
 #include <numeric>
 
 #include "cpu/amx_tiles.h"
+#include "cpu/wo_decode_bf16.h"
 #include "cpu/wo_gemm.h"
 
 namespace lowbit::cpu::wo {
 namespace {
 
 using amx::kTileRows;
-
-uint16_t bf16_bits(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  return static_cast<uint16_t>(bits >> 16);  // exact for the small integers used here
-}
-
-// int4 decoding state: the table of bf16 -16..15 and, per group, 16 - z for each of the 32
-// entries (16 columns x 2 k) of the four column quarters.
-struct Int4Decoder {
-  __m512i lut, adj[4];
-  const __m512i low = _mm512_set1_epi16(0x0F);
-
-  Int4Decoder() {
-    alignas(64) uint16_t table[32];
-    for (int i = 0; i < 32; ++i) table[i] = bf16_bits(static_cast<float>(i - 16));
-    lut = _mm512_load_si512(table);
-  }
-
-  // Entry e of quarter q is 16 - z[16 q + e / 2] (the two k of a column share z).
-  void set_group(const Panel& panel, int64_t g) {
-    const float* z = panel.params + g * 2 * kPanel + kPanel;
-    const __m512i pairs = _mm512_set_epi16(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8, 7, 7, 6, 6, 5,
-                                           5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    for (int q = 0; q < 4; ++q) {
-      const __m512i a = _mm512_sub_epi32(_mm512_set1_epi32(16), _mm512_cvtps_epi32(_mm512_loadu_ps(z + 16 * q)));
-      adj[q] = _mm512_permutexvar_epi16(pairs, _mm512_castsi256_si512(_mm512_cvtepi32_epi16(a)));
-    }
-  }
-
-  // Pair row i of the panel into row i of the four tiles (tile q at out + q * tile_stride).
-  void pair(const uint8_t* src, uint16_t* out, int64_t tile_stride) const {
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * h)));
-      const __m512i lo = _mm512_add_epi16(_mm512_and_si512(w, low), adj[2 * h]);
-      const __m512i hi = _mm512_add_epi16(_mm512_srli_epi16(w, 4), adj[2 * h + 1]);
-      _mm512_storeu_si512(out + 2 * h * tile_stride, _mm512_permutexvar_epi16(lo, lut));
-      _mm512_storeu_si512(out + (2 * h + 1) * tile_stride, _mm512_permutexvar_epi16(hi, lut));
-    }
-  }
-};
-
-// int8 decoding: output entry 2c + t of a pair row is column c of k row t.
-struct Int8Decoder {
-  __m512i lo, hi;
-
-  Int8Decoder() {
-    alignas(64) uint16_t lo_idx[32], hi_idx[32];
-    for (int e = 0; e < 32; ++e) {
-      lo_idx[e] = static_cast<uint16_t>(e / 2 + (e % 2) * 32);
-      hi_idx[e] = static_cast<uint16_t>(16 + e / 2 + (e % 2) * 32);
-    }
-    lo = _mm512_load_si512(lo_idx);
-    hi = _mm512_load_si512(hi_idx);
-  }
-
-  // k rows 2i (at w) and 2i + 1 (at w + kPanel) into row i of the four tiles.
-  void pair(const int8_t* w, uint16_t* out, int64_t tile_stride) const {
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {  // columns 32h .. 32h + 31
-      const __m512i r0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * h)));
-      const __m512i r1 =
-          _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kPanel + 32 * h)));
-#pragma GCC unroll 2
-      for (int part = 0; part < 2; ++part) {  // 16 columns x 2 k = 32 int16, widened to bf16
-        const __m512i v = _mm512_permutex2var_epi16(r0, part ? hi : lo, r1);
-        const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
-        const __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
-        _mm512_storeu_si512(out + (2 * h + part) * tile_stride, (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
-      }
-    }
-  }
-};
 
 // c_tiles[r][64] (fp32, row stride kPanel) = the four C tiles (0-3).
 inline void store_c(float* c_tiles) {
@@ -190,21 +112,6 @@ inline void drain(bool second_set, float* tmp) {
 }
 
 }  // namespace
-
-void decode_int4_panel_bf16(const Panel& panel, int64_t k0, int64_t k1, uint16_t* b) {
-  Int4Decoder dec;
-  for (int64_t g = k0 / panel.group_size; g * panel.group_size < k1; ++g) {
-    dec.set_group(panel, g);
-    const int64_t i0 = std::max(k0, g * panel.group_size) / 2, i1 = std::min(k1, (g + 1) * panel.group_size) / 2;
-    for (int64_t i = i0; i < i1; ++i) dec.pair(panel.w + i * kPanel, b + (i - k0 / 2) * kPanel * 2, 32);
-  }
-}
-
-void decode_int8_panel_bf16(const Panel& panel, int64_t k0, int64_t k1, uint16_t* b) {
-  const Int8Decoder dec;
-  const int8_t* w = reinterpret_cast<const int8_t*>(panel.w);
-  for (int64_t i = k0 / 2; i < k1 / 2; ++i) dec.pair(w + 2 * i * kPanel, b + (i - k0 / 2) * kPanel * 2, 32);
-}
 
 void gemm_amx_bf16(const uint16_t* x, int64_t ldx, int64_t rows, const uint16_t* b, int64_t k0, int64_t k1,
                    int64_t group_size, const float* scales, int64_t scale_stride, float* c) {

@@ -22,7 +22,8 @@ Up to ``READ_MAX_M`` rows, where a weight-only or int8 kernel streams its weight
 little else, ``memory:read`` times a plain read of as many bytes as the packed weights
 (``torch.sum`` over a float32 buffer of that size, the same copies with ``rotate``): its
 GB/s column is the memory ceiling those rows are bound by, measured beside them (warm,
-from whichever cache level holds that many bytes; rotated, from DRAM).
+from whichever cache level holds that many bytes; rotated, from DRAM). ``bounds`` turns
+both ceilings into the most any W8A8 kernel could gain over fbgemm at those rows.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from lowbit.formats import Scheme
 DEFAULT_M = [1, 8, 32, 128, 512, 2048]
 BASELINE = "torch:bf16"
 READ = "memory:read"
+INT8_BASELINE = "torch:fbgemm"
 READ_MAX_M = 16
 
 
@@ -70,6 +72,22 @@ class Row:
     @property
     def percent_of_ceiling(self) -> float:
         return 100 * self.tflops * 1e12 / self.ceiling
+
+
+@dataclasses.dataclass
+class Bound:
+    """A lowbit implementation's speedup over torch's integer baseline at one (scheme, shape,
+    M), and the most any kernel could reach there by each floor and by both."""
+
+    scheme: str
+    k: int
+    n: int
+    m: int
+    impl: str
+    measured: float
+    read: float     # the baseline's time over a plain read of the weight bytes
+    compute: float  # the baseline's time over the multiply-adds at the vpdpbusd ceiling
+    bound: float    # the baseline's time over the larger of the two floors
 
 
 Impl = tuple[list[Callable[[torch.Tensor], torch.Tensor]], torch.dtype]
@@ -110,7 +128,7 @@ def _torch_impls(scheme: Scheme, w: torch.Tensor) -> dict:
             warnings.simplefilter("ignore")
             dyn = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(fp32), {torch.nn.Linear},
                                                          dtype=torch.qint8)
-        impls["torch:fbgemm"] = ([dyn], torch.float32)
+        impls[INT8_BASELINE] = ([dyn], torch.float32)
     elif not scheme.is_int4:
         q, s = formats.quantize_int8_per_channel(w)
         sb = s.to(torch.bfloat16)
@@ -150,6 +168,27 @@ class BenchResult:
                     wins.append(r.m)
         return out
 
+    def bounds(self) -> list[Bound]:
+        """How far any kernel could beat torch's integer baseline (fbgemm) at each W8A8 shape
+        and M with the weight read timed: the baseline's time over the larger of two floors,
+        the multiply-adds at the machine's vpdpbusd rate and a plain read of the weight
+        bytes (each a time no GEMM that does that work can go under). Empty on AMX machines,
+        whose int8 rate the vpdpbusd probe does not measure."""
+        if self.meta.get("isa") == "amx":
+            return []
+        times = {(r.scheme, r.k, r.n, r.m, r.impl): r for r in self.rows}
+        out = []
+        for r in self.rows:
+            base = times.get((r.scheme, r.k, r.n, r.m, INT8_BASELINE))
+            read = times.get((r.scheme, r.k, r.n, r.m, READ))
+            if not r.impl.startswith("lowbit:") or base is None or read is None:
+                continue
+            compute = 2 * r.m * r.n * r.k / self.ceilings.int8_ops
+            out.append(Bound(r.scheme, r.k, r.n, r.m, r.impl, base.seconds / r.seconds,
+                             base.seconds / read.seconds, base.seconds / compute,
+                             base.seconds / max(read.seconds, compute)))
+        return out
+
     def table(self) -> str:
         lines = [_header(self.meta, self.ceilings)]
         cross = self.crossover()
@@ -177,6 +216,15 @@ class BenchResult:
                     if impl.startswith("lowbit:"):
                         wins = cross.get((scheme, k, n, impl), [])
                         lines.append(f"  {impl} beats bf16 at M = {', '.join(map(str, wins)) if wins else 'none measured'}")
+        bounds = self.bounds()
+        if bounds:
+            lines.append(f"\nbounds: speedup over {INT8_BASELINE} measured, and the most any kernel could reach "
+                         "(floors: a read of the weight bytes; the multiply-adds at the vpdpbusd ceiling)")
+            lines.append(f"{'scheme':<12}{'K x N':>13}{'M':>5}  {'impl':<20}{'measured':>9}{'read':>8}{'compute':>9}"
+                         f"{'bound':>8}")
+            for b in bounds:
+                lines.append(f"{b.scheme:<12}{f'{b.k} x {b.n}':>13}{b.m:>5}  {b.impl:<20}{b.measured:>8.2f}x"
+                             f"{b.read:>7.2f}x{b.compute:>8.2f}x{b.bound:>7.2f}x")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -184,7 +232,8 @@ class BenchResult:
                 "rows": [dataclasses.asdict(r) | {"tflops": r.tflops, "weight_gbs": r.weight_gbs,
                                                   "percent_of_ceiling": r.percent_of_ceiling} for r in self.rows],
                 "crossover": [{"scheme": s, "k": k, "n": n, "impl": i, "beats_bf16_at_m": m}
-                              for (s, k, n, i), m in self.crossover().items()]}
+                              for (s, k, n, i), m in self.crossover().items()],
+                "bounds": [dataclasses.asdict(b) for b in self.bounds()]}
 
     def write_json(self, path: str) -> None:
         with open(path, "w") as f:
