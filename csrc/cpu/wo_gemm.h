@@ -14,8 +14,9 @@
 // point and the scale are applied once per group,
 // sum_k x (q - z) s = s * (sum_k x (q - 8) - (z - 8) * sum_k x), with the group sums of x
 // computed once per call. bf16 activations at up to kVnniMaxRows rows (int8:
-// kVnniMaxRowsInt8) take an integer GEMV instead (gemv_int4_vnni_avx512 and
-// gemv_int8_vnni_avx512, below), with about half the vector instructions per code.
+// kVnniMaxRowsInt8; on AMX CPUs AMX takes over first) take an integer GEMV instead
+// (gemv_int4_vnni_avx512 and gemv_int8_vnni_avx512, below), with about half the vector
+// instructions per code.
 //
 // Prepacked layouts (per panel p of 64 output columns; zero past N):
 //   int4: w[p][k / 2][64] bytes: for the k pair (2i, 2i + 1), byte 32h + 2c + t holds
@@ -108,12 +109,16 @@ void gemv_int4_vnni_avx512(const int8_t* digits, int64_t kpad, const FixedChunk*
 constexpr int64_t kVnniChunkK8 = 1024;
 void gemv_int8_vnni_avx512(const int8_t* digits, int64_t kpad, const FixedChunk* chunks, const Panel& panel,
                            float* c);
-// Most rows the automatic choice sends through them (bf16 activations, int4 weights); at 3
-// rows the three paths are within 5% and AMX (kAmxMinRowsInt4) keeps them. Measured here
-// (2 threads, Llama-3-8B shapes, ms, vnni / FMA GEMV / AMX; bench/RESULTS.md, fourth pass):
-// 4096 x 4096 at 1 row 0.37 / 0.55 / 0.83, 2 rows 0.49 / 0.64 / 0.73, 3 rows 0.75 / 0.88 /
-// 0.91; 4096 x 14336 at 3 rows 2.87 / 2.99 / 2.89.
-constexpr int64_t kVnniMaxRows = 2;
+// Most rows the automatic choice sends through them (bf16 activations, int4 weights). On
+// AMX CPUs AMX (kAmxMinRowsInt4) takes over from 3 rows, where the three paths are within
+// 5% (Sapphire Rapids, 2 threads, Llama-3-8B shapes, ms, vnni / FMA GEMV / AMX;
+// bench/RESULTS.md, fourth pass: 4096 x 4096 at 1 row 0.37 / 0.55 / 0.83, 2 rows 0.49 /
+// 0.64 / 0.73, 3 rows 0.75 / 0.88 / 0.91; 4096 x 14336 at 3 rows 2.87 / 2.99 / 2.89).
+// Elsewhere it keeps them up to 5 rows, below the AVX512-BF16 kernel (kBf16MinRowsInt4):
+// on Zen 4 (ms, vnni / FMA GEMV / vdpbf16ps) 2048 x 11264 at 3 rows 0.57 / 0.78 / 1.07, 5
+// rows 0.96 / 1.39 / 1.20, 6 rows 1.24 / 1.56 / 1.35; 4096 x 4096 at 5 rows 0.75 / 0.99 /
+// 0.72, 6 rows 0.87 / 1.19 / 0.78.
+constexpr int64_t kVnniMaxRows = 5;
 // int8: one row. Measured the same way (vnni / FMA GEMV, ms): 1 row 0.56 / 0.60 (4096 x
 // 4096), 3.13 / 3.15 (4096 x 14336), 3.39 / 3.57 (14336 x 4096); 2 rows 0.80 / 0.73,
 // 3.63 / 3.41, 4.48 / 3.75 (the FMA GEMV converts each code once for all rows).
@@ -148,15 +153,17 @@ void gemm_amx_bf16(const uint16_t* x, int64_t ldx, int64_t rows, const uint16_t*
 // kBf16BlockK k, as for AMX).
 constexpr int64_t kBf16TileRows = 6;
 constexpr int64_t kBf16BlockK = 128;
-// From how many rows the automatic choice takes it for bf16 activations. Measured here
-// (AMD EPYC, Zen 4, 2 threads; ms, this kernel / the FMA GEMV; bench/RESULTS.md): int4
-// G = 128 at 4 rows 0.26 / 0.27 (2048 x 3072), 0.78 / 0.93 (2048 x 11264), 0.56 / 0.69
-// (4096 x 4096); at 8 rows 0.40 / 0.52, 1.26 / 1.84, 0.90 / 1.39. int8 at 4 rows 0.35 /
-// 0.25, 1.55 / 0.92 (the GEMV reads int8 with fewer instructions); at 8 rows 0.47 / 0.49,
-// 2.07 / 1.82, 1.42 / 1.32; at 16 rows 0.68 / 0.98, 2.86 / 3.65, 2.14 / 2.67. At 512 rows it
-// is twice the FMA GEMM and level with torch's bf16 Linear.
-constexpr int64_t kBf16MinRowsInt4 = 4;
-constexpr int64_t kBf16MinRowsInt8 = 12;
+// From how many rows the automatic choice takes it for bf16 activations: int4 after the
+// integer GEMV's kVnniMaxRows, int8 after the FMA GEMV's kMaxGemvRows (the integer GEMV
+// keeps int8 to 1 row: it lost from 2 rows on Sapphire Rapids). Measured here (AMD EPYC,
+// Zen 4, 2 threads; ms, this kernel / the integer GEMV / the FMA GEMV; bench/RESULTS.md):
+// int4 G = 128 at 8 rows 0.40 / 0.42 / 0.55 (2048 x 3072), 1.77 / 1.57 / 1.91 (2048 x
+// 11264), 0.98 / 1.13 / 1.42 (4096 x 4096); at 12 rows 0.50 / 0.61 / 0.81, 2.00 / 2.15 /
+// 2.75, 1.43 / 1.69 / 2.17. int8 at 8 rows 0.48 / 0.47 / 0.56, 2.21 / 1.64 / 1.87, 1.65 /
+// 1.25 / 1.44, and the FMA GEMM past 8 rows 1.5-1.7x slower than this kernel. At 512 rows
+// it is twice the FMA GEMM and level with torch's bf16 Linear.
+constexpr int64_t kBf16MinRowsInt4 = 6;
+constexpr int64_t kBf16MinRowsInt8 = 9;
 void gemm_bf16_avx512(const uint16_t* x, int64_t ldx, int64_t rows, const uint16_t* b, int64_t k0, int64_t k1,
                       int64_t group_size, const float* scales, int64_t scale_stride, float* c);
 
