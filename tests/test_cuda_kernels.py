@@ -238,6 +238,20 @@ def test_w4a16_on_cuda_matches_the_reference(dtype, m, g, sym):
 
 
 @needs_gpu
+def test_w4a16_on_cuda_every_tile_height_in_one_process():
+    # Each tile height is a kernel of its own with its own shared-memory opt-in: running them
+    # in turn (4, 1, 2 m16 tiles, then 4 again) shows an opt-in made for one and not another.
+    packed, scales, zeros = int4_weight(320, 1024, 128, False, seed=3)
+    codes, s_t, z_t = (t.cuda() for t in ops.w4a16_cuda_prepack(packed, scales, zeros, 128))
+    w = reference.dequantize_int4(packed, scales, zeros, 128, torch.float32)
+    for m in (100, 1, 20, 70):
+        for dtype in (torch.float16, torch.bfloat16):
+            x = activation((m, 1024), dtype, "cuda", seed=m)
+            out = ops.w4a16_linear_cuda_prepacked(x, codes, s_t, z_t, 128, 320)
+            assert_linear_close(out.cpu(), reference.w4a16_linear(x.cpu(), packed, scales, zeros, 128, None), x.cpu(), w)
+
+
+@needs_gpu
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (1, 512, 1088), (2048, 4096, 4096)])
 def test_w4a16_on_cuda_llama_shapes(m, n, k):
     # M = 1: split-K (K = 1088 is 17 stages: uneven splits); M = 2048: 64-row blocks.

@@ -132,8 +132,8 @@ __global__ void __launch_bounds__(T::THREADS)
 
 template <typename T, typename OutT>
 cudaError_t launch_tile(const Int8GemmArgs& p, cudaStream_t stream) {
-  auto kernel = int8_gemm_kernel<T, OutT>;
-  if (const cudaError_t attr = allow_shared_memory(kernel, T::SMEM_BYTES); attr != cudaSuccess) return attr;
+  constexpr auto kernel = int8_gemm_kernel<T, OutT>;
+  if (const cudaError_t attr = allow_shared_memory<kernel>(T::SMEM_BYTES); attr != cudaSuccess) return attr;
   const dim3 grid((p.n + T::BN - 1) / T::BN, (p.m + T::BM - 1) / T::BM);
   kernel<<<grid, T::THREADS, T::SMEM_BYTES, stream>>>(p.a, p.lda, p.b, p.a_scale, p.a_scale_stride,
                                                       p.b_scale, p.bias, static_cast<OutT*>(p.out), p.m,
@@ -258,8 +258,8 @@ __global__ void __launch_bounds__(kWgmmaThreads)
 
 template <typename OutT>
 cudaError_t launch_wgmma(const Int8GemmArgs& p, cudaStream_t stream) {
-  auto kernel = int8_gemm_wgmma_kernel<OutT>;
-  if (const cudaError_t attr = allow_shared_memory(kernel, kWgmmaSmemBytes); attr != cudaSuccess) return attr;
+  constexpr auto kernel = int8_gemm_wgmma_kernel<OutT>;
+  if (const cudaError_t attr = allow_shared_memory<kernel>(kWgmmaSmemBytes); attr != cudaSuccess) return attr;
   const dim3 grid((p.n + kWgmmaBN - 1) / kWgmmaBN, (p.m + kWgmmaBM - 1) / kWgmmaBM);
   kernel<<<grid, kWgmmaThreads, kWgmmaSmemBytes, stream>>>(p.a, p.lda, p.b, p.a_scale, p.a_scale_stride, p.b_scale,
                                                           p.bias, static_cast<OutT*>(p.out), p.m, p.n, p.k);

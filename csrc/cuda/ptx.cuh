@@ -28,8 +28,8 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
                : "r"(smem_addr(p)));
 }
 
-// The same copy with an L2 cache policy (createpolicy below): weights are read once, so
-// they are marked evict-first and leave the L2 to the activations and outputs.
+// The same copy with an L2 cache policy (createpolicy below): weights read once are marked
+// evict-first and leave the L2 to the activations and outputs.
 __device__ __forceinline__ void cp_async_16_hint(void* dst, const void* src, uint64_t policy) {
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                "l"(policy));
@@ -38,6 +38,11 @@ __device__ __forceinline__ void cp_async_16_hint(void* dst, const void* src, uin
 __device__ __forceinline__ uint64_t evict_first_policy() {
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ uint64_t evict_normal_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
   return policy;
 }
 

@@ -5,17 +5,18 @@
 // order of w4a16_layout.h (each lane's B fragments of a k16 x n64 tile are one 16-byte
 // vector); scales float32 and zero points uint8 as [groups, NP], 16-byte aligned.
 // Algorithm: one block per (16 MT) x 256 output tile and per K split, MT = 1, 2 or 4 m16
-// tiles by M, on 4 or 8 warps (w4a16_layout.h, "Tiles"). A 4-stage cp.async pipeline brings 64-k slices of x
-// (into the XOR-swizzled rows of the int8 GEMM, read with ldmatrix.x4), of the weight codes
-// (copied with an L2 evict-first policy: they are read once) and, in the slices where a
-// group starts, that group's scales and zero points (the stage's scale slots) into shared
-// memory, so no global load waits inside the k loop. Per k16 step each warp converts its
-// lanes' 16-byte code vectors once, without integer-to-float instructions — lop3 merges a
-// nibble pair into the mantissas of 1024.0 (fp16) or 128.0 (bf16), and one subtraction of
-// (1024 or 128) + z leaves (q - z), a small integer exact in 16 bits — and feeds them to
-// the warp's m16 tiles' mma.m16n8k16 (fp32 accumulation); the partial sum of each k16 step is
-// scaled by its group's fp32 scale into the accumulators (more accurate than rounding w' to
-// 16 bits; the reference differs only in summation order).
+// tiles by M, on 4 or 8 warps (w4a16_layout.h, "Tiles"). A 4-stage cp.async pipeline
+// brings 64-k slices of x (into the XOR-swizzled rows of the int8 GEMM, read with
+// ldmatrix.x4), of the weight codes (copied evict-first from L2 when one row of blocks
+// reads them) and, in the slices where a group starts, that group's scales and zero points
+// (the stage's scale slots) into shared memory, so no global load waits inside the k loop.
+// Per k16 step each warp converts its lanes' 16-byte code vectors once, without
+// integer-to-float instructions — lop3 merges a nibble pair into the mantissas of 1024.0
+// (fp16) or 128.0 (bf16), and one subtraction of (1024 or 128) + z leaves (q - z), a small
+// integer exact in 16 bits — and feeds them to the warp's m16 tiles' mma.m16n8k16 (fp32
+// accumulation); the partial sum of each k16 step is scaled by its group's fp32 scale into
+// the accumulators (more accurate than rounding w' to 16 bits; the reference differs only
+// in summation order).
 // float32 activations take w4a16_fp32_kernel (CUDA-core FMAs, same weights) instead.
 // Small M: the launcher splits K so that the tiles times the splits fill the SMs; the splits
 // of a tile add their partial sums in split order on a lock (w4a16_layout.h, "Split K"),
@@ -122,6 +123,8 @@ __global__ void __launch_bounds__(block_threads(MT))
                       const float* __restrict__ bias, T* __restrict__ out, float* __restrict__ ws,
                       int* __restrict__ locks, int m, int n, int k, int np, int group, int splits) {
   constexpr int kStage = stage_bytes(MT), kBlockThreads = block_threads(MT), MI = m_tiles_per_warp(MT);
+  static_assert(16 * MT * 8 % kBlockThreads == 0 && kCodeChunks % kBlockThreads == 0 && kSlotChunks <= kBlockThreads,
+                "every thread copies whole shares of a stage's x and code chunks; a slot takes one copy per thread");
   extern __shared__ __align__(128) uint8_t smem[];
   const int m0 = blockIdx.y * 16 * MT, n0 = blockIdx.x * kBN;
   const int kp = round_up(k, kBK);
@@ -132,7 +135,9 @@ __global__ void __launch_bounds__(block_threads(MT))
   const int wn0 = n0 + warp_n * kWarpN;
   const int g = lane / 4, t = lane % 4;
   const int k_tiles = (k_end - k_begin) / kBK;
-  const uint64_t policy = evict_first_policy();
+  // Codes that only this row of blocks reads are marked evict-first; with more rows of
+  // blocks (larger M) the others read them again, from L2.
+  const uint64_t policy = gridDim.y == 1 ? evict_first_policy() : evict_normal_policy();
 
   auto load_stage = [&](int stage, int kt) {
     uint8_t* st = smem + stage * kStage;
@@ -321,8 +326,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int MT>
 cudaError_t launch_tiles(const W4A16Args& p, cudaStream_t stream) {
-  auto kernel = w4a16_gemm_kernel<T, MT>;
-  if (const cudaError_t attr = allow_shared_memory(kernel, smem_bytes(MT)); attr != cudaSuccess) return attr;
+  constexpr auto kernel = w4a16_gemm_kernel<T, MT>;
+  if (const cudaError_t attr = allow_shared_memory<kernel>(smem_bytes(MT)); attr != cudaSuccess) return attr;
   const dim3 grid(p.np / kBN, (p.m + 16 * MT - 1) / (16 * MT), p.splits);
   kernel<<<grid, block_threads(MT), smem_bytes(MT), stream>>>(
       static_cast<const T*>(p.x), p.ldx, static_cast<const uint4*>(p.codes), p.scales, p.zeros, p.bias,

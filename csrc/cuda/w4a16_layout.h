@@ -45,7 +45,10 @@
 // split s > 0 waits for the lock to read s, adds its own partial sums to the workspace
 // values (ws + acc, in this order), stores them — or, being the last, adds the bias, casts
 // and writes the output — and sets the lock to s + 1 (the last resets it to 0). The sum is
-// ((p0 + p1) + p2) + ... in every run: the same bits each time.
+// ((p0 + p1) + p2) + ... in every run: the same bits each time. A split waits only for an
+// earlier one, whose blocks have lower blockIdx.z and are dispatched first (GPUs dispatch a
+// grid in block index order, which CUDA does not promise but serial split-K in CUTLASS
+// relies on too; the launcher keeps split grids within two waves besides).
 #pragma once
 
 #include "cuda/host_device.h"
