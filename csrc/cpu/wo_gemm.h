@@ -125,8 +125,8 @@ constexpr int64_t kVnniMaxRows = 5;
 constexpr int64_t kVnniMaxRowsInt8 = 1;
 
 // AMX BF16 path (wo_gemm_amx.cpp): bf16 activations.
-// decode (wo_gemm_bf16.cpp) writes pair rows [k0 / 2, k1 / 2) of the panel's (q - z) (int4) or q (int8) as
-// bf16 in AMX's B layout (b[(k - k0) / 2][64][2]); gemm adds to c[rows][64] x[rows][k0, k1)
+// decode (wo_gemm_bf16.cpp) writes pair rows [k0 / 2, k1 / 2) of the panel's (q - z)
+// (int4) or q (int8) as bf16 in AMX's B layout (b[(k - k0) / 2][64][2]); gemm adds to c[rows][64] x[rows][k0, k1)
 // (bf16, row stride ldx elements from column 0, rows a multiple of 16) times that, group
 // g's 64 scales at scales + g * scale_stride applied per block (at most kAmxBlockK k, or
 // the whole chunk when it lies in one group; group_size a multiple of 32; k0 and k1
@@ -160,7 +160,7 @@ constexpr int64_t kBf16BlockK = 128;
 // int4 G = 128 at 8 rows 0.40 / 0.42 / 0.55 (2048 x 3072), 1.77 / 1.57 / 1.91 (2048 x
 // 11264), 0.98 / 1.13 / 1.42 (4096 x 4096); at 12 rows 0.50 / 0.61 / 0.81, 2.00 / 2.15 /
 // 2.75, 1.43 / 1.69 / 2.17. int8 at 8 rows 0.48 / 0.47 / 0.56, 2.21 / 1.64 / 1.87, 1.65 /
-// 1.25 / 1.44, and the FMA GEMM past 8 rows 1.5-1.7x slower than this kernel. At 512 rows
+// 1.25 / 1.44; at 16 rows the FMA GEMM is 1.6-1.9x slower than this kernel. At 512 rows
 // it is twice the FMA GEMM and level with torch's bf16 Linear.
 constexpr int64_t kBf16MinRowsInt4 = 6;
 constexpr int64_t kBf16MinRowsInt8 = 9;

@@ -30,8 +30,6 @@
 // x in whole tiles of 16 for gemm_amx_bf16 (the driver pads the tail).
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cstring>
 #include <numeric>
 
 #include "cpu/amx_tiles.h"

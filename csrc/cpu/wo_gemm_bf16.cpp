@@ -30,7 +30,7 @@ namespace lowbit::cpu::wo {
 namespace {
 
 // acc[r][q] += pairs [i0, i1) of ROWS rows of x (bf16, row stride ldx) times the decoded
-// pair rows b (row i at b + (i - ib) * 2 * kPanel), then c[r] (+)= acc[r] * s.
+// pair rows b (row i at b + (i - i0) * 2 * kPanel), then c[r] (+)= acc[r] * s.
 template <int ROWS>
 void tile(const uint16_t* x, int64_t ldx, const uint16_t* b, int64_t i0, int64_t i1, const float* s, float* c,
           bool first) {

@@ -25,7 +25,6 @@
 #include <ATen/ops/full.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
