@@ -75,7 +75,8 @@ def test_dispatch_takes_the_bucket_at_or_above_m():
     p.entries[plan.key("w8a16", "cpu", 64, 128)] = {b: ("amx" if 16 < b <= 64 else "gemm") for b in plan.BUCKETS}
     with plan.use_plan(p):
         layer = QuantLinear.from_linear(torch.nn.Linear(128, 64), "w8a16")
-    assert layer.packed.paths == ((16, 2), (64, 3), (2048, 2))
+    gemm, amx = plan.path_id("weight_only", "gemm"), plan.path_id("weight_only", "amx")
+    assert layer.packed.paths == ((16, gemm), (64, amx), (2048, gemm))
     for m in (1, 16, 65, 5000):
         layer(torch.randn(m, 128))
     for m in (17, 64):
@@ -113,7 +114,7 @@ def test_an_all_auto_entry_dispatches_nothing():
     p.entries[plan.key("w8a8", "cpu", 96, 128)] = {b: "auto" for b in plan.BUCKETS}
     p.entries[plan.key("w8a8", "cpu", 64, 128)] = {b: ("auto" if b < 16 else "amx") for b in plan.BUCKETS}
     assert p.paths(Scheme("w8a8"), "cpu", 96, 128) is None
-    assert p.paths(Scheme("w8a8"), "cpu", 64, 128) == ((8, -1), (2048, 3))
+    assert p.paths(Scheme("w8a8"), "cpu", 64, 128) == ((8, -1), (2048, plan.path_id("int8", "amx")))
 
 
 def test_plan_files_round_trip_and_bad_files_fail(tmp_path):
