@@ -53,6 +53,25 @@ def source(work: Path) -> Path:
     return Path(glob.glob(str(work / "llama_cpp_python-*" / "vendor" / "llama.cpp"))[0])
 
 
+def amx_workaround() -> list[str]:
+    """CMake flags that let llama.cpp's AMX path run when built by GCC 12.
+
+    GCC 12's ``_tile_loadconfig`` is an asm statement whose memory operand covers only the
+    first 8 bytes of the 64-byte tile configuration, so dead-store elimination drops the
+    stores of the rows and column widths that ggml's AMX kernels set on the stack, and the
+    first tile instruction faults (llama.cpp's Q4_0 / Q8_0 prefill crashed on AMX Xeons).
+    Turning off both dead-store passes for the C++ sources keeps those stores; GCC 13 and
+    later model the whole operand, and other compilers get no flags."""
+    try:
+        version = subprocess.run(["c++", "-dumpfullversion"], capture_output=True, text=True, check=True).stdout
+        banner = subprocess.run(["c++", "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    if "clang" in banner.lower() or int(version.split(".")[0]) >= 13:
+        return []
+    return ["-DCMAKE_CXX_FLAGS=-fno-tree-dse -fno-dse"]
+
+
 def build(work: Path) -> Path:
     """llama-bench and llama-quantize, built once; returns the bin directory."""
     src = source(work)
@@ -62,7 +81,7 @@ def build(work: Path) -> Path:
         return binaries
     run(["cmake", "-S", src, "-B", out, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
          "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
-         "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"])
+         "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", *amx_workaround()])
     run(["cmake", "--build", out, "--target", "llama-bench", "llama-quantize", "-j", str(os.cpu_count() or 2)])
     return binaries
 

@@ -22,6 +22,7 @@
 #include <cstring>
 
 #include "cpu/int8_gemm.h"
+#include "cpu/prefetch.h"
 
 namespace lowbit::cpu::int8 {
 namespace {
@@ -110,6 +111,9 @@ void tile(const int8_t* a, int64_t kp, const uint8_t* panel, int64_t m0, int64_t
       for (int j = 0; j < 4; ++j) odd[r][j] = _mm512_setzero_si512();
     for (; s + 1 < s1; s += 2) {
       const uint8_t* b = panel + s * kPanel * kGroupK;
+      // The weight stream from DRAM, as four (prefetch.h): a line on per 256 bytes.
+      prefetch_streams(b);
+      prefetch_streams(b + 256);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         const __m512i a0 = bcast4(a + (m0 + r) * kp + s * kGroupK);

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "cpu/prefetch.h"
 #include "cpu/wo_gemm.h"
 
 namespace lowbit::cpu::wo {
@@ -433,8 +434,9 @@ __attribute__((optimize("no-tree-pre"))) void gemv_int4_vnni_avx512(const int8_t
         int64_t i = k0 / 2;
         for (; i + 1 < pairs_end; i += 2) {
           const uint8_t* b = panel.w + i * kPanel;
-          _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(b + kPanel + kPrefetchBytes), _MM_HINT_T0);
+          // The rows after the first read these codes from L1; every other step (256 bytes)
+          // moves the DRAM streams on by a line (prefetch.h).
+          if (r == 0 && (i & 2) == 0) prefetch_streams(b);
           vnni_step(_mm512_loadu_si512(b), _mm512_loadu_si512(b + kPanel), dr, kpad, 2 * i, acc);
         }
         if (i < pairs_end)  // a last lone pair (G = K = 2 mod 4): its partner's codes (and digits) are zero
@@ -505,10 +507,8 @@ __attribute__((optimize("no-tree-pre"))) void gemv_int8_vnni_avx512(const int8_t
       const int8_t* b = w + k * kPanel;
       __m512i rows[4];
 #pragma GCC unroll 4
-      for (int t = 0; t < 4; ++t) {
-        _mm_prefetch(reinterpret_cast<const char*>(b + t * kPanel + kPrefetchBytes), _MM_HINT_T0);
-        rows[t] = _mm512_xor_si512(_mm512_loadu_si512(b + t * kPanel), flip);
-      }
+      for (int t = 0; t < 4; ++t) rows[t] = _mm512_xor_si512(_mm512_loadu_si512(b + t * kPanel), flip);
+      prefetch_streams(b);  // 256 bytes a step: each DRAM stream a line on (prefetch.h)
       step(rows, k, acc);
     }
     if (k < k1) {  // the last 1-3 rows of K; the missing ones have zero digits, any code does

@@ -1,0 +1,35 @@
+// Software prefetch for kernels that stream their weights from DRAM once (small-M GEMVs).
+//
+// A core that reads one sequential stream gets less DRAM bandwidth than one that reads
+// several at once: each stream's hardware prefetcher ramps up anew at every 4 KiB page,
+// so few lines are in flight. Measured on a 2-core Sapphire Rapids VM (2 threads, 512 MiB
+// read once): one stream 26.5-27.5 GB/s, two 30-31, four 31-32. prefetch_streams gives
+// a kernel that reads one stream the same concurrency: while it consumes a window of
+// kStreams * kStreamBytes bytes, it prefetches the next window into L2 as kStreams
+// streams, each kStreamBytes long and advancing at 1 / kStreams of the consumption rate,
+// so that the window is in L2 when the kernel reaches it (31-32 GB/s in the same
+// measurement). Windows are aligned to absolute addresses, so consecutive panels of one
+// thread chain up without the kernel knowing its range; past the range's end a thread
+// prefetches at most one window it does not need.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace lowbit::cpu {
+
+constexpr int kStreams = 4;
+constexpr std::uintptr_t kStreamBytes = 16384;
+
+// Call once per 64 * kStreams bytes consumed, with a pointer into them: each stream then
+// moves on one cache line per call.
+inline void prefetch_streams(const void* at) {
+  constexpr std::uintptr_t window = kStreams * kStreamBytes;
+  const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(at);
+  const char* next = reinterpret_cast<const char*>((a / window + 1) * window + (a % window) / kStreams);
+#pragma GCC unroll 4
+  for (int s = 0; s < kStreams; ++s) _mm_prefetch(next + s * kStreamBytes, _MM_HINT_T1);
+}
+
+}  // namespace lowbit::cpu
