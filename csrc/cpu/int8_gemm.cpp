@@ -155,8 +155,7 @@ void run_gemm(Isa isa_wanted, const int8_t* a, int64_t m, int64_t kp, const at::
               at::Tensor& out) {
   const std::optional<at::Tensor> bf = float_contiguous(bias);
   const at::Tensor sw = w_scale.contiguous();
-  // Below one AMX tile of rows, the tile's padding rows would be wasted work: VNNI instead.
-  const Isa isa = isa_wanted == Isa::kAmx && m < int8::kAlignM ? Isa::kAvx512Vnni : isa_wanted;
+  const Isa isa = isa_wanted == Isa::kAmx && m < int8::kAmxMinRows ? Isa::kAvx512Vnni : isa_wanted;
   const Epilogue ep{a_scale, sw.const_data_ptr<float>(), bf ? bf->const_data_ptr<float>() : nullptr,
                     has_avx512(isa) ? row_comp : nullptr, out.mutable_data_ptr(),
                     float_type(out.scalar_type()), w_scale.size(0), w_scale.size(0)};

@@ -28,6 +28,12 @@ constexpr int64_t kAlignK = 64;  // the packed K is padded to this (one AMX tile
 constexpr int64_t kAlignM = 16;  // activation buffers have their rows padded to this (AMX tile rows)
 constexpr int64_t kMaxK = 65536;  // keeps 255 * 127 * K inside int32
 constexpr int64_t kRowChunk = 48;  // most rows one kernel call takes (m1 - m0)
+// Fewest rows the AMX path multiplies on tiles (the padding rows of the last tile are zero,
+// wasted but nearly free); below it the VNNI kernel, which reads the weights at the same
+// rate there. Sapphire Rapids, 2 threads, ms AMX / VNNI (bench/RESULTS.md): 4096 x 4096 at
+// 4 rows 0.360 / 0.341, 6 rows 0.349 / 0.334, 8 rows 0.349 / 0.435; 2048 x 11264 at 6 rows
+// 0.490 / 0.505, 8 rows 0.506 / 0.603; 5632 x 2048 at 8 rows 0.248 / 0.308.
+constexpr int64_t kAmxMinRows = 6;
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
