@@ -35,10 +35,11 @@ constexpr int64_t kPanel = 64;
 constexpr int64_t kBlockK = 128;   // k per dequantized block: 128 x 64 fp32 = 32 KiB
 constexpr int64_t kRowChunk = 64;  // most rows per task: their fp32 activations (K = 4096: 1 MiB) stay in L2
 
-// How far ahead of the weight row in use the FMA GEMVs and the AMX decode prefetch into L1:
+// How far ahead of the weight row in use the FMA GEMVs prefetch into L1:
 // the weight stream is their only DRAM traffic when the weights are not in cache. Measured
 // (M = 1, weights past the LLC): 1 KiB 25-30% faster than none, 2 KiB faster again, 4 KiB
-// slower. The integer GEMVs, which decode runs, prefetch as several streams (prefetch.h).
+// slower. The integer GEMVs and the AMX GEMV, which decode runs, prefetch as several
+// streams instead (prefetch.h).
 constexpr int64_t kPrefetchBytes = 2048;
 
 enum class Weights { kInt4, kInt8 };

@@ -33,6 +33,7 @@
 #include <numeric>
 
 #include "cpu/amx_tiles.h"
+#include "cpu/prefetch.h"
 #include "cpu/wo_decode_bf16.h"
 #include "cpu/wo_gemm.h"
 
@@ -156,14 +157,15 @@ void gemv_amx_bf16(const uint16_t* x, int64_t ldx, int64_t rows, const Panel& pa
     for (int64_t k0 = g * group_size; k0 < (g + 1) * group_size; k0 += 32) {
       for (int64_t i = 0; i < kTileRows; ++i) {
         const int64_t pair = k0 / 2 + i;
+        // The weights' DRAM streams move on a line per 256 bytes (prefetch.h): every fourth
+        // int4 pair (64 bytes), every second int8 pair (128 bytes).
         if (int4) {
           const uint8_t* src = panel.w + pair * kPanel;
-          _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes), _MM_HINT_T0);
+          if (i % 4 == 0) prefetch_streams(src);
           dec4.pair(src, tiles[0] + 32 * i, kTileRows * 32);
         } else {
           const int8_t* src = reinterpret_cast<const int8_t*>(panel.w) + 2 * pair * kPanel;
-          _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(src + kPanel + kPrefetchBytes), _MM_HINT_T0);
+          if (i % 2 == 0) prefetch_streams(src);
           dec8.pair(src, tiles[0] + 32 * i, kTileRows * 32);
         }
       }
