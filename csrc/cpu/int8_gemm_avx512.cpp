@@ -92,9 +92,12 @@ inline __m512i bcast4(const int8_t* p) {
 }
 
 // acc[r][0..3] += rows m0..m0+MR of A times k groups [s0, s1) of the panel; acc lives in
-// cbuf (MR x 64 int32) between k blocks and starts from zero at s0 == 0.
+// cbuf (MR x 64 int32) between k blocks and starts from zero at s0 == 0. `stream`: this
+// tile is the first to read these weights (the next row tiles find them in cache), so it
+// moves the weights' DRAM streams on, a line per 256 bytes (prefetch.h).
 template <int MR>
-void tile(const int8_t* a, int64_t kp, const uint8_t* panel, int64_t m0, int64_t s0, int64_t s1, int32_t* cbuf) {
+void tile(const int8_t* a, int64_t kp, const uint8_t* panel, int64_t m0, int64_t s0, int64_t s1, int32_t* cbuf,
+          bool stream) {
   __m512i acc[MR][4];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
@@ -111,9 +114,10 @@ void tile(const int8_t* a, int64_t kp, const uint8_t* panel, int64_t m0, int64_t
       for (int j = 0; j < 4; ++j) odd[r][j] = _mm512_setzero_si512();
     for (; s + 1 < s1; s += 2) {
       const uint8_t* b = panel + s * kPanel * kGroupK;
-      // The weight stream from DRAM, as four (prefetch.h): a line on per 256 bytes.
-      prefetch_streams(b);
-      prefetch_streams(b + 256);
+      if (stream) {
+        prefetch_streams(b);
+        prefetch_streams(b + 256);
+      }
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         const __m512i a0 = bcast4(a + (m0 + r) * kp + s * kGroupK);
@@ -132,6 +136,7 @@ void tile(const int8_t* a, int64_t kp, const uint8_t* panel, int64_t m0, int64_t
   }
   for (; s < s1; ++s) {
     const uint8_t* b = panel + s * kPanel * kGroupK;
+    if (stream) prefetch_streams(b);
     const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
     const __m512i b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);
 #pragma GCC unroll 8
@@ -149,7 +154,7 @@ void tile(const int8_t* a, int64_t kp, const uint8_t* panel, int64_t m0, int64_t
     for (int j = 0; j < 4; ++j) _mm512_store_si512(cbuf + r * kPanel + 16 * j, acc[r][j]);
 }
 
-using TileFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int64_t, int64_t, int32_t*);
+using TileFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int64_t, int64_t, int32_t*, bool);
 constexpr TileFn kTiles[kMaxRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
 
 __m512 load_floats(const void* x, FloatType type, int64_t i, __mmask16 mask) {
@@ -178,7 +183,7 @@ void gemm_avx512_vnni(const int8_t* a, int64_t kp, const uint8_t* packed, int64_
       const int64_t s1 = s0 + kBlockSteps < steps ? s0 + kBlockSteps : steps;
       for (int64_t m = m0; m < m1; m += kMaxRows) {
         const int rows = static_cast<int>(m1 - m < kMaxRows ? m1 - m : kMaxRows);
-        kTiles[rows](a, kp, panel, m, s0, s1, cbuf + (m - m0) * kPanel);
+        kTiles[rows](a, kp, panel, m, s0, s1, cbuf + (m - m0) * kPanel, m == m0);
       }
     }
     store_tile_avx512(cbuf, static_cast<int>(m1 - m0), m0, p * kPanel, ep);
