@@ -1,16 +1,18 @@
 // Software prefetch for kernels that stream their weights from DRAM once (small-M GEMVs).
 //
 // A core that reads one sequential stream gets less DRAM bandwidth than one that reads
-// several at once: each stream's hardware prefetcher ramps up anew at every 4 KiB page,
-// so few lines are in flight. Measured on a 2-core Sapphire Rapids VM (2 threads, 512 MiB
-// read once): one stream 26.5-27.5 GB/s, two 30-31, four 31-32. prefetch_streams gives
-// a kernel that reads one stream the same concurrency: while it consumes a window of
-// kStreams * kStreamBytes bytes, it prefetches the next window into L2 as kStreams
-// streams, each kStreamBytes long and advancing at 1 / kStreams of the consumption rate,
-// so that the window is in L2 when the kernel reaches it (31-32 GB/s in the same
-// measurement). Windows are aligned to absolute addresses, so consecutive panels of one
-// thread chain up without the kernel knowing its range; past the range's end a thread
-// prefetches at most one window it does not need.
+// several at once (the hardware prefetchers stop at 4 KiB pages, so one stream keeps few
+// lines in flight). On a 2-core Sapphire Rapids VM (2 threads, 512 MiB read
+// once; bench/dram_streams.c) one stream per thread reads 26.5-27.6 GB/s, two 29-31, four
+// 30.6-32. prefetch_streams gives a kernel that reads one stream the same concurrency:
+// while it consumes a window of kStreams * kStreamBytes bytes, it prefetches the next
+// window into L2 as kStreams streams, each kStreamBytes long and advancing at 1 / kStreams
+// of the consumption rate, so that the window is in L2 when the kernel reaches it
+// (29.7-32 GB/s in the same measurement). Windows are aligned to absolute addresses, so
+// consecutive panels of one thread chain up without the kernel knowing its range; past
+// the range's end a thread prefetches at most one window it does not need. With the
+// weights in L3 the prefetches are work for nothing: up to 15% slower at 2-4 rows there
+// (bench/RESULTS.md), where a decoder's weights never are.
 #pragma once
 
 #include <immintrin.h>
