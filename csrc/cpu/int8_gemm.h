@@ -58,8 +58,10 @@ void gemm_avx2(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, i
                int64_t p1, const Epilogue& ep);
 void gemm_scalar(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0,
                  int64_t p1, const Epilogue& ep);
+// stream: the call is decode-sized (at most one tile of rows), its weights come from DRAM
+// once, so the first row tile prefetches them as streams (prefetch.h).
 void gemm_amx(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
-              const Epilogue& ep);
+              const Epilogue& ep, bool stream);
 
 // The epilogue of one tile (rows [m0, m0 + rows), columns [c0, c0 + 64)) from int32
 // accumulators acc[rows][64]: portable (AVX2 and scalar kernels) and AVX-512 (VNNI, AMX).

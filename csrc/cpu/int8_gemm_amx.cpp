@@ -18,6 +18,7 @@
 
 #include "cpu/amx_tiles.h"
 #include "cpu/int8_gemm.h"
+#include "cpu/prefetch.h"
 
 namespace lowbit::cpu::int8 {
 namespace {
@@ -30,7 +31,7 @@ void configure() { amx::configure_full_tiles(6); }
 }  // namespace
 
 void gemm_amx(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
-              const Epilogue& ep) {
+              const Epilogue& ep, bool stream) {
   configure();
   alignas(64) int32_t acc[kTileRows * kPanel];
   for (int64_t p = p0; p < p1; ++p) {
@@ -43,6 +44,10 @@ void gemm_amx(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, in
       for (int64_t k = 0; k < kp; k += 64) {
         _tile_loadd(4, a + m * kp + k, kp);
         const uint8_t* b = panel + (k / kGroupK) * kPanel * kGroupK;
+        // Decode (stream): the first row tile reads these 4 KiB from DRAM and moves the
+        // weights' streams on a line per 256 bytes (prefetch.h).
+        if (stream && m == m0)
+          for (int64_t line = 0; line < 16 * kPanel * kGroupK; line += 256) prefetch_streams(b + line);
         _tile_loadd(5, b, kPanel * kGroupK);
         _tile_dpbsud(0, 4, 5);
         _tile_loadd(5, b + 64, kPanel * kGroupK);
