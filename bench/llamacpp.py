@@ -22,6 +22,7 @@ import argparse
 import glob
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -61,13 +62,16 @@ def amx_workaround() -> list[str]:
     stores of the rows and column widths that ggml's AMX kernels set on the stack, and the
     first tile instruction faults (llama.cpp's Q4_0 / Q8_0 prefill crashed on AMX Xeons).
     Turning off both dead-store passes for the C++ sources keeps those stores; GCC 13 and
-    later model the whole operand, and other compilers get no flags."""
+    later model the whole operand, and other compilers get no flags. The compiler asked is
+    the one CMake takes ($CXX, else c++)."""
+    compiler = shlex.split(os.environ.get("CXX", "c++"))
     try:
-        version = subprocess.run(["c++", "-dumpfullversion"], capture_output=True, text=True, check=True).stdout
-        banner = subprocess.run(["c++", "--version"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
+        version = subprocess.run([*compiler, "-dumpfullversion"], capture_output=True, text=True, check=True).stdout
+        banner = subprocess.run([*compiler, "--version"], capture_output=True, text=True, check=True).stdout
+        major = int(version.strip().split(".")[0])
+    except (OSError, subprocess.CalledProcessError, ValueError):
         return []
-    if "clang" in banner.lower() or int(version.split(".")[0]) >= 13:
+    if "clang" in banner.lower() or major >= 13:
         return []
     return ["-DCMAKE_CXX_FLAGS=-fno-tree-dse -fno-dse"]
 
@@ -77,12 +81,17 @@ def build(work: Path) -> Path:
     src = source(work)
     out = work / "build"
     binaries = out / "bin"
-    if (binaries / "llama-bench").exists() and (binaries / "llama-quantize").exists():
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+             "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
+             *amx_workaround()]
+    # A build made with other flags (say, before the AMX workaround) is made again.
+    stamp = out / "lowbit-flags.json"
+    if ((binaries / "llama-bench").exists() and (binaries / "llama-quantize").exists() and stamp.exists()
+            and json.loads(stamp.read_text()) == flags):
         return binaries
-    run(["cmake", "-S", src, "-B", out, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
-         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
-         "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", *amx_workaround()])
+    run(["cmake", "-S", src, "-B", out, "-G", "Ninja", *flags])
     run(["cmake", "--build", out, "--target", "llama-bench", "llama-quantize", "-j", str(os.cpu_count() or 2)])
+    stamp.write_text(json.dumps(flags))
     return binaries
 
 

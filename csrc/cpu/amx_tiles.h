@@ -26,7 +26,10 @@ inline void configure_tiles(const uint8_t* rows, int count) {
     cfg.rows[t] = rows[t];
     cfg.colsb[t] = 64;
   }
-  _tile_loadconfig(&cfg);
+  // GCC 12's _tile_loadconfig names only the configuration's first 8 bytes as its memory
+  // operand, so dead-store elimination may drop the stores above and the first tile
+  // instruction faults; this operand is the whole 64 bytes.
+  asm volatile("ldtilecfg %0" : : "m"(cfg));
 }
 
 // Tiles 0 .. count-1 as full tiles: 16 rows of 64 bytes.

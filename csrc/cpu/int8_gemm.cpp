@@ -161,12 +161,13 @@ void run_gemm(Isa isa_wanted, const int8_t* a, int64_t m, int64_t kp, const at::
                     float_type(out.scalar_type()), w_scale.size(0), w_scale.size(0)};
   const uint8_t* b = packed.const_data_ptr<uint8_t>();
   const int64_t panels = packed.size(0), chunks = (m + kRowChunk - 1) / kRowChunk;
+  const bool stream = m <= int8::kAlignM;  // decode-sized: the weights stream from DRAM once
   at::parallel_for(0, panels * chunks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t p = t / chunks, m0 = (t % chunks) * kRowChunk, m1 = std::min(m, m0 + kRowChunk);
       switch (isa) {
-        case Isa::kAmx: int8::gemm_amx(a, kp, b, m0, m1, p, p + 1, ep, m <= int8::kAlignM); break;
-        case Isa::kAvx512Vnni: int8::gemm_avx512_vnni(a, kp, b, m0, m1, p, p + 1, ep); break;
+        case Isa::kAmx: int8::gemm_amx(a, kp, b, m0, m1, p, p + 1, ep, stream); break;
+        case Isa::kAvx512Vnni: int8::gemm_avx512_vnni(a, kp, b, m0, m1, p, p + 1, ep, stream); break;
         case Isa::kAvx2: int8::gemm_avx2(a, kp, b, m0, m1, p, p + 1, ep); break;
         case Isa::kScalar: int8::gemm_scalar(a, kp, b, m0, m1, p, p + 1, ep); break;
       }

@@ -30,9 +30,10 @@ constexpr int64_t kMaxK = 65536;  // keeps 255 * 127 * K inside int32
 constexpr int64_t kRowChunk = 48;  // most rows one kernel call takes (m1 - m0)
 // Fewest rows the AMX path multiplies on tiles (the padding rows of the last tile are zero,
 // wasted but nearly free); below it the VNNI kernel, which reads the weights at the same
-// rate there. Sapphire Rapids, 2 threads, ms AMX / VNNI (bench/RESULTS.md): 4096 x 4096 at
-// 4 rows 0.360 / 0.341, 6 rows 0.349 / 0.334, 8 rows 0.349 / 0.435; 2048 x 11264 at 6 rows
-// 0.490 / 0.505, 8 rows 0.506 / 0.603; 5632 x 2048 at 8 rows 0.248 / 0.308.
+// rate there. Sapphire Rapids, 2 threads, weights in L3, ms AMX / VNNI (bench/RESULTS.md):
+// 4096 x 4096 at 4 rows 0.360 / 0.341, 6 rows 0.349 / 0.334, 8 rows 0.349 / 0.435; 2048 x
+// 11264 at 6 rows 0.490 / 0.505, 8 rows 0.506 / 0.603; 5632 x 2048 at 8 rows 0.248 /
+// 0.308. At 6 rows the two tie; from 7 VNNI needs a second row tile and AMX wins.
 constexpr int64_t kAmxMinRows = 6;
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
@@ -53,13 +54,13 @@ struct Epilogue {
 
 // Rows [m0, m1) (at most kRowChunk) of A ([M][kp] signed bytes) times panels [p0, p1).
 void gemm_avx512_vnni(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0,
-                      int64_t p1, const Epilogue& ep);
+                      int64_t p1, const Epilogue& ep, bool stream);
 void gemm_avx2(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0,
                int64_t p1, const Epilogue& ep);
 void gemm_scalar(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0,
                  int64_t p1, const Epilogue& ep);
-// stream: the call is decode-sized (at most one tile of rows), its weights come from DRAM
-// once, so the first row tile prefetches them as streams (prefetch.h).
+// stream (VNNI, AMX): the call is decode-sized (at most kAlignM rows), its weights come
+// from DRAM once, so the first row tile prefetches them as streams (prefetch.h).
 void gemm_amx(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
               const Epilogue& ep, bool stream);
 

@@ -44,9 +44,9 @@ void gemm_amx(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, in
       for (int64_t k = 0; k < kp; k += 64) {
         _tile_loadd(4, a + m * kp + k, kp);
         const uint8_t* b = panel + (k / kGroupK) * kPanel * kGroupK;
-        // Decode (stream): the first row tile reads these 4 KiB from DRAM and moves the
+        // Decode (stream: one row tile) reads these 4 KiB from DRAM once and moves the
         // weights' streams on a line per 256 bytes (prefetch.h).
-        if (stream && m == m0)
+        if (stream)
           for (int64_t line = 0; line < 16 * kPanel * kGroupK; line += 256) prefetch_streams(b + line);
         _tile_loadd(5, b, kPanel * kGroupK);
         _tile_dpbsud(0, 4, 5);

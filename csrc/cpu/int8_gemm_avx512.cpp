@@ -174,7 +174,7 @@ __m512 load_floats(const void* x, FloatType type, int64_t i, __mmask16 mask) {
 }  // namespace
 
 void gemm_avx512_vnni(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0,
-                      int64_t p1, const Epilogue& ep) {
+                      int64_t p1, const Epilogue& ep, bool stream) {
   alignas(64) int32_t cbuf[kRowChunk * kPanel];
   const int64_t steps = kp / kGroupK;
   for (int64_t p = p0; p < p1; ++p) {
@@ -183,7 +183,7 @@ void gemm_avx512_vnni(const int8_t* a, int64_t kp, const uint8_t* packed, int64_
       const int64_t s1 = s0 + kBlockSteps < steps ? s0 + kBlockSteps : steps;
       for (int64_t m = m0; m < m1; m += kMaxRows) {
         const int rows = static_cast<int>(m1 - m < kMaxRows ? m1 - m : kMaxRows);
-        kTiles[rows](a, kp, panel, m, s0, s1, cbuf + (m - m0) * kPanel, m == m0);
+        kTiles[rows](a, kp, panel, m, s0, s1, cbuf + (m - m0) * kPanel, stream && m == m0);
       }
     }
     store_tile_avx512(cbuf, static_cast<int>(m1 - m0), m0, p * kPanel, ep);
