@@ -14,6 +14,7 @@ prints where one decode step's time goes instead, with the projections apart and
 
     python bench/llm.py [--threads 2] [--modes eager,compiled] [--no-llamacpp]
     python bench/llm.py --profile w4a16-g128 [--modes compiled]
+    python bench/llm.py --split w4a16-g128,w8a8          # the same step, timed without a profiler
     python bench/llm.py --vllm-python .venv-vllm/bin/python   # vLLM's CPU build too (make vllm-check first)
 """
 
@@ -51,11 +52,24 @@ def main() -> None:
     parser.add_argument("--vllm-python", help="also time vLLM's CPU build (this venv's python; `make vllm-check` "
                         "sets up .venv-vllm) on the bf16 model and lowbit's W8A8 / W4A16 g128 exports")
     parser.add_argument("--profile", metavar="SCHEME", help="profile one decode step of this scheme ('bf16': float)")
+    parser.add_argument("--split", metavar="SCHEMES", help="time a compiled decode step of these schemes ('bfloat16': "
+                        "float) without a profiler: the step, its compiled forward, the guards, the lowbit layers alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = args.model or generate.build_llama(args.work / "llama-491m")
     model = generate.load(model_dir)
     modes = args.modes.split(",")
+
+    if args.split:
+        names = args.split.split(",")  # schemes, or "bfloat16" for the float model
+        splits = {name: generate.split_decode(m) for name, m in
+                  generate.variants(model, [n for n in names if n != "bfloat16"]).items() if name in names}
+        print("\nms per compiled decode step (tg64 b1, medians; no profiler)\n")
+        print("| part | " + " | ".join(splits) + " |")
+        print("|---|" + "---:|" * len(splits))
+        for part in next(iter(splits.values())):
+            print(f"| {part} | " + " | ".join(f"{s[part]:.2f}" for s in splits.values()) + " |")
+        return
 
     if args.profile:
         # Before and after fusion: the scheme with its projections apart, then fused.

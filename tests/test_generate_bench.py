@@ -58,6 +58,14 @@ def test_profile_parts_add_up(tiny_dir, scheme):
     assert split["attention"] > 0 and split["norms"] > 0
 
 
+def test_split_decode_times_the_compiled_step_and_the_layers(tiny_dir):
+    model = generate.variants(generate.load(tiny_dir), ["w8a8"])["w8a8"]
+    split = generate.split_decode(model, steps=4, rounds=1)
+    assert split["decode step"] > split["compiled forward"] > 0 and split["lowbit layers alone"] > 0
+    assert split["generate's own loop"] == pytest.approx(split["decode step"] - split["compiled forward"])
+    assert "get_compiled_call" not in vars(model)  # the timing wrapper is gone again
+
+
 def test_cli_generate(tiny_dir, capsys):
     from lowbit import cli
 

@@ -14,7 +14,9 @@ variant is timed round-robin, ``rounds`` times, and the median kept.
 ``profile_decode`` splits one decode step (torch.profiler) into lowbit's ops, float
 matmuls, attention, norms, rotary, the rest of torch's ops, what ``generate`` does
 outside the model (sampling, stopping, cache bookkeeping), and the Python / dispatch
-time no op accounts for.
+time no op accounts for. ``split_decode`` times a compiled step without a profiler: the
+step, the compiled forward in it, dynamo's guard evaluation in that, and lowbit's layers
+alone.
 """
 
 from __future__ import annotations
@@ -241,6 +243,69 @@ def profile_decode(model: nn.Module, steps: int = 16, compiled: bool = False, se
     difference of two profiled ``generate`` calls (1 and 1 + steps new tokens)."""
     one, more = _profile(model, (1, 1 + steps), compiled, seed)
     return {k: (more[k] - one[k]) * 1e3 / steps for k in one}
+
+
+def split_decode(model: nn.Module, steps: int = 64, rounds: int = 5, seed: int = 0) -> dict[str, float]:
+    """Milliseconds of one compiled decode step, medians of ``rounds``, without a profiler:
+    the step (as ``decode_seconds`` times it), the compiled forward ``generate`` calls in it
+    (the rest is ``generate``'s own loop), that forward with dynamo's guards skipped
+    (``skip_guard_eval_unsafe``, for the guards' cost only), and the model's lowbit layers
+    alone: each called in order on the input it had in one eager decode step."""
+    from lowbit.nn import QuantLinear
+
+    forward: list[float] = []
+    compiled_call = model.get_compiled_call
+
+    def timed_call(config):
+        fn = compiled_call(config)
+
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            forward.append(time.perf_counter() - t0)
+            return out
+
+        return call
+
+    ids = torch.randint(model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(seed))
+    times: dict[str, list[float]] = {"decode step": [], "compiled forward": [], "forward, guards skipped": []}
+    model.get_compiled_call = timed_call
+    try:
+        with torch.inference_mode():
+            _generate(model, ids, 1 + steps, True)  # compiles
+            for _ in range(rounds):
+                for skip in (False, True):
+                    forward.clear()
+                    stance = (torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip
+                              else contextlib.nullcontext())
+                    with stance:
+                        step = decode_seconds(model, ids, steps, True) / steps
+                    times["forward, guards skipped" if skip else "compiled forward"].append(statistics.median(forward))
+                    if not skip:
+                        times["decode step"].append(step)
+    finally:
+        del model.get_compiled_call
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda module, args: calls.append((module, args[0])))
+             for m in model.modules() if isinstance(m, QuantLinear)]
+    try:
+        with torch.inference_mode():
+            model(ids[:, :1])
+    finally:
+        for h in hooks:
+            h.remove()
+    layers = []
+    with torch.inference_mode():
+        for _ in range(4 * rounds):
+            t0 = time.perf_counter()
+            for module, x in calls:
+                module(x)
+            layers.append(time.perf_counter() - t0)
+    out = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    out["generate's own loop"] = out["decode step"] - out["compiled forward"]
+    out["guard evaluation"] = out["compiled forward"] - out["forward, guards skipped"]
+    out["lowbit layers alone"] = statistics.median(layers[rounds:]) * 1e3
+    return out
 
 
 def profile_generate(model: nn.Module, new: int, compiled: bool = False, seed: int = 0) -> dict[str, float]:
