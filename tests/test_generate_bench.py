@@ -39,8 +39,12 @@ def test_decode_greedy_is_deterministic(tiny_dir):
     model = generate.load(tiny_dir)
     ids = torch.randint(256, (1, generate.PROMPT), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
+        first = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
+        model.generation_config.eos_token_id = int(first[0, -1])  # the first token generated ends a sequence
         out = generate._generate(model, ids, 5, compiled=False)
     assert out.shape == (1, generate.PROMPT + 5)
+    assert torch.equal(out[:, :first.shape[1]], first)
+    assert model.generation_config.eos_token_id == int(first[0, -1])  # the model's config untouched
 
 
 @pytest.mark.parametrize("scheme", [None, "w4a16-g32"])

@@ -77,14 +77,25 @@ def variants(model: nn.Module, schemes: Sequence[str], **quantize_fields) -> dic
 
 
 def _generate(model: nn.Module, ids: torch.Tensor, new: int, compiled: bool) -> torch.Tensor:
-    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    # Exactly ``new`` tokens: with no end-of-sequence token nothing stops generation early.
+    # (``min_new_tokens`` would do it through two logits processors that cost about 0.4 ms
+    # a step here, more than anything else in generate's loop; llama-bench's decode test
+    # samples nothing.) generate fills what its config leaves unset from the model's, so the
+    # model's own config goes without one for the call.
+    kwargs = dict(max_new_tokens=new, do_sample=False)
     if compiled:
         from transformers import CompileConfig
 
         config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
         config._compile_all_devices = True  # transformers compiles only on GPUs unless told
         kwargs.update(cache_implementation="static", compile_config=config)
-    return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    own = model.generation_config
+    model.generation_config = copy.deepcopy(own)
+    model.generation_config.eos_token_id = None
+    try:
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    finally:
+        model.generation_config = own
 
 
 def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
