@@ -137,12 +137,13 @@ PyObject* kernel_paths(PyObject*, PyObject*) {
 
 // The layout constants the prepacked weights' shapes follow (for the fake implementations).
 PyObject* layout(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L}",
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}",
                        "cpu_panel", static_cast<long long>(lowbit::cpu::int8::kPanel),
                        "int8_group_k", static_cast<long long>(lowbit::cpu::int8::kGroupK),
                        "int8_align_k", static_cast<long long>(lowbit::cpu::int8::kAlignK),
                        "int8_max_k", static_cast<long long>(lowbit::cpu::int8::kMaxK),
                        "wo_panel", static_cast<long long>(lowbit::cpu::wo::kPanel),
+                       "wo_int4_group_bytes", static_cast<long long>(lowbit::cpu::wo::kInt4GroupBytes),
                        "cuda_w4a16_block_n", static_cast<long long>(lowbit::cuda::w4a16::kBN),
                        "cuda_w4a16_block_k", static_cast<long long>(lowbit::cuda::w4a16::kBK));
 }

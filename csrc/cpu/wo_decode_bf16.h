@@ -43,11 +43,12 @@ struct Int4Decoder {
 
   // Entry e of quarter q is 16 - z[16 q + e / 2] (the two k of a column share z).
   void set_group(const Panel& panel, int64_t g) {
-    const float* z = panel.params + g * 2 * kPanel + kPanel;
+    const uint8_t* z = panel.zeros(g);
     const __m512i pairs = _mm512_set_epi16(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8, 7, 7, 6, 6, 5,
                                            5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
     for (int q = 0; q < 4; ++q) {
-      const __m512i a = _mm512_sub_epi32(_mm512_set1_epi32(16), _mm512_cvtps_epi32(_mm512_loadu_ps(z + 16 * q)));
+      const __m512i zq = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z + 16 * q)));
+      const __m512i a = _mm512_sub_epi32(_mm512_set1_epi32(16), zq);
       adj[q] = _mm512_permutexvar_epi16(pairs, _mm512_castsi256_si512(_mm512_cvtepi32_epi16(a)));
     }
   }

@@ -36,16 +36,17 @@ void dequantize_block_scalar(const Panel& panel, int64_t k0, int64_t k1, float* 
     float* o = out + (k - k0) * kPanel;
     if (panel.kind == Weights::kInt4) {
       const uint8_t* pair = panel.w + (k / 2) * kPanel;
-      const float* s = panel.params + (k / panel.group_size) * 2 * kPanel;
-      const float* z = s + kPanel;
+      const float* s = panel.scales(k / panel.group_size);
+      const uint8_t* z = panel.zeros(k / panel.group_size);
       for (int64_t c = 0; c < kPanel; ++c) {
         const uint8_t byte = pair[int4_byte(c, k % 2)];
         const float q = static_cast<float>(c % 32 < 16 ? byte & 0x0F : byte >> 4);
-        o[c] = (q - z[c]) * s[c];
+        o[c] = (q - static_cast<float>(z[c])) * s[c];
       }
     } else {
       const int8_t* w = reinterpret_cast<const int8_t*>(panel.w) + k * kPanel;
-      for (int64_t c = 0; c < kPanel; ++c) o[c] = static_cast<float>(w[c]) * panel.params[c];
+      const float* s = panel.scales();
+      for (int64_t c = 0; c < kPanel; ++c) o[c] = static_cast<float>(w[c]) * s[c];
     }
   }
 }
@@ -77,20 +78,20 @@ std::tuple<at::Tensor, at::Tensor> w4a16_prepack(const at::Tensor& packed, const
   const int64_t n = packed.size(0), k = packed.size(1) * 2, groups = k / group_size, panels = panels_for(n);
   at::Tensor w = at::zeros({panels, k / 2, kPanel}, packed.options());
   // Padding columns get scale 1 and zero point 0: they dequantize to 0.
-  at::Tensor params = at::empty({panels, groups, 2, kPanel}, scales.options());
+  at::Tensor params = at::empty({panels, groups, wo::kInt4GroupBytes}, packed.options());
   const uint8_t* src = packed.const_data_ptr<uint8_t>();
   const float* sp = scales.const_data_ptr<float>();
   const uint8_t* zp = zeros ? zeros->const_data_ptr<uint8_t>() : nullptr;
   uint8_t* dst = w.mutable_data_ptr<uint8_t>();
-  float* pp = params.mutable_data_ptr<float>();
+  uint8_t* pp = params.mutable_data_ptr<uint8_t>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       for (int64_t c = 0; c < kPanel; ++c) {
         const int64_t col = p * kPanel + c;
         for (int64_t g = 0; g < groups; ++g) {
-          float* gp = pp + ((p * groups + g) * 2) * kPanel;
-          gp[c] = col < n ? sp[col * groups + g] : 1.0f;
-          gp[kPanel + c] = col < n ? (zp ? static_cast<float>(zp[col * groups + g]) : 8.0f) : 0.0f;
+          uint8_t* gp = pp + (p * groups + g) * wo::kInt4GroupBytes;
+          reinterpret_cast<float*>(gp)[c] = col < n ? sp[col * groups + g] : 1.0f;
+          gp[kPanel * sizeof(float) + c] = col < n ? (zp ? zp[col * groups + g] : uint8_t{8}) : uint8_t{0};
         }
         if (col >= n) continue;
         for (int64_t kk = 0; kk < k; ++kk) {
@@ -125,7 +126,7 @@ at::Tensor w8a16_prepack(const at::Tensor& w) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> w4a16_unpack(const at::Tensor& w, const at::Tensor& params,
                                                             int64_t group_size, int64_t n) {
   check_dtype(w, at::kByte, "w");
-  check_dtype(params, at::kFloat, "params");
+  check_dtype(params, at::kByte, "params");
   check_contiguous(w, "w");
   check_contiguous(params, "params");
   TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == panels_for(n) && w.size(2) == kPanel,
@@ -133,14 +134,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> w4a16_unpack(const at::Tensor& w,
   const int64_t k = w.size(1) * 2, panels = w.size(0);
   check_group_size(group_size, k);
   const int64_t groups = k / group_size;
-  TORCH_CHECK_VALUE(params.dim() == 4 && params.size(0) == panels && params.size(1) == groups &&
-                        params.size(2) == 2 && params.size(3) == kPanel,
+  TORCH_CHECK_VALUE(params.dim() == 3 && params.size(0) == panels && params.size(1) == groups &&
+                        params.size(2) == wo::kInt4GroupBytes,
                     "params must come from w4a16_prepack with group_size ", group_size, ", got shape ", params.sizes());
   at::Tensor packed = at::empty({n, k / 2}, w.options());
-  at::Tensor scales = at::empty({n, groups}, params.options());
+  at::Tensor scales = at::empty({n, groups}, w.options().dtype(at::kFloat));
   at::Tensor zeros = at::empty({n, groups}, w.options());
   const uint8_t* src = w.const_data_ptr<uint8_t>();
-  const float* pp = params.const_data_ptr<float>();
+  const uint8_t* pp = params.const_data_ptr<uint8_t>();
   uint8_t* dst = packed.mutable_data_ptr<uint8_t>();
   float* sp = scales.mutable_data_ptr<float>();
   uint8_t* zp = zeros.mutable_data_ptr<uint8_t>();
@@ -148,9 +149,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> w4a16_unpack(const at::Tensor& w,
     for (int64_t col = c0; col < c1; ++col) {
       const int64_t p = col / kPanel, c = col % kPanel;
       for (int64_t g = 0; g < groups; ++g) {
-        const float* gp = pp + ((p * groups + g) * 2) * kPanel;
-        sp[col * groups + g] = gp[c];
-        zp[col * groups + g] = static_cast<uint8_t>(gp[kPanel + c]);  // an integer in [0, 15] by construction
+        const uint8_t* gp = pp + (p * groups + g) * wo::kInt4GroupBytes;
+        sp[col * groups + g] = reinterpret_cast<const float*>(gp)[c];
+        zp[col * groups + g] = gp[kPanel * sizeof(float) + c];
       }
       for (int64_t kk = 0; kk < k; kk += 2) {
         uint8_t pair = 0;
@@ -370,7 +371,7 @@ at::Tensor run_decoded(const at::Tensor& x, int64_t n, const std::optional<at::T
     const Panel panel = panel_at(p);
     const bool int4 = panel.kind == Weights::kInt4;
     // int8: one "group" of all K, the same 64 scales throughout.
-    const int64_t group = int4 ? panel.group_size : k, scale_stride = int4 ? 2 * kPanel : 0;
+    const int64_t group = int4 ? panel.group_size : k, scale_stride = int4 ? wo::kInt4GroupFloats : 0;
     const int64_t rows_p = (rows + tile - 1) / tile * tile;
     for (int64_t k0 = 0; k0 < k; k0 += wo::kAmxChunkK) {
       const int64_t k1 = std::min(k, k0 + wo::kAmxChunkK);
@@ -379,9 +380,9 @@ at::Tensor run_decoded(const at::Tensor& x, int64_t n, const std::optional<at::T
       else
         wo::decode_int8_panel_bf16(panel, k0, k1, b.data());
       if (amx)
-        wo::gemm_amx_bf16(xp + m0 * k, k, rows_p, b.data(), k0, k1, group, panel.params, scale_stride, c);
+        wo::gemm_amx_bf16(xp + m0 * k, k, rows_p, b.data(), k0, k1, group, panel.scales(), scale_stride, c);
       else
-        wo::gemm_bf16_avx512(xp + m0 * k, k, rows_p, b.data(), k0, k1, group, panel.params, scale_stride, c);
+        wo::gemm_bf16_avx512(xp + m0 * k, k, rows_p, b.data(), k0, k1, group, panel.scales(), scale_stride, c);
     }
   }, chunk);
 }
@@ -409,18 +410,18 @@ at::Tensor w4a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
   check_prepacked_x(x, w, out_features, bias, /*pairs=*/true);
   const int64_t k = x.size(-1);
   check_group_size(group_size, k);
-  check_dtype(params, at::kFloat, "params");
-  TORCH_CHECK_VALUE(params.dim() == 4 && params.size(0) == w.size(0) && params.size(1) == k / group_size &&
-                        params.size(2) == 2 && params.size(3) == kPanel,
+  check_dtype(params, at::kByte, "params");
+  TORCH_CHECK_VALUE(params.dim() == 3 && params.size(0) == w.size(0) && params.size(1) == k / group_size &&
+                        params.size(2) == wo::kInt4GroupBytes,
                     "params must come from w4a16_prepack with group_size ", group_size, ", got shape ",
                     params.sizes());
   check_contiguous(params, "params");
   check_same_device({{"w", &w}, {"params", &params}});
   const uint8_t* wp = w.const_data_ptr<uint8_t>();
-  const float* pp = params.const_data_ptr<float>();
+  const uint8_t* pp = params.const_data_ptr<uint8_t>();
   const int64_t groups = k / group_size;
   const auto panel_at = [&](int64_t p) {
-    return Panel{Weights::kInt4, wp + p * k * kPanel / 2, pp + p * groups * 2 * kPanel, group_size, k};
+    return Panel{Weights::kInt4, wp + p * k * kPanel / 2, pp + p * groups * wo::kInt4GroupBytes, group_size, k};
   };
   const Decoded decoded = takes_decoded(x, path, group_size, /*int4=*/true);
   if (decoded != Decoded::kNone) return run_decoded(x, out_features, bias, panel_at, decoded);
@@ -441,8 +442,10 @@ at::Tensor w8a16_linear_prepacked(const at::Tensor& x, const at::Tensor& w, cons
   at::Tensor scales = at::zeros({panels_for(n) * kPanel}, w_scale.options());
   scales.narrow(0, 0, n).copy_(w_scale);
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.const_data_ptr<int8_t>());
-  const float* sp = scales.const_data_ptr<float>();
-  const auto panel_at = [&](int64_t p) { return Panel{Weights::kInt8, wp + p * k * kPanel, sp + p * kPanel, 0, k}; };
+  const uint8_t* sp = reinterpret_cast<const uint8_t*>(scales.const_data_ptr<float>());
+  const auto panel_at = [&](int64_t p) {
+    return Panel{Weights::kInt8, wp + p * k * kPanel, sp + p * kPanel * sizeof(float), 0, k};
+  };
   const Decoded decoded = takes_decoded(x, path, k, /*int4=*/false);
   if (decoded != Decoded::kNone) return run_decoded(x, n, bias, panel_at, decoded);
   return run_weight_only(x, n, bias, path, panel_at);

@@ -23,7 +23,10 @@
 //         q[64p + 32h + c][2i + t] in its low nibble and q[64p + 32h + 16 + c][2i + t]
 //         in its high nibble (h = 0, 1; c = 0..15; t = 0, 1), so that widening 32 bytes
 //         gives one dword per column holding both k of the pair;
-//         params[p][g][2][64] float: scale, then zero point (8 for symmetric)
+//         params[p][g][kInt4GroupBytes] bytes: the group's 64 fp32 scales, then its 64
+//         uint8 zero points (8 for symmetric). Zero points are integers in [0, 15]: as bytes
+//         they cost 1/40 of the int4 stream where fp32 cost 1/10 (G = 128; 1/10 against
+//         1/4 at G = 32), and decode reads every byte of it once per token.
 //   int8: w[p][k][64] int8 = q[64p + c][k]; scales stay canonical float32[N]
 #pragma once
 
@@ -44,13 +47,26 @@ constexpr int64_t kPrefetchBytes = 2048;
 
 enum class Weights { kInt4, kInt8 };
 
+// Bytes of one int4 group's parameters in a panel: 64 fp32 scales, 64 uint8 zero points.
+constexpr int64_t kInt4GroupBytes = kPanel * sizeof(float) + kPanel;
+// The same in floats: the stride between consecutive groups' scales.
+constexpr int64_t kInt4GroupFloats = kInt4GroupBytes / sizeof(float);
+static_assert(kInt4GroupBytes % 64 == 0, "each group's scales start on a cache line");
+
 // One panel's weights and dequantization parameters.
 struct Panel {
   Weights kind;
   const uint8_t* w;       // the panel's packed weights
-  const float* params;    // int4: [groups][2][64]; int8: the panel's 64 scales
+  const uint8_t* params;  // int4: [groups][kInt4GroupBytes]; int8: the panel's 64 fp32 scales
   int64_t group_size;     // int4 only
   int64_t k;
+
+  // Group g's 64 scales (int8: the panel's, whatever g).
+  const float* scales(int64_t g = 0) const {
+    return reinterpret_cast<const float*>(kind == Weights::kInt4 ? params + g * kInt4GroupBytes : params);
+  }
+  // Group g's 64 zero points (int4 only).
+  const uint8_t* zeros(int64_t g) const { return params + g * kInt4GroupBytes + kPanel * sizeof(float); }
 };
 
 // Dequantizes k in [k0, k1) of the panel into out[(k - k0) * 64 + c].

@@ -180,7 +180,7 @@ void gemv_amx_bf16(const uint16_t* x, int64_t ldx, int64_t rows, const Panel& pa
       _tile_dpbf16ps(3, 4, 6);
     }
     store_c(acc);
-    add_scaled(acc, kPanel, 4, int4 ? panel.params + g * 2 * kPanel : panel.params, rows, c, g == 0);
+    add_scaled(acc, kPanel, 4, panel.scales(g), rows, c, g == 0);
   }
   _tile_release();
 }

@@ -27,9 +27,14 @@ constexpr int kMaxRows = 6;
 // The first n (< 16: a tail) or all 16 lanes.
 inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
 
-inline __m512 int4_to_float(__m128i bytes, const float* s, const float* z) {
-  const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
-  return _mm512_mul_ps(_mm512_sub_ps(q, _mm512_loadu_ps(z)), _mm512_loadu_ps(s));
+// 16 bytes (int4 codes or zero points, each in [0, 15]) as floats.
+inline __m512 bytes_to_float(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)); }
+inline __m512 load_zeros(const uint8_t* z) {
+  return bytes_to_float(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z)));
+}
+
+inline __m512 int4_to_float(__m128i bytes, const float* s, const uint8_t* z) {
+  return _mm512_mul_ps(_mm512_sub_ps(bytes_to_float(bytes), load_zeros(z)), _mm512_loadu_ps(s));
 }
 
 template <int MR>
@@ -116,7 +121,7 @@ void gemv_int8_tile(const float* x, int64_t ldx, const Panel& panel, float* c) {
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j)
-      _mm512_storeu_ps(c + r * kPanel + 16 * j, _mm512_mul_ps(acc[r][j], _mm512_loadu_ps(panel.params + 16 * j)));
+      _mm512_storeu_ps(c + r * kPanel + 16 * j, _mm512_mul_ps(acc[r][j], _mm512_loadu_ps(panel.scales() + 16 * j)));
 }
 
 // Few rows against an int4 panel, straight from the packed bytes. A k pair's 64 bytes are
@@ -181,8 +186,8 @@ void gemv_int4_tile(const float* x, int64_t ldx, const float* xsum, const Panel&
         }
       }
     }
-    const float* s = panel.params + g * 2 * kPanel;
-    const float* z = s + kPanel;
+    const float* s = panel.scales(g);
+    const uint8_t* z = panel.zeros(g);
 #pragma GCC unroll 4
     for (int r = 0; r < MR; ++r) {
       __m512 sets[4];
@@ -193,7 +198,7 @@ void gemv_int4_tile(const float* x, int64_t ldx, const float* xsum, const Panel&
       for (int v = 0; v < 4; ++v) {
         const int h = v / 2, lo = v % 2;
         const __m512 sum = _mm512_permutex2var_ps(sets[lo], interleave[h], sets[lo + 2]);
-        const __m512 zc = _mm512_sub_ps(_mm512_loadu_ps(z + 16 * v), eight);
+        const __m512 zc = _mm512_sub_ps(load_zeros(z + 16 * v), eight);
         float* t = c + r * kPanel + 16 * v;
         _mm512_storeu_ps(t, _mm512_fmadd_ps(_mm512_loadu_ps(s + 16 * v), _mm512_fnmadd_ps(zc, xs, sum),
                                             g == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(t)));
@@ -280,8 +285,8 @@ void dequantize_block_avx512(const Panel& panel, int64_t k0, int64_t k1, float* 
       const uint8_t* pair = panel.w + (k / 2) * kPanel;
       const __m128i pick = k % 2 ? _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15)
                                  : _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
-      const float* s = panel.params + (k / panel.group_size) * 2 * kPanel;
-      const float* z = s + kPanel;
+      const float* s = panel.scales(k / panel.group_size);
+      const uint8_t* z = panel.zeros(k / panel.group_size);
       for (int h = 0; h < 2; ++h) {
         const __m128i a = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 32 * h)), pick);
         const __m128i b = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + 32 * h + 16)), pick);
@@ -298,7 +303,7 @@ void dequantize_block_avx512(const Panel& panel, int64_t k0, int64_t k1, float* 
       for (int j = 0; j < 4; ++j) {
         const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * j));
         const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
-        _mm512_storeu_ps(o + 16 * j, _mm512_mul_ps(q, _mm512_loadu_ps(panel.params + 16 * j)));
+        _mm512_storeu_ps(o + 16 * j, _mm512_mul_ps(q, _mm512_loadu_ps(panel.scales() + 16 * j)));
       }
     }
   }
@@ -410,14 +415,14 @@ __attribute__((optimize("no-tree-pre"))) void gemv_int4_vnni_avx512(const int8_t
   alignas(64) float y[kVnniTileRows][4][16] = {};
   int64_t ci = 0;
   for (int64_t g = 0; g < groups; ++g) {
-    const float* s = panel.params + g * 2 * kPanel;
-    const float* z = s + kPanel;
+    const float* s = panel.scales(g);
+    const uint8_t* z = panel.zeros(g);
     __m512 ss[4], zs[4];
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       const int v = j / 2;  // set j's columns come from column blocks v and v + 2
       ss[j] = _mm512_permutex2var_ps(_mm512_loadu_ps(s + 16 * v), index.to_sets[j % 2], _mm512_loadu_ps(s + 32 + 16 * v));
-      zs[j] = _mm512_permutex2var_ps(_mm512_loadu_ps(z + 16 * v), index.to_sets[j % 2], _mm512_loadu_ps(z + 32 + 16 * v));
+      zs[j] = _mm512_permutex2var_ps(load_zeros(z + 16 * v), index.to_sets[j % 2], load_zeros(z + 32 + 16 * v));
     }
     const int64_t g1 = (g + 1) * panel.group_size;
     for (int64_t k0 = g * panel.group_size; k0 < g1; k0 += chunk, ++ci) {
@@ -533,7 +538,7 @@ __attribute__((optimize("no-tree-pre"))) void gemv_int8_vnni_avx512(const int8_t
   for (int j = 0; j < 4; ++j) _mm512_store_ps(sets[j], y[j]);
   for (int lane = 0; lane < 4; ++lane)
     for (int j = 0; j < 4; ++j)
-      for (int d = 0; d < 4; ++d) c[16 * lane + 4 * j + d] = sets[j][4 * lane + d] * panel.params[16 * lane + 4 * j + d];
+      for (int d = 0; d < 4; ++d) c[16 * lane + 4 * j + d] = sets[j][4 * lane + d] * panel.scales()[16 * lane + 4 * j + d];
 }
 
 }  // namespace lowbit::cpu::wo

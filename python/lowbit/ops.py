@@ -228,7 +228,8 @@ def _(x, packed, w_scale, in_features, bias, x_scale=None, path=-1):
 def w4a16_prepack(
     packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Canonical int4 weights -> the CPU weight-only GEMM's panels and per-group params."""
+    """Canonical int4 weights -> the CPU weight-only GEMM's panels and per-group params
+    (uint8: per panel and group, 64 fp32 scales then 64 uint8 zero points)."""
     return _ops.w4a16_prepack(packed, scales, zeros, group_size)
 
 
@@ -237,7 +238,8 @@ def _(packed, scales, zeros, group_size):
     checks.int4_weight(packed, scales, zeros, group_size)
     n, k = packed.shape[0], packed.shape[1] * 2
     panels, panel = _wo_panels(n), LAYOUT["wo_panel"]
-    return (packed.new_empty((panels, k // 2, panel)), scales.new_empty((panels, k // group_size, 2, panel)))
+    return (packed.new_empty((panels, k // 2, panel)),
+            packed.new_empty((panels, k // group_size, LAYOUT["wo_int4_group_bytes"])))
 
 
 def w4a16_unpack(
@@ -254,7 +256,7 @@ def _(w, params, group_size, out_features):
     k = w.shape[1] * 2
     checks.group_size(group_size, k)
     checks.shape(w, (_wo_panels(out_features), k // 2, LAYOUT["wo_panel"]), "w")
-    return (w.new_empty((out_features, k // 2)), params.new_empty((out_features, k // group_size)),
+    return (w.new_empty((out_features, k // 2)), w.new_empty((out_features, k // group_size), dtype=torch.float32),
             w.new_empty((out_features, k // group_size)))
 
 
@@ -283,7 +285,8 @@ def _check_wo_prepacked(x, w, wdtype, n, rows, bias):
 def _(x, w, params, group_size, out_features, bias, path=-1):
     _check_wo_prepacked(x, w, torch.uint8, out_features, x.shape[-1] // 2, bias)
     checks.group_size(group_size, x.shape[-1])
-    checks.shape(params, (w.shape[0], x.shape[-1] // group_size, 2, LAYOUT["wo_panel"]), "params")
+    checks.dtype(params, torch.uint8, "params")
+    checks.shape(params, (w.shape[0], x.shape[-1] // group_size, LAYOUT["wo_int4_group_bytes"]), "params")
     return linear_out(x, out_features)
 
 
