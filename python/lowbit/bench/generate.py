@@ -8,7 +8,7 @@ Decode: greedy ``model.generate`` of 1 and of 1 + D new tokens after a 32-token 
 (no early stop); tokens per second = D / (difference), so prefill and the first token
 cancel out and what is left is D decode steps with everything ``generate`` does around
 them. Compiled: a static cache and ``torch.compile`` of the forward through
-transformers' own ``compile_config`` (inductor, default mode, fixed shapes). Every
+transformers' own ``compile_config`` (inductor with its C++ wrapper, fixed shapes). Every
 variant is timed round-robin, ``rounds`` times, and the median kept.
 
 ``profile_decode`` splits one decode step (torch.profiler) into lowbit's ops, float
@@ -86,7 +86,10 @@ def _generate(model: nn.Module, ids: torch.Tensor, new: int, compiled: bool) -> 
     if compiled:
         from transformers import CompileConfig
 
-        config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+        # Inductor's C++ wrapper calls the graph's kernels and ops from C++ instead of
+        # generated Python: 0.4-0.5 ms less per decode step of the 491.8M Llama on 2 cores
+        # (bench/RESULTS.md).
+        config = CompileConfig(fullgraph=True, dynamic=False, mode=None, options={"cpp_wrapper": True})
         config._compile_all_devices = True  # transformers compiles only on GPUs unless told
         kwargs.update(cache_implementation="static", compile_config=config)
     own = model.generation_config
