@@ -88,7 +88,7 @@ def _generate(model: nn.Module, ids: torch.Tensor, new: int, compiled: bool) -> 
 
         # Inductor's C++ wrapper calls the graph's kernels and ops from C++ instead of
         # generated Python: 0.4-0.5 ms less per decode step of the 491.8M Llama on 2 cores
-        # (bench/RESULTS.md).
+        # (bench/RESULTS.md). torch.compile takes a mode or options, not both.
         config = CompileConfig(fullgraph=True, dynamic=False, mode=None, options={"cpp_wrapper": True})
         config._compile_all_devices = True  # transformers compiles only on GPUs unless told
         kwargs.update(cache_implementation="static", compile_config=config)
