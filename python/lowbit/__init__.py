@@ -5,7 +5,8 @@ quantized ones; ``lowbit.save`` / ``lowbit.load`` write and read checkpoints; th
 subpackages hold the rest: ``lowbit.ops`` (the custom ops), ``lowbit.formats`` (schemes
 and canonical weights), ``lowbit.nn`` (the modules), ``lowbit.backends`` (who runs a
 layer), ``lowbit.calibrate`` (GPTQ, AWQ, SmoothQuant, observers), ``lowbit.plan`` (per-M
-kernel choice), and, imported on first use, ``lowbit.bench`` and ``lowbit.tools``.
+kernel choice), and, imported on first use, ``lowbit.bench``, ``lowbit.tools``, ``lowbit.lora``
+(LoRA adapters over quantized layers) and ``lowbit.qat`` (quantization-aware training).
 """
 
 import importlib
@@ -39,7 +40,7 @@ from lowbit import calibrate, interop, plan  # noqa: E402
 __version__ = "0.1.0"
 
 # Heavier subpackages, imported when first named (``lowbit.bench.run`` after ``import lowbit``).
-_LAZY = ("bench", "tools", "demo", "cli")
+_LAZY = ("bench", "tools", "demo", "cli", "lora", "qat")
 
 
 def __getattr__(name: str):
@@ -73,9 +74,11 @@ __all__ = [
     "list_backends",
     "load",
     "load_pretrained",
+    "lora",
     "nn",
     "ops",
     "plan",
+    "qat",
     "quantize",
     "quantize_pretrained",
     "quantize_weight",
