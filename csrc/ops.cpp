@@ -100,27 +100,24 @@ PyObject* set_cpu_isa(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-// Sum over the intra-op threads of each one's ceiling rate; the GIL is released meanwhile.
+// (rate, instruction): the sum over the intra-op threads of each one's ceiling rate, with
+// the instructions of the current ISA (cpu/peak.cpp); the GIL is released meanwhile.
 PyObject* cpu_peak(PyObject*, PyObject* args) {
   const char* kind = nullptr;
   double seconds = 0.2;
   if (!PyArg_ParseTuple(args, "s|d", &kind, &seconds)) return nullptr;
   const std::string name(kind);
-  if (name != "vnni" && name != "fma") {
-    PyErr_SetString(PyExc_ValueError, "cpu_peak kind must be 'vnni' or 'fma'");
+  if (name != "int8" && name != "fma") {
+    PyErr_SetString(PyExc_ValueError, "cpu_peak kind must be 'int8' or 'fma'");
     return nullptr;
   }
-  if (!lowbit::cpu::has_avx512(lowbit::cpu::best_isa())) {
-    PyErr_SetString(PyExc_RuntimeError, "the ceiling probes need an AVX-512 VNNI CPU");
-    return nullptr;
-  }
-  const auto which = name == "vnni" ? lowbit::cpu::PeakKind::kVnni : lowbit::cpu::PeakKind::kFma;
+  const auto which = name == "int8" ? lowbit::cpu::PeakKind::kInt8 : lowbit::cpu::PeakKind::kFma;
   double total = 0;
   Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel num_threads(at::get_num_threads()) reduction(+ : total)
   total += lowbit::cpu::peak_ops_per_second(which, seconds);
   Py_END_ALLOW_THREADS
-  return PyFloat_FromDouble(total);
+  return Py_BuildValue("(ds)", total, lowbit::cpu::peak_instruction(which));
 }
 
 // ((name, id, family, unavailable reason or ""), ...): the table of cpu/paths.h.
@@ -162,7 +159,7 @@ PyMethodDef methods[] = {
     {"cuda_targets", cuda_targets, METH_NOARGS, "GPU targets compiled in, comma-separated (sm_XY, compute_XY)"},
     {"kernel_paths", kernel_paths, METH_NOARGS, "the CPU kernel path table: (name, id, family, unavailable reason)"},
     {"layout", layout, METH_NOARGS, "layout constants of the prepacked weights"},
-    {"cpu_peak", cpu_peak, METH_VARARGS, "ceiling rate (ops/s) of 'vnni' or 'fma' over all intra-op threads"},
+    {"cpu_peak", cpu_peak, METH_VARARGS, "(ceiling rate in ops/s over all intra-op threads, instruction) of 'int8' or 'fma'"},
     {"cpu_isa", cpu_isa, METH_NOARGS, "(current, best) CPU instruction-set paths"},
     {"set_cpu_isa", set_cpu_isa, METH_VARARGS, "force the CPU kernels' instruction set: auto, scalar, avx2, avx512_vnni, amx"},
     {nullptr, nullptr, 0, nullptr}};

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 
+import lowbit
 import pytest
 import torch
 from lowbit import bench, plan
+
+ISAS = ("scalar", "avx2", "avx512_vnni", "amx")
+# The instructions each CPU path's ceilings are measured with (csrc/cpu/peak.cpp).
+PROBES = {"scalar": ("pmaddwd xmm", "mulps+addps xmm"),
+          "avx2": ("vpmaddubsw+vpmaddwd ymm", "vfmadd231ps ymm"),
+          "avx512_vnni": ("vpdpbusd zmm", "vfmadd231ps zmm"),
+          "amx": ("vpdpbusd zmm", "vfmadd231ps zmm")}
 
 
 def test_shape_sets_csv_and_inline(tmp_path):
@@ -67,9 +76,33 @@ def test_outputs_table_json_plot_crossover(result, tmp_path):
                 assert (r.m in ms) == (r.seconds < base[(scheme, r.m)])
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_ceilings_are_measured_on_every_cpu_path(isa):
+    if ISAS.index(isa) > ISAS.index(lowbit.best_cpu_isa()):
+        pytest.skip(f"this CPU has no {isa} path")
+    with lowbit.use_cpu_isa(isa):
+        (int8, int8_name), (fma, fma_name) = lowbit._C.cpu_peak("int8", 0.02), lowbit._C.cpu_peak("fma", 0.02)
+    assert math.isfinite(int8) and int8 > 1e8 and math.isfinite(fma) and fma > 1e8
+    int8_expected, fma_expected = PROBES[isa]
+    if isa == "avx2" and "avx_vnni" in open("/proc/cpuinfo").read():
+        int8_expected = "vpdpbusd ymm (AVX-VNNI)"
+    assert (int8_name, fma_name) == (int8_expected, fma_expected)
+    with pytest.raises(ValueError, match="'int8' or 'fma'"):
+        lowbit._C.cpu_peak("vnni")
+
+
+def test_no_column_is_nan(result):
+    assert "nan" not in result.table()
+    payload = result.to_json()
+    numbers = [v for v in payload["ceilings"].values() if isinstance(v, float)]
+    numbers += [v for b in payload["bounds"] for v in b.values() if isinstance(v, float)]
+    numbers += [v for r in payload["rows"] for v in r.values() if isinstance(v, float)]
+    assert numbers and all(math.isfinite(v) for v in numbers)
+
+
 def test_bounds_are_the_baseline_over_the_larger_floor(result):
     bounds = result.bounds()
-    if result.meta["isa"] == "amx":  # the vpdpbusd probe does not measure AMX's rate
+    if result.meta["isa"] == "amx":  # the vector probe does not measure AMX's tile rate
         assert bounds == []
         return
     rows = {(r.scheme, r.m, r.impl): r.seconds for r in result.rows}

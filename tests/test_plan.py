@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -112,9 +113,9 @@ def test_layers_dispatch_through_the_plan_and_compile():
 def test_an_all_auto_entry_dispatches_nothing():
     p = plan.Plan()
     p.entries[plan.key("w8a8", "cpu", 96, 128)] = {b: "auto" for b in plan.BUCKETS}
-    p.entries[plan.key("w8a8", "cpu", 64, 128)] = {b: ("auto" if b < 16 else "amx") for b in plan.BUCKETS}
+    p.entries[plan.key("w8a8", "cpu", 64, 128)] = {b: ("auto" if b < 16 else "scalar") for b in plan.BUCKETS}
     assert p.paths(Scheme("w8a8"), "cpu", 96, 128) is None
-    assert p.paths(Scheme("w8a8"), "cpu", 64, 128) == ((8, -1), (2048, plan.path_id("int8", "amx")))
+    assert p.paths(Scheme("w8a8"), "cpu", 64, 128) == ((8, -1), (2048, plan.path_id("int8", "scalar")))
 
 
 def test_plan_files_round_trip_and_bad_files_fail(tmp_path):
@@ -140,3 +141,53 @@ def test_the_cached_plan_is_found(tmp_path, monkeypatch):
         assert plan.active_plan() is not None
         layer = QuantLinear.from_linear(torch.nn.Linear(128, 96), "w4a16-g64")
     assert layer.packed.paths is not None
+
+
+def _every_int8_path(tmp_path, n, k):
+    """A plan as a machine that runs every int8 path might have tuned it: bucket i takes
+    the i-th path of the table (cyclically), saved to and loaded from a file."""
+    names = [p.name for p in plan.KERNEL_PATHS if p.family == "int8"]
+    p = plan.Plan()
+    p.entries[plan.key("w8a8", "cpu", n, k)] = {b: names[i % len(names)] for i, b in enumerate(plan.BUCKETS)}
+    return plan.Plan.load(p.save(tmp_path / "tuned-elsewhere.json")), names
+
+
+def _check_dispatch(tmp_path, n=48, k=128):
+    tuned, names = _every_int8_path(tmp_path, n, k)
+    unrunnable = [name for name in names if name not in plan.runnable_paths("int8")]
+    linear = torch.nn.Linear(k, n)
+    with plan.use_plan(tuned):
+        if unrunnable:
+            with pytest.warns(RuntimeWarning, match="tuned-elsewhere.json") as caught:
+                layer = QuantLinear.from_linear(linear, "w8a8")
+            message = str(caught[0].message)
+            assert all(f"'{name}'" in message for name in unrunnable)
+            assert not any(f"'{name}'" in message.split("(")[0] for name in plan.runnable_paths("int8"))
+        else:
+            layer = QuantLinear.from_linear(linear, "w8a8")
+    ids = dict(layer.packed.paths)
+    entry = tuned.entries[plan.key("w8a8", "cpu", n, k)]
+    for b, name in entry.items():
+        bound = min(bound for bound in ids if bound >= b)
+        assert ids[bound] == (plan.AUTO_ID if name in unrunnable else plan.path_id("int8", name)), (b, name)
+    with plan.use_plan(None):
+        plain = QuantLinear.from_linear(linear, "w8a8")
+    for m in (1, 2, 3, 4, 8, 16, 40):
+        x = torch.randn(m, k)
+        assert torch.equal(layer(x), plain(x)), m  # int8 paths are exact: same bits on every path
+    return unrunnable
+
+
+def test_a_plan_from_another_machine_runs_here(tmp_path):
+    # On this CPU: whatever the table says it cannot run is dropped, the rest is kept.
+    _check_dispatch(tmp_path)
+
+
+def test_a_plan_from_another_machine_on_a_smaller_cpu(tmp_path, monkeypatch):
+    # Every CPU class: this CPU made to look as if it lacked its two best int8 paths.
+    runnable = plan.runnable_paths("int8")
+    hidden = set(runnable[-2:]) - {"scalar"}
+    monkeypatch.setattr(plan, "KERNEL_PATHS", tuple(
+        dataclasses.replace(p, unavailable="hidden by the test") if p.family == "int8" and p.name in hidden else p
+        for p in plan.KERNEL_PATHS))
+    assert set(_check_dispatch(tmp_path)) >= hidden

@@ -58,6 +58,15 @@ bool has_avx512_bf16() {
   return ok;
 }
 
+bool has_avx_vnni() {
+  static const bool ok = [] {
+    unsigned eax, ebx, ecx, edx;
+    return static_cast<int>(best_isa()) >= static_cast<int>(Isa::kAvx2) &&
+           __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 4));
+  }();
+  return ok;
+}
+
 Isa current_isa() { return static_cast<Isa>(forced().load(std::memory_order_relaxed)); }
 
 const char* isa_name(Isa isa) {

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import torch
@@ -105,28 +106,44 @@ def key(scheme: str, device: str, n: int, k: int) -> str:
 @dataclasses.dataclass
 class Plan:
     """``entries[key(scheme, device, n, k)][bucket] = path name``; ``timings`` keeps what
-    ``lowbit tune`` measured (seconds per path), for the record."""
+    ``lowbit tune`` measured (seconds per path), for the record; ``source`` is the file it
+    was loaded from or saved to, if any (warnings name it)."""
 
     entries: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
     machine: dict = dataclasses.field(default_factory=machine_id)
     timings: dict[str, dict[int, dict[str, float]]] = dataclasses.field(default_factory=dict)
+    source: str | None = None
 
     def paths(self, scheme: Scheme, device: str, n: int, k: int) -> tuple[tuple[int, int], ...] | None:
         """``((largest M, path id), ...)`` ascending, one pair per run of buckets that share a
         path (so that dispatch compares M with as few bounds as possible; an M beyond the
         last bound takes the last path), or None without an entry or when the entry is
-        "auto" throughout."""
-        entry = self.entries.get(key(str(scheme), device, n, k))
+        "auto" throughout.
+
+        A plan tuned on another machine may name paths this CPU cannot run (an AVX-512 path
+        on an AVX2 CPU): their buckets dispatch automatically instead, with a warning that
+        names the paths and the plan, so that the plan never breaks a model."""
+        entry_key = key(str(scheme), device, n, k)
+        entry = self.entries.get(entry_key)
         if not entry:
             return None
-        ids = paths_for(scheme.kernel_family)
+        family = scheme.kernel_family
+        ids = paths_for(family)
+        unavailable = {p.name: p.unavailable for p in KERNEL_PATHS if p.family == family and not p.runnable}
+        dropped = sorted({entry[b] for b in entry if entry[b] in unavailable})
+        if dropped:
+            reasons = "; ".join(f"{name}: {unavailable[name]}" for name in dropped)
+            warnings.warn(f"plan {self.source or '(in memory)'}, entry {entry_key}: this CPU cannot run the {family} "
+                          f"kernel paths {dropped} ({reasons}); their M buckets dispatch automatically",
+                          RuntimeWarning, stacklevel=2)
         runs: list[tuple[int, int]] = []
         for b in sorted(entry):
-            if runs and runs[-1][1] == ids[entry[b]]:
-                runs[-1] = (b, runs[-1][1])
+            path = AUTO_ID if entry[b] in unavailable else ids[entry[b]]
+            if runs and runs[-1][1] == path:
+                runs[-1] = (b, path)
             else:
-                runs.append((b, ids[entry[b]]))
-        return None if all(p == -1 for _, p in runs) else tuple(runs)
+                runs.append((b, path))
+        return None if all(p == AUTO_ID for _, p in runs) else tuple(runs)
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         path = Path(path) if path else default_path()
@@ -137,6 +154,7 @@ class Plan:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
         tmp.replace(path)
+        self.source = str(path)
         return path
 
     @classmethod
@@ -156,7 +174,7 @@ class Plan:
                 int(n), int(kk)
                 entries[k] = row
             timings = {k: {int(b): t for b, t in v.items()} for k, v in payload.get("timings", {}).items()}
-            return cls(entries, payload.get("machine", {}), timings)
+            return cls(entries, payload.get("machine", {}), timings, str(path))
         except (OSError, KeyError, TypeError, json.JSONDecodeError, ValueError) as e:
             raise ValueError(f"{path}: not a usable lowbit plan: {e}") from e
 

@@ -14,8 +14,9 @@ activation) are:
 
 W8A8 runs on fp32 activations (the fbgemm baseline takes fp32), the weight-only schemes
 on bf16. Each row reports ms, the speedup over each torch baseline timed beside it,
-TFLOP/s, weight GB/s and the percentage of the measured ceiling (vpdpbusd rate for
-W8A8, fp32 FMA rate for the weight-only kernels, which compute in fp32); ``crossover``
+TFLOP/s, weight GB/s and the percentage of the measured ceiling (the int8 multiply-add
+rate for W8A8, the fp32 FMA rate for the weight-only kernels, which compute in fp32; each
+with the widest instructions of the CPU path, ``Ceilings``); ``crossover``
 lists the M values at which each lowbit implementation beats bf16.
 
 Up to ``READ_MAX_M`` rows, where a weight-only or int8 kernel streams its weights and does
@@ -86,7 +87,7 @@ class Bound:
     impl: str
     measured: float
     read: float     # the baseline's time over a plain read of the weight bytes
-    compute: float  # the baseline's time over the multiply-adds at the vpdpbusd ceiling
+    compute: float  # the baseline's time over the multiply-adds at the int8 ceiling
     bound: float    # the baseline's time over the larger of the two floors
 
 
@@ -171,9 +172,9 @@ class BenchResult:
     def bounds(self) -> list[Bound]:
         """How far any kernel could beat torch's integer baseline (fbgemm) at each W8A8 shape
         and M with the weight read timed: the baseline's time over the larger of two floors,
-        the multiply-adds at the machine's vpdpbusd rate and a plain read of the weight
-        bytes (each a time no GEMM that does that work can go under). Empty on AMX machines,
-        whose int8 rate the vpdpbusd probe does not measure."""
+        the multiply-adds at the machine's int8 rate (``Ceilings.int8_instruction``) and a
+        plain read of the weight bytes (each a time no GEMM that does that work can go
+        under). Empty on AMX machines, whose tile rate the vector probe does not measure."""
         if self.meta.get("isa") == "amx":
             return []
         times = {(r.scheme, r.k, r.n, r.m, r.impl): r for r in self.rows}
@@ -201,7 +202,7 @@ class BenchResult:
                 # nn.Linear and the scheme's fbgemm, int8pack or int4pack), bf16 first.
                 refs = sorted((i for i in impls if i.startswith("torch:")), key=lambda i: i != BASELINE)
                 lines.append(f"\n{scheme}  K={k} N={n}  (cells: ms, speedup over each torch baseline, TFLOP/s, "
-                             f"weight GB/s, % of the {_ceiling_name(scheme)} ceiling)")
+                             f"weight GB/s, % of the {_ceiling_name(scheme, self.ceilings)} ceiling)")
                 width = max(len(i) for i in impls) + 2
                 lines.append(f"{'M':>6}  {'impl':<{width}}{'ms':>10}" + "".join(f"{'vs ' + i.removeprefix('torch:'):>12}" for i in refs)
                              + f"{'TFLOP/s':>9}{'GB/s w':>8}{'% ceil':>8}")
@@ -219,7 +220,8 @@ class BenchResult:
         bounds = self.bounds()
         if bounds:
             lines.append(f"\nbounds: speedup over {INT8_BASELINE} measured, and the most any kernel could reach "
-                         "(floors: a read of the weight bytes; the multiply-adds at the vpdpbusd ceiling)")
+                         f"(floors: a read of the weight bytes; the multiply-adds at the {self.ceilings.int8_instruction} "
+                         "ceiling)")
             lines.append(f"{'scheme':<12}{'K x N':>13}{'M':>5}  {'impl':<20}{'measured':>9}{'read':>8}{'compute':>9}"
                          f"{'bound':>8}")
             for b in bounds:
@@ -276,14 +278,15 @@ class BenchResult:
         plt.close(fig)
 
 
-def _ceiling_name(scheme: str) -> str:
-    return "fp32 FMA" if Scheme.parse(scheme).weight_only else "vpdpbusd"
+def _ceiling_name(scheme: str, c: Ceilings) -> str:
+    return c.fma_instruction if Scheme.parse(scheme).weight_only else c.int8_instruction
 
 
 def _header(meta: dict, c: Ceilings) -> str:
     return (f"lowbit {meta['lowbit']}, torch {meta['torch']}, {meta['cpu']}, {meta['threads']} threads, best CPU path "
             f"{meta['isa']}, weights {'rotated past the LLC' if meta['rotate'] else 'reused (warm cache)'}\n"
-            f"ceilings: vpdpbusd {c.int8_ops / 1e9:.0f} GOP/s, fp32 FMA {c.fp32_flops / 1e9:.0f} GFLOP/s, "
+            f"ceilings: int8 {c.int8_instruction} {c.int8_ops / 1e9:.0f} GOP/s, fp32 {c.fma_instruction} "
+            f"{c.fp32_flops / 1e9:.0f} GFLOP/s, "
             f"DRAM copy {c.copy_bytes / 1e9:.1f} GB/s (cached per machine; --remeasure)")
 
 

@@ -69,12 +69,17 @@ def llc_bytes() -> int:
 
 @dataclasses.dataclass
 class Ceilings:
-    """Rates measured on this machine, all intra-op threads together: vpdpbusd operations
-    (2 per multiply-add), fp32 FMA FLOP, DRAM copy bytes (read + written) per second."""
+    """Rates measured on this machine, all intra-op threads together: int8 multiply-add
+    operations (2 per multiply-add), fp32 FMA FLOP, DRAM copy bytes (read + written) per
+    second; the int8 and fp32 rates with the widest instructions of the CPU path the kernels
+    take (``lowbit.cpu_isa()``: vpdpbusd zmm on AVX-512 VNNI, vpmaddubsw + vpmaddwd or
+    AVX-VNNI's vpdpbusd ymm on AVX2), named in ``int8_instruction`` / ``fma_instruction``."""
 
     int8_ops: float
     fp32_flops: float
     copy_bytes: float
+    int8_instruction: str
+    fma_instruction: str
 
     @classmethod
     def measure(cls) -> Ceilings:
@@ -83,16 +88,15 @@ class Ceilings:
         src.fill_(1.0)
         dst = torch.empty_like(src)
         t = median_seconds(lambda _: dst.copy_(src), min_time=0.5)
-        try:
-            int8, fma = ext.cpu_peak("vnni", 0.3), ext.cpu_peak("fma", 0.3)
-        except (RuntimeError, ValueError):  # the probes need AVX-512 VNNI
-            int8 = fma = float("nan")
-        return cls(int8, fma, 2 * src.numel() * 4 / t)
+        (int8, int8_instruction), (fma, fma_instruction) = ext.cpu_peak("int8", 0.3), ext.cpu_peak("fma", 0.3)
+        return cls(int8, fma, 2 * src.numel() * 4 / t, int8_instruction, fma_instruction)
 
     @classmethod
     def cached(cls, remeasure: bool = False) -> Ceilings:
-        """Measured once per machine (CPU, threads, torch) and kept in the cache directory."""
-        key = hashlib.sha256(json.dumps(machine_id(), sort_keys=True).encode()).hexdigest()[:12]
+        """Measured once per machine (CPU, threads, torch) and CPU path, and kept in the cache
+        directory."""
+        ident = {**machine_id(), "isa": sys.modules["lowbit._C"].cpu_isa()[0]}
+        key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
         path = cache_dir() / f"ceilings-{key}.json"
         if path.exists() and not remeasure:
             try:
