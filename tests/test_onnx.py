@@ -12,6 +12,7 @@ import pytest
 import torch
 from lowbit import cli, demo, interop
 from lowbit.formats import QuantizedWeight, quantize_weight
+from lowbit.interop.onnx import check_onnx
 from torch import nn
 
 ort = pytest.importorskip("onnxruntime")
@@ -199,3 +200,48 @@ def test_the_benchmark_lm_runs_in_onnxruntime_per_scheme(scheme, tmp_path):
     # other way after a few layers of float32 differences.
     tolerance = 2e-5 if lowbit.Scheme.parse(scheme).weight_only else 2e-2
     assert np.abs(theirs - ours).max() <= tolerance * np.abs(ours).max()
+
+
+def _old_int8_graph(path, k=64, n=8, bits=8):
+    """A W8A8 layer as lowbit wrote it before uint8 weights: uint8 activations (zero point
+    128) times int8 weights, in MatMulIntegerToFloat and as QDQ."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    limit = 2 ** (bits - 1) - 1
+    w = np.random.default_rng(0).integers(-limit, limit + 1, size=(k, n)).astype(np.int8)
+    w[0, 0] = limit
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.ones(n, np.float32), "ws"),
+             numpy_helper.from_array(np.array(128, np.uint8), "az"), numpy_helper.from_array(np.array(0, np.int8), "wz")]
+    nodes = [helper.make_node("MatMulIntegerToFloat", ["A", "W", "S", "ws", "az"], ["Y"], domain="com.microsoft",
+                              name="dynamic"),
+             helper.make_node("DequantizeLinear", ["W", "ws"], ["Wd"], axis=1, name="qdq_weight")]
+    graph = helper.make_graph(nodes, "old", [helper.make_tensor_value_info("A", TensorProto.UINT8, [None, k]),
+                                             helper.make_tensor_value_info("S", TensorProto.FLOAT, [None, 1])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n]),
+                               helper.make_tensor_value_info("Wd", TensorProto.FLOAT, [k, n])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                      helper.make_opsetid("com.microsoft", 1)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8-static"])
+def test_int8_exports_are_right_on_every_cpu(scheme, tmp_path, capsys):
+    # uint8 x uint8 (zero points 128): onnxruntime's integer matmul is exact on AVX2 too,
+    # where uint8 x int8 saturates (make test-avx2 runs these files there: the tests above).
+    model = small_model(scheme)
+    lowbit.export(model, tmp_path / "m.onnx", "onnx", example_inputs=(torch.randn(3, 5, 384),))
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    int8_inits = [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.dims]
+    assert int8_inits == [] and check_onnx(tmp_path / "m.onnx") == []
+    assert cli.main(["inspect", str(tmp_path / "m.onnx")]) == 0
+    assert "no integer matmul that gives wrong answers" in capsys.readouterr().out
+
+
+def test_old_int8_exports_are_recognised(tmp_path, capsys):
+    found = check_onnx(_old_int8_graph(tmp_path / "old.onnx"))
+    assert len(found) == 2 and "'dynamic'" in found[0] and "'qdq_weight'" in found[1]
+    assert all("AVX2" in line and "[-127, 127]" in line for line in found)
+    assert cli.main(["inspect", str(tmp_path / "old.onnx")]) == 0
+    assert capsys.readouterr().out.count("warning: ") == 2
+    # 7-bit weights (onnxruntime's reduce_range) never saturate.
+    assert check_onnx(_old_int8_graph(tmp_path / "seven.onnx", bits=7)) == []

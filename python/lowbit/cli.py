@@ -94,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="glob patterns of layers to keep float (default lm_head, as engines expect)")
     export.add_argument("--shard-size", help="largest checkpoint shard, e.g. 2GB (default 2 GiB)")
 
-    inspect = sub.add_parser("inspect", help="per-layer numerics of a quantized model against the float one")
-    inspect.add_argument("model", help="model directory")
+    inspect = sub.add_parser("inspect", help="per-layer numerics of a quantized model against the float one; "
+                                        "for an .onnx file, whether it computes right on every CPU")
+    inspect.add_argument("model", help="model directory, or an .onnx file")
     inspect.add_argument("--scheme", default="w4a16-g128")
     inspect.add_argument("--checkpoint", help="a lowbit checkpoint of this model (default: quantize now, RTN)")
     inspect.add_argument("--texts", help="a text file of inputs, one per line (default: pydoc sentences)")

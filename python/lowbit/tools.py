@@ -366,6 +366,13 @@ def export(args) -> str:
 
 
 def inspect(args) -> str:
+    if str(args.model).endswith(".onnx"):
+        from lowbit.interop.onnx import check_onnx
+
+        found = check_onnx(args.model)
+        if not found:
+            return f"{args.model}: no integer matmul that gives wrong answers on some CPUs"
+        return "\n".join(f"warning: {line}" for line in found)
     rows = inspect_model(args.model, args.scheme, checkpoint=args.checkpoint,
                          texts=read_lines(args.texts) if args.texts else None)
     if args.plot:

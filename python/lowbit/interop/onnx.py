@@ -13,14 +13,21 @@ w4a16          ``com.microsoft::MatMulNBits`` bits 4: lowbit's int4 bytes are it
                symmetric layers (its default zero point is 8).
 w8a16          ``MatMulNBits`` bits 8: codes q + 128 (its default zero point is 128).
 w8a8           per-token int8 as lowbit computes it: ``s = max|x|/127``, ``u = round(x/s)
-               + 128`` as uint8 (standard ops), ``com.microsoft::MatMulIntegerToFloat(u, W,
-               s, s_w, 128)`` (exact int32 products, scaled per output channel, then by the
-               row scale ``s`` [..., M, 1], which the op applies to its output), ``+ b``.
+               + 128`` as uint8 (standard ops), ``com.microsoft::MatMulIntegerToFloat(u,
+               q + 128, s, s_w, 128, 128)`` (exact int32 products, scaled per output
+               channel, then by the row scale ``s`` [..., M, 1], which the op applies to its
+               output), ``+ b``.
 w8a8-static    QDQ: ``Clip`` to +-127 scales (lowbit's range; QuantizeLinear's reaches
-               -128), ``QuantizeLinear`` (int8, the calibrated scale) -> ``DequantizeLinear``
-               on the activations, ``DequantizeLinear`` per output channel on the int8
-               weight, ``MatMul``: what onnxruntime fuses into an integer matmul and what
-               QDQ consumers (NPU toolchains) read.
+               -128), ``QuantizeLinear`` (uint8, zero point 128, the calibrated scale) ->
+               ``DequantizeLinear`` on the activations, ``DequantizeLinear`` per output
+               channel on the weight ``q + 128`` (uint8, zero point 128), ``MatMul``: what
+               onnxruntime fuses into an integer matmul and what QDQ consumers (NPU
+               toolchains) read.
+
+Both int8 forms hold uint8 weights with zero point 128 (the same integers as lowbit's int8
+codes) because onnxruntime multiplies uint8 activations by int8 weights in saturating int16
+sums on AVX2 CPUs (and AVX-512 without VNNI): files with int8 weights, as lowbit wrote them
+before, compute wrong answers there; ``check_onnx`` finds them (docs/onnx.md).
 =============  ==========================================================================
 
 A group that is not a power of two (one group per row, K = 384) is written as blocks of
@@ -117,16 +124,26 @@ class MatMulNBits(_Form):
         return self._symbolic("com.microsoft::MatMulNBits", inputs, self.attrs, x)
 
 
+def _u8_weight(weight: QuantizedWeight) -> torch.Tensor:
+    """lowbit's int8 codes, transposed to [K, N], as uint8 with zero point 128 (q + 128):
+    the same integers, in the encoding whose integer matmul onnxruntime computes exactly on
+    every x86 CPU (docs/onnx.md, "W8A8 on every CPU")."""
+    return (weight.qweight.t().to(torch.int16) + 128).to(torch.uint8).contiguous()
+
+
 class DynamicInt8(_Form):
     """W8A8 with lowbit's per-token activation rounding, exact up to the float epilogue.
 
     ``round(x / s)`` stays within +-127 when ``s = max|x| / 127`` (the largest |x| divides
     to 127 within a rounding error), so no Clip is needed; a zero row gets the smallest
-    normal scale instead of lowbit's 1, which gives the same zero codes and output."""
+    normal scale instead of lowbit's 1, which gives the same zero codes and output. Both
+    operands are uint8 with zero point 128: u8 x s8 is faster on VNNI CPUs, but on AVX2
+    (and AVX-512 without VNNI) onnxruntime sums its products in saturating int16 and
+    computes wrong answers."""
 
     def __init__(self, weight: QuantizedWeight, bias):
         super().__init__(weight, bias)
-        self.register_buffer("weight_t", weight.qweight.t().contiguous())  # int8 [K, N]
+        self.register_buffer("weight_t", _u8_weight(weight))  # uint8 [K, N], zero point 128
         self.register_buffer("weight_scale", weight.scales.float().contiguous())
         self.register_buffer("zero", torch.tensor(128, dtype=torch.uint8))
 
@@ -144,7 +161,7 @@ class DynamicInt8(_Form):
         # and the per-row activation scale ([..., M, 1]) applied by the op to its output.
         # The bias stays outside: the op would add it before that row scale.
         y = torch.onnx.ops.symbolic("com.microsoft::MatMulIntegerToFloat",
-                                    [codes, self.weight_t, scale, self.weight_scale, self.zero], {},
+                                    [codes, self.weight_t, scale, self.weight_scale, self.zero, self.zero], {},
                                     dtype=torch.float32, shape=(*x.shape[:-1], self.out_features), version=1)
         if self.bias is not None:
             y = y + self.bias
@@ -152,29 +169,31 @@ class DynamicInt8(_Form):
 
 
 class StaticInt8(_Form):
-    """W8A8 with a calibrated per-tensor activation scale, as QDQ."""
+    """W8A8 with a calibrated per-tensor activation scale, as QDQ; activations and weights
+    uint8 with zero point 128, for the reason ``DynamicInt8`` gives."""
 
     def __init__(self, weight: QuantizedWeight, bias):
         super().__init__(weight, bias)
-        self.register_buffer("weight_t", weight.qweight.t().contiguous())  # int8 [K, N]
+        self.register_buffer("weight_t", _u8_weight(weight))  # uint8 [K, N], zero point 128
         self.register_buffer("weight_scale", weight.scales.float().contiguous())
+        self.register_buffer("weight_zero", torch.full((weight.out_features,), 128, dtype=torch.uint8))
         self.register_buffer("act_scale", weight.act_scale.float().reshape(()))
-        self.register_buffer("zero", torch.tensor(0, dtype=torch.int8))
-        # lowbit's codes stop at -127; QuantizeLinear's at -128: Clip first, as lowbit does.
-        # The bound is a Python number, written into the Clip node: a bound computed in the
-        # graph from the scale buffer ended up, for layers sharing an input and a scale (q, k,
-        # v), as a Clip reading an initializer the exporter's optimizer had merged away.
+        self.register_buffer("zero", torch.tensor(128, dtype=torch.uint8))
+        # lowbit's codes stop at -127; QuantizeLinear's at -128 (0 here): Clip first, as lowbit
+        # does. The bound is a Python number, written into the Clip node: a bound computed in
+        # the graph from the scale buffer ended up, for layers sharing an input and a scale
+        # (q, k, v), as a Clip reading an initializer the exporter's optimizer had merged away.
         self.bound = float(weight.act_scale.float() * reference.INT8_MAX)
 
     def emit(self, x):
         shape = tuple(x.shape)
         x = torch.clamp(x.float(), -self.bound, self.bound)
         q = torch.onnx.ops.symbolic("::QuantizeLinear", [x, self.act_scale, self.zero], {},
-                                    dtype=torch.int8, shape=shape, version=OPSET)
+                                    dtype=torch.uint8, shape=shape, version=OPSET)
         xd = torch.onnx.ops.symbolic("::DequantizeLinear", [q, self.act_scale, self.zero], {},
                                      dtype=torch.float32, shape=shape, version=OPSET)
-        wd = torch.onnx.ops.symbolic("::DequantizeLinear", [self.weight_t, self.weight_scale], {"axis": 1},
-                                     dtype=torch.float32, shape=tuple(self.weight_t.shape), version=OPSET)
+        wd = torch.onnx.ops.symbolic("::DequantizeLinear", [self.weight_t, self.weight_scale, self.weight_zero],
+                                     {"axis": 1}, dtype=torch.float32, shape=tuple(self.weight_t.shape), version=OPSET)
         y = xd @ wd
         if self.bias is not None:
             y = y + self.bias
@@ -377,3 +396,36 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     for node in proto.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     return OnnxReport(path, len(forms), path.stat().st_size, ops)
+
+
+# Integer matmuls and the QDQ weight node whose int8 weights onnxruntime may multiply with
+# saturating int16 pair sums (u8 x s8 on AVX2 and on AVX-512 without VNNI).
+_INT8_WEIGHT_READERS = {"MatMulInteger": 1, "MatMulIntegerToFloat": 1, "DynamicQuantizeMatMul": 1,
+                        "QLinearMatMul": 3, "DequantizeLinear": 0}
+# 7-bit weights (onnxruntime's reduce_range) never saturate: 255 * 63 * 2 < 32767.
+_SAFE_INT8 = 63
+
+
+def check_onnx(path: str | os.PathLike) -> list[str]:
+    """What in an ONNX file computes wrong answers on some CPUs, one sentence each (empty:
+    nothing found). Finds integer matmuls whose weights are int8 beyond 7 bits, the encoding
+    lowbit's exporter wrote for W8A8 before it switched to uint8 weights: onnxruntime sums
+    uint8 x int8 products in saturating int16 on AVX2 CPUs (and AVX-512 without VNNI)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(os.fspath(path))
+    weights = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    found = []
+    for node in model.graph.node:
+        slot = _INT8_WEIGHT_READERS.get(node.op_type)
+        if slot is None or len(node.input) <= slot or node.input[slot] not in weights:
+            continue
+        values = numpy_helper.to_array(weights[node.input[slot]])
+        if values.ndim < 2 or abs(int(values.min())) <= _SAFE_INT8 and int(values.max()) <= _SAFE_INT8:
+            continue  # activations' scalars, or 7-bit weights
+        found.append(f"{node.op_type} node {node.name or node.output[0]!r} reads int8 weights "
+                     f"{node.input[slot]!r} in [{int(values.min())}, {int(values.max())}]: onnxruntime computes "
+                     "uint8 x int8 matmuls with saturating int16 sums on AVX2 CPUs (and AVX-512 without VNNI), "
+                     "so this file gives wrong answers there; export it again with this lowbit (uint8 weights)")
+    return found
