@@ -88,6 +88,24 @@ test: build $(GPTQ_VENV)/.deps
 demo: build
 	$(VENV)/bin/lowbit demo
 
+# The tests whose behaviour depends on the CPU class, on an emulated AVX2-only CPU
+# (qemu-user's Haswell: AVX2, FMA, F16C; no AVX-512, no VNNI), where lowbit, torch and
+# onnxruntime all take their AVX2 code: correctness only, never speed. Not part of `make
+# test` (it takes about AVX2_MINUTES minutes on 2 cores); run it whenever CPU-dependent code
+# changes. Left out: torch.compile's tests (-k "not compile"): inductor starts the C++
+# compiler and its workers as child processes, and without binfmt_misc a child escapes the
+# emulation and runs natively; the test modules that start processes (test_setup,
+# test_interop's GPTQModel client, test_readme, test_demo); and the MiniLM ONNX pipeline
+# (8 minutes emulated; the small models of test_onnx run every ONNX form). Hypothesis draws 6
+# examples a test (the "emulated" profile, tests/conftest.py). numpy's AVX2 code is switched
+# off (NPY_DISABLE_CPU_FEATURES): qemu 7.2 crashes in its AVX2 argsort, which real AVX2 CPUs run.
+AVX2_TESTS := tests/test_onnx.py tests/test_plan.py tests/test_bench.py tests/test_cpu_kernels.py tests/test_ops.py \
+              tests/test_nn.py tests/test_nn_boundary.py tests/test_backends.py tests/test_embedding.py tests/test_fusion.py
+test-avx2: build
+	command -v qemu-x86_64 >/dev/null || (apt-get update -qq && apt-get install -y -qq qemu-user)
+	LOWBIT_EXPECT_ISA=avx2 LOWBIT_HYPOTHESIS=emulated NPY_DISABLE_CPU_FEATURES=X86_V3 \
+	  qemu-x86_64 -cpu Haswell $(PY) -m pytest $(AVX2_TESTS) -q -p no:cacheprovider -k "not compile and not minilm"
+
 # The CPU kernel tests (and the CPU models of the CUDA kernels) under AddressSanitizer and UndefinedBehaviorSanitizer: a separate
 # build tree, loaded by preloading the ASan runtime (and libstdc++, so that ASan's
 # __cxa_throw interceptor finds the real one) into the Python process. The opcheck and

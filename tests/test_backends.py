@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import lowbit
 import pytest
@@ -14,6 +15,17 @@ from lowbit.backends import DISABLE_ENV, choose_backend, get_backend
 from lowbit.formats import Scheme, quantize_weight
 
 SCHEMES = ["w8a8", "w8a8-static", "w8a16", "w4a16-g32", "w4a16-g128-sym", "w4a16-gK"]
+
+
+def test_the_cpu_class_is_the_one_expected():
+    # make test-avx2 runs under an emulated AVX2-only CPU and says so here: lowbit and torch
+    # must both see that class, or the run tests the wrong kernels.
+    expected = os.environ.get("LOWBIT_EXPECT_ISA")
+    if not expected:
+        pytest.skip("LOWBIT_EXPECT_ISA not set (make test-avx2 sets it)")
+    assert lowbit.best_cpu_isa() == expected
+    assert torch.backends.cpu.get_cpu_capability() == expected.upper()
+    import onnxruntime  # noqa: F401  (imports under the same emulation)
 
 
 def test_report_lists_every_backend_with_a_reason():

@@ -421,3 +421,30 @@ def test_weight_only_prepacked_weights_of_another_shape_are_refused():
     w8, s8 = int8_weight(70, 128)
     with pytest.raises(ValueError, match="x has K = 64 features but the weight has K = 128"):
         ops.w8a16_linear_prepacked(torch.randn(2, 64), ops.w8a16_prepack(w8), s8, None)
+
+
+AVX2_WEIGHT_ONLY = [pytest.param(name, marks=pytest.mark.skipif(name not in plan.runnable_paths("weight_only"),
+                                                                 reason=f"this CPU cannot run path {name}"))
+                    for name in ("gemv_avx2", "gemm_avx2")]
+
+
+@pytest.mark.parametrize("path", AVX2_WEIGHT_ONLY)
+@given(m=rows, n=cols, groups=st.sampled_from([1, 3]), g=st.sampled_from([32, 128, None]), sym=st.booleans(),
+       dtype=st.sampled_from(FLOAT_DTYPES), with_bias=st.booleans(), seed=seeds)
+def test_avx2_weight_only_paths_at_any_rows(path, m, n, groups, g, sym, dtype, with_bias, seed):
+    # Either AVX2 kernel forced at every row count (the automatic choice takes the GEMV up to
+    # 4 rows only): int4 and int8 panels, tails of the 64-column panel and of the 2-row tiles.
+    k = groups * (g or 2 * (seed % 150 + 1))
+    gs = g or k
+    x = activation((m, k), dtype, seed=seed, noncontiguous=True)
+    packed, scales, zeros = int4_weight(n, k, g, sym, seed)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    path_id = plan.path_id("weight_only", path)
+    w, params = ops.w4a16_prepack(packed, scales, zeros, gs)
+    assert_linear_close(ops.w4a16_linear_prepacked(x, w, params, gs, n, bias, path_id),
+                        reference.w4a16_linear(x, packed, scales, zeros, gs, bias), x,
+                        reference.dequantize_int4(packed, scales, zeros, gs, torch.float32), bias)
+    w8, s8 = int8_weight(n, k, seed)
+    assert_linear_close(ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(w8), s8, bias, path_id),
+                        reference.w8a16_linear(x, w8, s8, bias), x, reference.dequantize_int8(w8, s8, torch.float32),
+                        bias)

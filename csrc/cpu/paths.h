@@ -35,6 +35,8 @@ enum class Path : int64_t {
   kWoGemvVnni = 13,  // bf16 activations: rows in block floating point, codes x digits with vpdpbusd
   kWoAmx = 14,       // bf16 activations on AMX-BF16 tiles, (q - z) or q decoded to bf16 per block
   kWoBf16 = 15,      // bf16 activations on AVX512-BF16 (vdpbf16ps), the same decoded blocks, no AMX
+  kWoGemmAvx2 = 16,  // AVX2 + FMA: the gemm path with 8-float vectors
+  kWoGemvAvx2 = 17,  // AVX2 + FMA: the gemv path with 8-float vectors
 };
 
 struct PathInfo {
@@ -54,6 +56,8 @@ inline constexpr PathInfo kPaths[] = {
     {Path::kWoGemvVnni, "gemv_vnni", Family::kWeightOnly},
     {Path::kWoAmx, "amx", Family::kWeightOnly},
     {Path::kWoBf16, "bf16", Family::kWeightOnly},
+    {Path::kWoGemmAvx2, "gemm_avx2", Family::kWeightOnly},
+    {Path::kWoGemvAvx2, "gemv_avx2", Family::kWeightOnly},
 };
 
 const char* family_name(Family family);

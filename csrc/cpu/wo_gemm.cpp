@@ -238,12 +238,18 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
   const int64_t k = x.size(-1);
   const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const float* xp = xf.const_data_ptr<float>();
-  const bool avx512 = path == Path::kAuto ? has_avx512(current_isa()) : path != Path::kWoScalar;
+  // Which vector width runs the FMA kernels: the current ISA's widest (kAuto), or the path's.
+  const bool avx2_path = path == Path::kWoGemmAvx2 || path == Path::kWoGemvAvx2;
+  const Isa isa = current_isa();
+  const bool avx512 = path == Path::kAuto ? has_avx512(isa) : path != Path::kWoScalar && !avx2_path;
+  const bool avx2 = avx2_path || (path == Path::kAuto && isa == Isa::kAvx2);
   const int64_t m = xf.size(0);
   const bool int4 = first.kind == Weights::kInt4;
   const bool vnni = path == Path::kWoGemvVnni || (path == Path::kAuto && avx512 && x.scalar_type() == at::kBFloat16 &&
                                                m <= (int4 ? wo::kVnniMaxRows : wo::kVnniMaxRowsInt8));
-  const bool gemv = vnni || path == Path::kWoGemv || (path == Path::kAuto && avx512 && m <= wo::kMaxGemvRows);
+  const bool gemv = vnni || path == Path::kWoGemv || path == Path::kWoGemvAvx2 ||
+                    (path == Path::kAuto && avx512 && m <= wo::kMaxGemvRows) ||
+                    (path == Path::kAuto && avx2 && m <= wo::kMaxGemvRowsAvx2);
   // The integer GEMV's rows in block floating point (wo_gemm.h); a row holding NaN or Inf
   // has no such form and goes through the FMA GEMV, which propagates them as the reference.
   const int64_t kpad = (k + 3) / 4 * 4, chunk = int4 ? std::min(first.group_size, wo::kVnniChunkK) : wo::kVnniChunkK8,
@@ -289,12 +295,16 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
     if (gemv) {
       for (int64_t r = 0; r < rows; r += wo::kMaxGemvRows) {
         const int64_t sub = std::min(wo::kMaxGemvRows, rows - r);
-        if (panel.kind == Weights::kInt8)
-          wo::gemv_int8_avx512(xp + (m0 + r) * k, k, sub, panel, c + r * kPanel);
-        else
-          wo::gemv_int4_avx512(xp + (m0 + r) * k, k, sub,
-                               xsum.const_data_ptr<float>() + (m0 + r) * (k / panel.group_size), panel,
-                               c + r * kPanel);
+        const float* xr = xp + (m0 + r) * k;
+        float* cr = c + r * kPanel;
+        if (panel.kind == Weights::kInt8) {
+          if (avx2) wo::gemv_int8_avx2(xr, k, sub, panel, cr);
+          else wo::gemv_int8_avx512(xr, k, sub, panel, cr);
+        } else {
+          const float* xs = xsum.const_data_ptr<float>() + (m0 + r) * (k / panel.group_size);
+          if (avx2) wo::gemv_int4_avx2(xr, k, sub, xs, panel, cr);
+          else wo::gemv_int4_avx512(xr, k, sub, xs, panel, cr);
+        }
       }
       return;
     }
@@ -304,6 +314,9 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
       if (avx512) {
         wo::dequantize_block_avx512(panel, k0, k1, block.data());
         wo::block_gemm_avx512(xp + m0 * k + k0, k, rows, block.data(), k1 - k0, c, k0 == 0);
+      } else if (avx2) {
+        wo::dequantize_block_avx2(panel, k0, k1, block.data());
+        wo::block_gemm_avx2(xp + m0 * k + k0, k, rows, block.data(), k1 - k0, c, k0 == 0);
       } else {
         wo::dequantize_block_scalar(panel, k0, k1, block.data());
         wo::block_gemm_scalar(xp + m0 * k + k0, k, rows, block.data(), k1 - k0, c, k0 == 0);

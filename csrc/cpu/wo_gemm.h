@@ -87,6 +87,15 @@ enum class OutType { kFloat, kBFloat16, kHalf };
 void store_panel_avx512(const float* c, int64_t rows, int64_t cols, const float* bias, OutType type, void* out,
                         int64_t ldo);
 
+// The same kernels for AVX2 + FMA CPUs (wo_gemm_avx2.cpp): 8-float vectors, the same
+// layouts and results. The GEMVs take up to kMaxGemvRowsAvx2 rows in the automatic choice.
+void dequantize_block_avx2(const Panel& panel, int64_t k0, int64_t k1, float* out);
+void block_gemm_avx2(const float* x, int64_t ldx, int64_t rows, const float* block, int64_t kb, float* c,
+                     bool zero_init);
+void gemv_int8_avx2(const float* x, int64_t ldx, int64_t rows, const Panel& panel, float* c);
+void gemv_int4_avx2(const float* x, int64_t ldx, int64_t rows, const float* xsum, const Panel& panel, float* c);
+constexpr int64_t kMaxGemvRowsAvx2 = 4;
+
 // Up to kMaxGemvRows rows against an int8 panel without the fp32 block (the small-M
 // path: it converts each weight once per tile of up to 4 rows and never stores it).
 constexpr int64_t kMaxGemvRows = 8;
