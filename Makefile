@@ -91,7 +91,7 @@ demo: build
 # The tests whose behaviour depends on the CPU class, on an emulated AVX2-only CPU
 # (qemu-user's Haswell: AVX2, FMA, F16C; no AVX-512, no VNNI), where lowbit, torch and
 # onnxruntime all take their AVX2 code: correctness only, never speed. Not part of `make
-# test` (it takes about AVX2_MINUTES minutes on 2 cores); run it whenever CPU-dependent code
+# test` (it takes about 7 minutes on 2 cores); run it whenever CPU-dependent code
 # changes. Left out: torch.compile's tests (-k "not compile"): inductor starts the C++
 # compiler and its workers as child processes, and without binfmt_misc a child escapes the
 # emulation and runs natively; the test modules that start processes (test_setup,

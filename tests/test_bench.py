@@ -138,3 +138,16 @@ def test_bad_requests_fail_clearly():
     with pytest.raises(ValueError, match="group size"):
         bench.run(["w4a16-g128"], [(192, 64)], [1], progress=False)
     torch.manual_seed(0)
+
+
+def test_another_cpu_class_is_measured_by_forcing_lowbits_path(capsys):
+    if ISAS.index(lowbit.best_cpu_isa()) < ISAS.index("avx2"):
+        pytest.skip("this CPU has no avx2 path")
+    from lowbit import cli
+
+    assert cli.main(["bench", "--schemes", "w4a16-g64", "--shapes", "128x64", "--m", "1,8", "--impls", "cpu,int4pack",
+                     "--rounds", "1", "--isa", "avx2"]) == 0
+    out = capsys.readouterr().out
+    assert "lowbit ran avx2" in out and "torch's kernels" in out
+    assert "int8 vpmaddubsw+vpmaddwd ymm" in out or "int8 vpdpbusd ymm (AVX-VNNI)" in out
+    assert lowbit.cpu_isa() == lowbit.best_cpu_isa()  # restored

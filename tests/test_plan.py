@@ -88,7 +88,11 @@ def test_dispatch_takes_the_bucket_at_or_above_m():
         layer(torch.randn(2, 9, 128))
 
 
-def _plan(path_small="gemv", path_large="gemm"):
+# The GEMV and GEMM paths of the widest vectors this CPU has (AVX-512, else AVX2).
+GEMV, GEMM = ("gemv", "gemm") if "gemv" in plan.runnable_paths("weight_only") else ("gemv_avx2", "gemm_avx2")
+
+
+def _plan(path_small=GEMV, path_large=GEMM):
     p = plan.Plan()
     p.entries[plan.key("w4a16-g64", "cpu", 96, 128)] = {b: (path_small if b <= 16 else path_large)
                                                          for b in plan.BUCKETS}
@@ -99,7 +103,7 @@ def test_layers_dispatch_through_the_plan_and_compile():
     linear = torch.nn.Linear(128, 96)
     with plan.use_plan(_plan()):
         layer = QuantLinear.from_linear(linear, "w4a16-g64")
-    assert layer.packed.paths == ((16, plan.path_id("weight_only", "gemv")), (2048, plan.path_id("weight_only", "gemm")))
+    assert layer.packed.paths == ((16, plan.path_id("weight_only", GEMV)), (2048, plan.path_id("weight_only", GEMM)))
     with plan.use_plan(None):
         plain = QuantLinear.from_linear(linear, "w4a16-g64")
     assert plain.packed.paths is None

@@ -1,6 +1,6 @@
 // CPU weight-only linear ops (W4A16, W8A16): prepacking into the layouts of wo_gemm.h,
 // the portable kernels, and the driver that splits (panel, row chunk) tasks over ATen's
-// threads and picks the AVX-512 or the portable kernels. The canonical-format ops
+// threads and picks the AVX-512, the AVX2 or the portable kernels. The canonical-format ops
 // (w4a16_linear, w8a16_linear) prepack per call and share the same path.
 #include "cpu/wo_gemm.h"
 
@@ -224,8 +224,9 @@ at::Tensor run_panels(const at::Tensor& x, int64_t m, int64_t n, const std::opti
   return out;
 }
 
-// Activations of any float dtype, widened to fp32, times the int4 or int8 panels from
-// panel_at(p): in registers from the packed bytes up to kMaxGemvRows rows, else through
+// Activations of any float dtype, widened to fp32 once per row, times the int4 or int8 panels
+// from panel_at(p), with AVX-512 or AVX2 vectors (the current ISA's, or the path's): in
+// registers from the packed bytes up to kMaxGemvRows (AVX2: kMaxGemvRowsAvx2) rows, else through
 // dequantized fp32 blocks. `path` is checked (checked_path); kWoAmx and kWoBf16 are taken before this.
 template <typename PanelAt>
 at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<at::Tensor>& bias, Path path,

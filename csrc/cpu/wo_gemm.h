@@ -1,6 +1,7 @@
 // Weight-only GEMM on the CPU (W4A16 and W8A16): float activations times int4 / int8
 // weights, fp32 accumulation. The interface between the driver (wo_gemm.cpp, with ATen)
-// and the AVX-512 kernels (wo_gemm_avx512.cpp, no torch headers; see int8_gemm.h why).
+// and the kernels (wo_gemm_avx512.cpp, wo_gemm_avx2.cpp, ...: no torch headers; see
+// int8_gemm.h why). The AVX2 kernels follow the AVX-512 ones below with 8-float vectors.
 //
 // All activation dtypes are widened to fp32. Large M: for each 64-column weight panel and each block of
 // kBlockK k, the block is dequantized once to fp32 exactly as the reference does it

@@ -55,15 +55,19 @@ void gemv_int4_tile(const float* x, int64_t ldx, const float* xsum, const Panel&
   for (int64_t g = 0; g < groups; ++g) {
     const float* s = panel.scales(g);
     const uint8_t* z = panel.zeros(g);
+#pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       __m256 acc[MR][4], odd[MR][4];
+#pragma GCC unroll 6
       for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) acc[r][j] = odd[r][j] = _mm256_setzero_ps();
       for (int64_t i = g * pairs; i < (g + 1) * pairs; ++i) {
         const uint8_t* b = panel.w + i * kPanel + kHalf * h;
         _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes), _MM_HINT_T0);
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
         __m256 xb[MR][2];
+#pragma GCC unroll 6
         for (int r = 0; r < MR; ++r) {
           xb[r][0] = _mm256_broadcast_ss(x + r * ldx + 2 * i);
           xb[r][1] = _mm256_broadcast_ss(x + r * ldx + 2 * i + 1);
@@ -81,13 +85,16 @@ void gemv_int4_tile(const float* x, int64_t ldx, const float* xsum, const Panel&
           }
         }
       }
+#pragma GCC unroll 6
       for (int r = 0; r < MR; ++r) {
         const __m256 xs = _mm256_broadcast_ss(xsum + r * groups + g);
+#pragma GCC unroll 2
         for (int par = 0; par < 2; ++par) {  // columns 32h + 16 par .. + 15: sets par and par + 2
           const __m256 even = kSplit ? _mm256_add_ps(acc[r][par], odd[r][par]) : acc[r][par];
           const __m256 odd_cols = kSplit ? _mm256_add_ps(acc[r][par + 2], odd[r][par + 2]) : acc[r][par + 2];
           __m256 sums[2];
           interleave(even, odd_cols, sums[0], sums[1]);
+#pragma GCC unroll 2
           for (int u = 0; u < 2; ++u) {
             const int64_t col = kHalf * h + 16 * par + 8 * u;
             float* t = c + r * kPanel + col;
@@ -104,9 +111,12 @@ template <int MR>
 void gemv_int8_tile(const float* x, int64_t ldx, const Panel& panel, float* c) {
   const int8_t* w = reinterpret_cast<const int8_t*>(panel.w);
   constexpr bool kSplit = MR == 1;
+#pragma GCC unroll 2
   for (int h = 0; h < 2; ++h) {
     __m256 acc[MR][4], odd[MR][4];
+#pragma GCC unroll 6
     for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) acc[r][j] = odd[r][j] = _mm256_setzero_ps();
     int64_t k = 0;
     const auto step = [&](int64_t kk, __m256 (&into)[MR][4]) {
@@ -130,7 +140,9 @@ void gemv_int8_tile(const float* x, int64_t ldx, const Panel& panel, float* c) {
       }
     }
     for (; k < panel.k; ++k) step(k, acc);
+#pragma GCC unroll 6
     for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         const int64_t col = kHalf * h + 8 * j;
         const __m256 sum = kSplit ? _mm256_add_ps(acc[r][j], odd[r][j]) : acc[r][j];
@@ -143,7 +155,9 @@ void gemv_int8_tile(const float* x, int64_t ldx, const Panel& panel, float* c) {
 template <int MR>
 void gemm_tile(const float* x, int64_t ldx, const float* block, int64_t kb, float* c, bool zero_init) {
   __m256 acc[MR][2];
+#pragma GCC unroll 6
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
     for (int j = 0; j < 2; ++j) acc[r][j] = zero_init ? _mm256_setzero_ps() : _mm256_loadu_ps(c + r * kPanel + 8 * j);
   for (int64_t k = 0; k < kb; ++k) {
     const __m256 b0 = _mm256_loadu_ps(block + k * kPanel), b1 = _mm256_loadu_ps(block + k * kPanel + 8);
@@ -154,7 +168,9 @@ void gemm_tile(const float* x, int64_t ldx, const float* block, int64_t kb, floa
       acc[r][1] = _mm256_fmadd_ps(xv, b1, acc[r][1]);
     }
   }
+#pragma GCC unroll 6
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
     for (int j = 0; j < 2; ++j) _mm256_storeu_ps(c + r * kPanel + 8 * j, acc[r][j]);
 }
 
@@ -192,13 +208,16 @@ void dequantize_block_avx2(const Panel& panel, int64_t k0, int64_t k1, float* ou
       const float* s = panel.scales(k / panel.group_size);
       const uint8_t* z = panel.zeros(k / panel.group_size);
       const __m128i mask = _mm_set1_epi8(0x0F);
+#pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         const __m128i a = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + kHalf * h)), pick);
         const __m128i b =
             _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + kHalf * h + 16)), pick);
         const __m128i bytes = _mm_unpacklo_epi64(a, b);  // the 16 columns' bytes for this k
         const __m128i halves[2] = {_mm_and_si128(bytes, mask), _mm_and_si128(_mm_srli_epi16(bytes, 4), mask)};
+#pragma GCC unroll 2
         for (int par = 0; par < 2; ++par)
+#pragma GCC unroll 2
           for (int u = 0; u < 2; ++u) {
             const int64_t col = kHalf * h + 16 * par + 8 * u;
             const __m128i eight = u ? _mm_srli_si128(halves[par], 8) : halves[par];

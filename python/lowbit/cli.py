@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--rotate", action="store_true", help="rotate weight copies through more than the LLC")
     bench.add_argument("--remeasure", action="store_true", help="measure the machine's ceilings again")
     bench.add_argument("--rounds", type=int, default=3, help="round-robin timing rounds (the fastest is kept)")
+    bench.add_argument("--isa", help="run lowbit's CPU kernels on this path (scalar, avx2, avx512_vnni, amx) to "
+                                     "measure another CPU class; set ATEN_CPU_CAPABILITY (e.g. avx2) for torch's own")
     bench.add_argument("--json", help="write every measurement here")
     bench.add_argument("--plot", help="write a PNG of speedup over bf16 against M here")
     bench.add_argument("--model", help="with --generate: a transformers causal-LM directory")
@@ -139,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             from lowbit import bench
 
-            result = bench.run(args.schemes, bench.parse_shapes(args.shapes), args.m or bench.DEFAULT_M,
-                               paths=args.paths, impls=args.impls, rotate=args.rotate, remeasure=args.remeasure,
-                               rounds=args.rounds)
+            with lowbit.use_cpu_isa(args.isa or "auto"):
+                result = bench.run(args.schemes, bench.parse_shapes(args.shapes), args.m or bench.DEFAULT_M,
+                                   paths=args.paths, impls=args.impls, rotate=args.rotate, remeasure=args.remeasure,
+                                   rounds=args.rounds)
             print(result.table())
             if args.json:
                 result.write_json(args.json)

@@ -284,7 +284,8 @@ def _ceiling_name(scheme: str, c: Ceilings) -> str:
 
 def _header(meta: dict, c: Ceilings) -> str:
     return (f"lowbit {meta['lowbit']}, torch {meta['torch']}, {meta['cpu']}, {meta['threads']} threads, best CPU path "
-            f"{meta['isa']}, weights {'rotated past the LLC' if meta['rotate'] else 'reused (warm cache)'}\n"
+            f"{meta['isa']} (lowbit ran {meta['lowbit_isa']}, torch's kernels {meta['torch_isa']}), weights "
+            f"{'rotated past the LLC' if meta['rotate'] else 'reused (warm cache)'}\n"
             f"ceilings: int8 {c.int8_instruction} {c.int8_ops / 1e9:.0f} GOP/s, fp32 {c.fma_instruction} "
             f"{c.fp32_flops / 1e9:.0f} GFLOP/s, "
             f"DRAM copy {c.copy_bytes / 1e9:.1f} GB/s (cached per machine; --remeasure)")
@@ -353,6 +354,7 @@ def run(
                                              for name, (fns, dtype) in timing.items()}, rounds=rounds)
                 rows.extend(Row(str(scheme), k, n, m, name, s, weight_bytes, ceiling) for name, s in timed.items())
     meta = {"lowbit": lowbit.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": plan.machine_id()["cpu"] or platform.machine(), "isa": best_cpu_isa(), "rotate": rotate,
+            "cpu": plan.machine_id()["cpu"] or platform.machine(), "isa": best_cpu_isa(), "lowbit_isa": lowbit.cpu_isa(),
+            "torch_isa": torch.backends.cpu.get_cpu_capability(), "rotate": rotate,
             "plan": str(plan.default_path()) if active else None}
     return BenchResult(rows, ceilings, meta)
