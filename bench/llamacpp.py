@@ -4,7 +4,8 @@ transformers Llama directory with llama.cpp's own GGUF converter, quantize, llam
 The source is the sdist of ``llama-cpp-python`` (it vendors llama.cpp with its converter
 and gguf-py); nothing else is fetched. Everything lives under ``--work`` (default
 ``$LOWBIT_CACHE/llamacpp``, kept between runs): the unpacked source, a CMake build of
-``llama-bench`` and ``llama-quantize`` (Release, native ISA, OpenMP), a venv layered over
+``llama-bench`` and ``llama-quantize`` (Release, native ISA, OpenMP; ``--isa avx2`` builds
+another with AVX-512 off, to measure the AVX2 class on a newer CPU), a venv layered over
 lowbit's (``sentencepiece`` for the converter), and the GGUF files of each model.
 
 The converter needs a tokenizer and llama-bench never reads text (it feeds random
@@ -13,7 +14,7 @@ CPython's pydoc text; the converter pads the vocabulary to the config's ``vocab_
 
 Used by ``bench/llm.py``; on its own:
 
-    python bench/llamacpp.py MODEL_DIR [--types q8_0,q4_0,q4_k_m] [--threads 2]
+    python bench/llamacpp.py MODEL_DIR [--types q8_0,q4_0,q4_k_m] [--threads 2] [--isa avx2]
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from pathlib import Path
 
 PACKAGE = "llama-cpp-python==0.3.36"  # vendors llama.cpp 0c1e57098
 TYPES = ["q8_0", "q4_0", "q4_k_m"]
+# Build flags per instruction set: "native" takes the build machine's; "avx2" switches
+# AVX-512 (and AVX-VNNI) off, as on AMD Zen 2/3 and Intel client cores.
+ISA_FLAGS = {"native": ["-DGGML_NATIVE=ON"],
+             "avx2": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                      "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF"]}
 
 
 def default_work() -> Path:
@@ -76,12 +82,13 @@ def amx_workaround() -> list[str]:
     return ["-DCMAKE_CXX_FLAGS=-fno-tree-dse -fno-dse"]
 
 
-def build(work: Path) -> Path:
-    """llama-bench and llama-quantize, built once; returns the bin directory."""
+def build(work: Path, isa: str = "native") -> Path:
+    """llama-bench and llama-quantize for ``isa`` (ISA_FLAGS), built once; returns the bin
+    directory."""
     src = source(work)
-    out = work / "build"
+    out = work / ("build" if isa == "native" else f"build-{isa}")
     binaries = out / "bin"
-    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+    flags = ["-DCMAKE_BUILD_TYPE=Release", *ISA_FLAGS[isa], "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
              "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
              *amx_workaround()]
     # A build made with other flags (say, before the AMX workaround) is made again.
@@ -145,13 +152,13 @@ def quantize(bf16: Path, kind: str, binaries: Path) -> Path:
 
 
 def bench(model_dir: Path, types: list[str], threads: int, prompts: list[int], decode: int, work: Path,
-          repetitions: int = 5) -> list[dict]:
+          repetitions: int = 5, isa: str = "native") -> list[dict]:
     """llama-bench rows: {"type", "test" ("pp32", "tg64", ...), "tokens_per_s", "stddev"}.
 
     llama-bench's own protocol: each test repeated ``repetitions`` times, mean and stddev
     reported; decode ("tg") runs after an empty context, as lowbit's decode after its
     prompt differs by the prompt's 32 cache entries, which cost nothing measurable."""
-    binaries = build(work)
+    binaries = build(work, isa)
     bf16 = convert(model_dir, work)
     rows = []
     for kind in types:
@@ -171,8 +178,9 @@ def main() -> None:
     parser.add_argument("--types", default=",".join(["bf16"] + TYPES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=default_work())
+    parser.add_argument("--isa", choices=sorted(ISA_FLAGS), default="native")
     args = parser.parse_args()
-    for row in bench(args.model, args.types.split(","), args.threads, [32, 512], 64, args.work):
+    for row in bench(args.model, args.types.split(","), args.threads, [32, 512], 64, args.work, isa=args.isa):
         print(f"{row['type']:8} {row['test']:6} {row['tokens_per_s']:8.1f} ± {row['stddev']:.1f} tok/s")
 
 

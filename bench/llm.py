@@ -16,6 +16,8 @@ prints where one decode step's time goes instead, with the projections apart and
     python bench/llm.py --profile w4a16-g128 [--modes compiled]
     python bench/llm.py --split w4a16-g128,w8a8          # the same step, timed without a profiler
     python bench/llm.py --vllm-python .venv-vllm/bin/python   # vLLM's CPU build too (make vllm-check first)
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python bench/llm.py --isa avx2      # the AVX2 class on a newer CPU: lowbit, torch and llama.cpp
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llamacpp-types", default="bf16,q8_0,q4_0,q4_k_m")
     parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--isa", choices=sorted(llamacpp.ISA_FLAGS), default="native",
+                        help="avx2: lowbit's AVX2 kernels and llama.cpp built without AVX-512 (torch's own kernels "
+                             "follow ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS: set them)")
     parser.add_argument("--apart", action="store_true", help="also time each scheme with its projections unfused")
     parser.add_argument("--lm-head-float", action="store_true",
                         help="also time each scheme with lm_head left in the model's float dtype")
@@ -56,6 +61,11 @@ def main() -> None:
                         "float) without a profiler: the step, its compiled forward, the guards, the lowbit layers alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.isa != "native":
+        import lowbit
+
+        lowbit.set_cpu_isa(args.isa)
+        print(f"lowbit's CPU path: {lowbit.cpu_isa()}; torch's kernels: {torch.backends.cpu.get_cpu_capability()}")
     model_dir = args.model or generate.build_llama(args.work / "llama-491m")
     model = generate.load(model_dir)
     modes = args.modes.split(",")
@@ -106,9 +116,9 @@ def main() -> None:
         return
     del model
     cpp = llamacpp.bench(model_dir, args.llamacpp_types.split(","), args.threads, [32, 512], 64,
-                         llamacpp.default_work())
+                         llamacpp.default_work(), isa=args.isa)
     commit = cpp[0]["commit"] if cpp else "?"
-    print(f"\nllama.cpp {commit} (llama-bench, {args.threads} threads), tokens/s:\n")
+    print(f"\nllama.cpp {commit} (llama-bench, {args.threads} threads, {args.isa} build), tokens/s:\n")
     tests = list(dict.fromkeys(r["test"] for r in cpp))
     print("| type | " + " | ".join(tests) + " |")
     print("|---|" + "---:|" * len(tests))
