@@ -25,8 +25,8 @@
 
 #include <algorithm>
 
-#include "cpu/prefetch.h"
 #include "cpu/wo_gemm.h"
+#include "cpu/wo_int4_codes.h"
 
 namespace lowbit::cpu::wo {
 namespace {
@@ -199,22 +199,13 @@ void dequantize_block_avx2(const Panel& panel, int64_t k0, int64_t k1, float* ou
   for (int64_t k = k0; k < k1; ++k) {
     float* o = out + (k - k0) * kPanel;
     if (panel.kind == Weights::kInt4) {
-      // A k pair's 64 bytes: per half h, even bytes hold k = 2i, odd bytes k = 2i + 1.
-      // Gather this k's 16 bytes of each half, then split low nibbles (columns 32h..+15)
-      // from high nibbles (32h + 16..+31).
       const uint8_t* pair = panel.w + (k / 2) * kPanel;
-      const __m128i pick = k % 2 ? _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15)
-                                 : _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14);
       const float* s = panel.scales(k / panel.group_size);
       const uint8_t* z = panel.zeros(k / panel.group_size);
-      const __m128i mask = _mm_set1_epi8(0x0F);
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
-        const __m128i a = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + kHalf * h)), pick);
-        const __m128i b =
-            _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pair + kHalf * h + 16)), pick);
-        const __m128i bytes = _mm_unpacklo_epi64(a, b);  // the 16 columns' bytes for this k
-        const __m128i halves[2] = {_mm_and_si128(bytes, mask), _mm_and_si128(_mm_srli_epi16(bytes, 4), mask)};
+        __m128i halves[2];
+        int4_k_codes(pair, k, h, halves[0], halves[1]);
 #pragma GCC unroll 2
         for (int par = 0; par < 2; ++par)
 #pragma GCC unroll 2
