@@ -359,10 +359,10 @@ def test_weight_only_outputs_round_as_torch_does(path, dtype, m):
     # between two bf16 (fp16) values whenever |q - z| is a power of two: ties to even.
     if path in ("amx", "bf16") and (dtype != torch.bfloat16 or path not in plan.runnable_paths("weight_only")):
         pytest.skip(f"path {path} takes bf16 activations on a CPU that has it")
-    if path == "gemv_vnni" and dtype != torch.bfloat16:
-        pytest.skip("the integer GEMV takes bf16 activations")
-    if path in ("gemm", "gemv", "gemv_vnni") and best_cpu_isa() not in ("avx512_vnni", "amx"):
-        pytest.skip("needs AVX-512")
+    if path in ("gemv_vnni", "gemv_int_avx2") and dtype != torch.bfloat16:
+        pytest.skip("the integer GEMVs take bf16 activations")
+    if path != "auto" and path not in plan.runnable_paths("weight_only"):
+        pytest.skip(f"this CPU cannot run path {path}")
     n, k, g = 70, 256, 64
     packed, scales, zeros = int4_weight(n, k, g, False, seed=m)
     ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11, 1 + 3 * 2**-11])
@@ -448,3 +448,43 @@ def test_avx2_weight_only_paths_at_any_rows(path, m, n, groups, g, sym, dtype, w
     assert_linear_close(ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(w8), s8, bias, path_id),
                         reference.w8a16_linear(x, w8, s8, bias), x, reference.dequantize_int8(w8, s8, torch.float32),
                         bias)
+
+
+@pytest.mark.skipif("gemv_int_avx2" not in plan.runnable_paths("weight_only"), reason="needs AVX2")
+@given(lead=st.sampled_from([(1,), (2,), (1, 3)]), n=cols, groups=st.sampled_from([1, 2, 5]),
+       g=st.sampled_from([32, 64, 128, None]), sym=st.booleans(), spread=st.sampled_from([0.0, 4.0]),
+       with_bias=st.booleans(), nc=st.booleans(), seed=seeds)
+def test_w4a16_gemv_int_avx2_path(lead, n, groups, g, sym, spread, with_bias, nc, seed):
+    # AVX2's integer GEMV forced at a few rows (it runs one row at a time); the same digits
+    # and error bound as the AVX-512 integer GEMV. K = G x groups, G = K up to 1500.
+    k = groups * (g or 2 * (seed % 150 + 1))
+    gs = g or k
+    x = spread_bf16((*lead, k), spread, seed, nc)
+    packed, scales, zeros = int4_weight(n, k, g, sym, seed)
+    bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
+    expected = reference.w4a16_linear(x, packed, scales, zeros, gs, bias)
+    w_full = reference.dequantize_int4(packed, scales, zeros, gs, torch.float32)
+    w, params = ops.w4a16_prepack(packed, scales, zeros, gs)
+    out = ops.w4a16_linear_prepacked(x, w, params, gs, n, bias, plan.path_id("weight_only", "gemv_int_avx2"))
+    assert_linear_close(out, expected, x, w_full, bias, extra=block_fixed_error(x, w_full, gs))
+
+
+@pytest.mark.skipif("gemv_int_avx2" not in plan.runnable_paths("weight_only"), reason="needs AVX2")
+def test_gemv_int_avx2_special_rows_and_refusals():
+    packed, scales, zeros = int4_weight(70, 256, 128, False, 5)
+    w, params = ops.w4a16_prepack(packed, scales, zeros, 128)
+    path = plan.path_id("weight_only", "gemv_int_avx2")
+    x = activation((3, 256), torch.float32, seed=5).bfloat16()
+    x[1, 7] = float("nan")  # this row has no block floating-point form: the FMA GEMV takes it
+    x[2] = 0  # an all-zero row: exponent at its floor, zero output
+    out = ops.w4a16_linear_prepacked(x, w, params, 128, 70, None, path)
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any() and (out[2] == 0).all()
+    assert torch.equal(out[0], ops.w4a16_linear_prepacked(x[:1], w, params, 128, 70, None, path)[0])
+    with pytest.raises(TypeError, match="bf16 activations"):
+        ops.w4a16_linear_prepacked(x.float(), w, params, 128, 70, None, path)
+    q8, s8 = int8_weight(70, 256, 5)
+    with pytest.raises(ValueError, match="int4 weights in groups"):
+        ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(q8), s8, None, path)
+    with lowbit.use_cpu_isa("avx2"):  # the automatic choice takes it for one bf16 row
+        auto = ops.w4a16_linear_prepacked(x[:1], w, params, 128, 70, None)
+    assert torch.equal(auto, out[:1])

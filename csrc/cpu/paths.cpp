@@ -38,7 +38,8 @@ Isa needed_isa(Path path) {
     case Path::kWoBf16: return Isa::kAvx512Vnni;
     case Path::kWoAmx: return Isa::kAmx;
     case Path::kWoGemmAvx2:
-    case Path::kWoGemvAvx2: return Isa::kAvx2;
+    case Path::kWoGemvAvx2:
+    case Path::kWoGemvIntAvx2: return Isa::kAvx2;
     default: return Isa::kScalar;
   }
 }

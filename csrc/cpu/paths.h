@@ -37,6 +37,7 @@ enum class Path : int64_t {
   kWoBf16 = 15,      // bf16 activations on AVX512-BF16 (vdpbf16ps), the same decoded blocks, no AMX
   kWoGemmAvx2 = 16,  // AVX2 + FMA: the gemm path with 8-float vectors
   kWoGemvAvx2 = 17,  // AVX2 + FMA: the gemv path with 8-float vectors
+  kWoGemvIntAvx2 = 18,  // AVX2, bf16 activations, int4: rows in block floating point, codes x digits (vpmaddubsw)
 };
 
 struct PathInfo {
@@ -58,6 +59,7 @@ inline constexpr PathInfo kPaths[] = {
     {Path::kWoBf16, "bf16", Family::kWeightOnly},
     {Path::kWoGemmAvx2, "gemm_avx2", Family::kWeightOnly},
     {Path::kWoGemvAvx2, "gemv_avx2", Family::kWeightOnly},
+    {Path::kWoGemvIntAvx2, "gemv_int_avx2", Family::kWeightOnly},
 };
 
 const char* family_name(Family family);

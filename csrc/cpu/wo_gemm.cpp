@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -49,6 +50,40 @@ void dequantize_block_scalar(const Panel& panel, int64_t k0, int64_t k1, float* 
       for (int64_t c = 0; c < kPanel; ++c) o[c] = static_cast<float>(w[c]) * s[c];
     }
   }
+}
+
+bool to_block_fixed_scalar(const float* x, int64_t k, int64_t chunk, int8_t* digits, int64_t kpad,
+                           FixedChunk* chunks) {
+  for (int64_t k0 = 0, ci = 0; k0 < k; k0 += chunk, ++ci) {
+    const int64_t k1 = std::min(k, k0 + chunk);
+    float amax = 0;
+    for (int64_t i = k0; i < k1; ++i) {
+      if (!std::isfinite(x[i])) return false;
+      amax = std::max(amax, std::fabs(x[i]));
+    }
+    int top;
+    std::frexp(amax, &top);
+    const int e = std::max(top - 22, -149);  // as to_block_fixed_avx512: |X| below 2^22
+    int32_t sum[3] = {0, 0, 0};
+    for (int64_t i = k0; i < k1; ++i) {
+      const auto big = static_cast<int32_t>(std::nearbyint(std::ldexp(x[i], -e)));  // nearest even
+      const auto d0 = static_cast<int8_t>(big & 0xFF);
+      const int32_t mid = (big - d0) >> 8;
+      const auto d1 = static_cast<int8_t>(mid & 0xFF);
+      const auto d2 = static_cast<int8_t>((mid - d1) >> 8);
+      const int8_t d[3] = {d0, d1, d2};
+      for (int p = 0; p < 3; ++p) {
+        digits[p * kpad + i] = d[p];
+        sum[p] += d[p];
+      }
+    }
+    for (int p = 0; p < 3; ++p) {
+      chunks[ci].digit_sum[p] = static_cast<float>(sum[p]);
+      chunks[ci].unit[p] = std::ldexp(1.0f, e + 8 * p);
+    }
+  }
+  for (int p = 0; p < 3; ++p) std::fill(digits + p * kpad + k, digits + (p + 1) * kpad, int8_t{0});
+  return true;
 }
 
 void block_gemm_scalar(const float* x, int64_t ldx, int64_t rows, const float* block, int64_t kb, float* c,
@@ -240,7 +275,7 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
   const at::Tensor xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const float* xp = xf.const_data_ptr<float>();
   // Which vector width runs the FMA kernels: the current ISA's widest (kAuto), or the path's.
-  const bool avx2_path = path == Path::kWoGemmAvx2 || path == Path::kWoGemvAvx2;
+  const bool avx2_path = path == Path::kWoGemmAvx2 || path == Path::kWoGemvAvx2 || path == Path::kWoGemvIntAvx2;
   const Isa isa = current_isa();
   const bool avx512 = path == Path::kAuto ? has_avx512(isa) : path != Path::kWoScalar && !avx2_path;
   const bool avx2 = avx2_path || (path == Path::kAuto && isa == Isa::kAvx2);
@@ -248,31 +283,53 @@ at::Tensor run_weight_only(const at::Tensor& x, int64_t n, const std::optional<a
   const bool int4 = first.kind == Weights::kInt4;
   const bool vnni = path == Path::kWoGemvVnni || (path == Path::kAuto && avx512 && x.scalar_type() == at::kBFloat16 &&
                                                m <= (int4 ? wo::kVnniMaxRows : wo::kVnniMaxRowsInt8));
-  const bool gemv = vnni || path == Path::kWoGemv || path == Path::kWoGemvAvx2 ||
+  // AVX2's integer GEMV: int4 groups of at most one chunk, bf16 rows.
+  if (path == Path::kWoGemvIntAvx2) {
+    TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "path gemv_int_avx2 multiplies bf16 activations; x is ",
+                     x.scalar_type());
+    TORCH_CHECK_VALUE(int4 && first.group_size <= wo::kVnniChunkK,
+                      "path gemv_int_avx2 takes int4 weights in groups of at most ", wo::kVnniChunkK, " k");
+  }
+  const bool int_avx2 = path == Path::kWoGemvIntAvx2 ||
+                        (path == Path::kAuto && avx2 && int4 && x.scalar_type() == at::kBFloat16 &&
+                         first.group_size <= wo::kVnniChunkK && m <= wo::kIntMaxRowsAvx2);
+  const bool gemv = vnni || int_avx2 || path == Path::kWoGemv || path == Path::kWoGemvAvx2 ||
                     (path == Path::kAuto && avx512 && m <= wo::kMaxGemvRows) ||
                     (path == Path::kAuto && avx2 && m <= wo::kMaxGemvRowsAvx2);
-  // The integer GEMV's rows in block floating point (wo_gemm.h); a row holding NaN or Inf
+  // The integer GEMVs' rows in block floating point (wo_gemm.h); a row holding NaN or Inf
   // has no such form and goes through the FMA GEMV, which propagates them as the reference.
+  const bool fixed_rows = vnni || int_avx2;
   const int64_t kpad = (k + 3) / 4 * 4, chunk = int4 ? std::min(first.group_size, wo::kVnniChunkK) : wo::kVnniChunkK8,
-                chunks = vnni ? (k + chunk - 1) / chunk : 0;
+                chunks = fixed_rows ? (k + chunk - 1) / chunk : 0;
   at::Tensor digits;
   std::vector<wo::FixedChunk> fixed(m * chunks);
-  std::vector<uint8_t> finite(vnni ? m : 0);
-  if (vnni) {
+  std::vector<uint8_t> finite(fixed_rows ? m : 0);
+  if (fixed_rows) {
     digits = at::empty({m, 3, kpad}, xf.options().dtype(at::kChar));
     int8_t* dp = digits.mutable_data_ptr<int8_t>();
     at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
-        finite[r] = wo::to_block_fixed_avx512(xp + r * k, k, chunk, dp + r * 3 * kpad, kpad, &fixed[r * chunks]);
+        finite[r] = vnni ? wo::to_block_fixed_avx512(xp + r * k, k, chunk, dp + r * 3 * kpad, kpad, &fixed[r * chunks])
+                         : wo::to_block_fixed_scalar(xp + r * k, k, chunk, dp + r * 3 * kpad, kpad, &fixed[r * chunks]);
     });
   }
   const bool all_fixed = std::all_of(finite.begin(), finite.end(), [](uint8_t f) { return f != 0; });
   // Group sums of the activations, for the FMA int4 GEMV's zero points.
   at::Tensor xsum;
-  if (gemv && int4 && !(vnni && all_fixed))
+  if (gemv && int4 && !(fixed_rows && all_fixed))
     xsum = xf.view({m, k / first.group_size, first.group_size}).sum(-1).contiguous();
   return run_panels(x, m, n, bias, avx512, [&](int64_t p, int64_t m0, int64_t rows, float* c) {
     const Panel panel = panel_at(p);
+    if (int_avx2) {
+      for (int64_t r = m0; r < m0 + rows; ++r) {
+        float* cr = c + (r - m0) * kPanel;
+        if (finite[r])
+          wo::gemv_int4_int_avx2(digits.const_data_ptr<int8_t>() + r * 3 * kpad, kpad, &fixed[r * chunks], panel, cr);
+        else
+          wo::gemv_int4_avx2(xp + r * k, k, 1, xsum.const_data_ptr<float>() + r * (k / panel.group_size), panel, cr);
+      }
+      return;
+    }
     if (vnni) {
       // Whole tiles of rows through the int4 kernel when they are all finite.
       const bool tile = int4 && std::all_of(finite.begin() + m0, finite.begin() + m0 + rows, [](uint8_t f) { return f; });

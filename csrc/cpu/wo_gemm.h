@@ -88,15 +88,6 @@ enum class OutType { kFloat, kBFloat16, kHalf };
 void store_panel_avx512(const float* c, int64_t rows, int64_t cols, const float* bias, OutType type, void* out,
                         int64_t ldo);
 
-// The same kernels for AVX2 + FMA CPUs (wo_gemm_avx2.cpp): 8-float vectors, the same
-// layouts and results. The GEMVs take up to kMaxGemvRowsAvx2 rows in the automatic choice.
-void dequantize_block_avx2(const Panel& panel, int64_t k0, int64_t k1, float* out);
-void block_gemm_avx2(const float* x, int64_t ldx, int64_t rows, const float* block, int64_t kb, float* c,
-                     bool zero_init);
-void gemv_int8_avx2(const float* x, int64_t ldx, int64_t rows, const Panel& panel, float* c);
-void gemv_int4_avx2(const float* x, int64_t ldx, int64_t rows, const float* xsum, const Panel& panel, float* c);
-constexpr int64_t kMaxGemvRowsAvx2 = 4;
-
 // Up to kMaxGemvRows rows against an int8 panel without the fp32 block (the small-M
 // path: it converts each weight once per tile of up to 4 rows and never stores it).
 constexpr int64_t kMaxGemvRows = 8;
@@ -124,6 +115,9 @@ struct FixedChunk {
 // Row x[0, k) into digits and chunks (chunk: k per chunk). Returns false, writing nothing
 // useful, when the row holds a NaN or an infinity (block floating point has neither).
 bool to_block_fixed_avx512(const float* x, int64_t k, int64_t chunk, int8_t* digits, int64_t kpad,
+                           FixedChunk* chunks);
+// The same, portable (wo_gemm.cpp), for the AVX2 integer GEMV: the same digits and chunks.
+bool to_block_fixed_scalar(const float* x, int64_t k, int64_t chunk, int8_t* digits, int64_t kpad,
                            FixedChunk* chunks);
 // c[r][0..63] (row stride 64) = rows r < rows (at most kVnniTileRows; digits and chunks as
 // above, row after row) times an int4 panel. Each chunk of k passes the rows in turn, so
@@ -209,5 +203,22 @@ void gemv_amx_bf16(const uint16_t* x, int64_t ldx, int64_t rows, const Panel& pa
 // 1.06x at 5, 1.15x at 6, 1.34x at 8.
 constexpr int64_t kAmxMinRowsInt4 = 3;
 constexpr int64_t kAmxMinRowsInt8 = 6;
+
+// The FMA kernels above for AVX2 + FMA CPUs (wo_gemm_avx2.cpp): 8-float vectors, the same
+// layouts and results. The GEMVs take up to kMaxGemvRowsAvx2 rows in the automatic choice.
+void dequantize_block_avx2(const Panel& panel, int64_t k0, int64_t k1, float* out);
+void block_gemm_avx2(const float* x, int64_t ldx, int64_t rows, const float* block, int64_t kb, float* c,
+                     bool zero_init);
+void gemv_int8_avx2(const float* x, int64_t ldx, int64_t rows, const Panel& panel, float* c);
+void gemv_int4_avx2(const float* x, int64_t ldx, int64_t rows, const float* xsum, const Panel& panel, float* c);
+constexpr int64_t kMaxGemvRowsAvx2 = 4;
+// The integer GEMV of AVX2 CPUs: bf16 rows in block floating point (digits and chunks as
+// for gemv_int4_vnni_avx512 above, one chunk per group: group_size at most kVnniChunkK),
+// one row at a time against an int4 panel, codes times digits with vpmaddubsw. The
+// automatic choice takes it for up to kIntMaxRowsAvx2 rows (more rows share each code's
+// conversion on the FMA GEMV).
+void gemv_int4_int_avx2(const int8_t* digits, int64_t kpad, const FixedChunk* chunks, const Panel& panel,
+                        float* c);
+constexpr int64_t kIntMaxRowsAvx2 = 1;
 
 }  // namespace lowbit::cpu::wo

@@ -18,12 +18,23 @@
 // GEMV, int8: per k, 8 bytes at a time sign-extended to int32 and converted, one FMA per
 // row; the column scale multiplies the finished sums. Also half a panel at a time.
 //
+// Integer GEMV, int4, one bf16 row in block floating point (wo_gemm.h: three signed digit
+// planes, one exponent per group): codes (u8, 0..15) times digits (s8) with vpmaddubsw,
+// which sums the k pair of one column; its pair sums stay within 2 * 15 * 128 = 3840, so
+// eight k pairs accumulate in int16 before they are widened (even and odd int16 lanes
+// apart) and the planes combine in int32 as d0 + 256 d1 + 65536 d2 (below 2^30), then in
+// fp32 over the group. Per 64
+// codes: two vpand, one shift, six vpmaddubsw and six vpaddw, against 24 conversion
+// instructions and 8 FMAs on the FMA path. Each group's integer sums T = sum_k X q lose the
+// zero point through the digit sums and take unit and scale: y += s 2^e (T - z sum_k X).
+//
 // GEMM (more rows): a 128-k block of the panel is dequantized once into fp32 exactly as
 // the reference does it ((q - z) s, or q s), then every row passes over it with a 6-row x
 // 16-column micro-kernel (12 accumulators, two block loads and one broadcast per k).
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "cpu/wo_gemm.h"
 #include "cpu/wo_int4_codes.h"
@@ -174,6 +185,27 @@ void gemm_tile(const float* x, int64_t ldx, const float* block, int64_t kb, floa
     for (int j = 0; j < 2; ++j) _mm256_storeu_ps(c + r * kPanel + 8 * j, acc[r][j]);
 }
 
+// Sign-extended even and odd int16 lanes of a as int32 (lane j: int16 lanes 2j, 2j + 1).
+inline __m256i even16(__m256i a) { return _mm256_srai_epi32(_mm256_slli_epi32(a, 16), 16); }
+inline __m256i odd16(__m256i a) { return _mm256_srai_epi32(a, 16); }
+
+// The planes' int16 sums of one half panel (lo: columns 32h + c, hi: 32h + 16 + c) combined
+// in int32 as S0 + 256 S1 + 65536 S2 (exact: below 2^30 for 8 k pairs) and added to the
+// float totals, even and odd columns apart (a whole group's T can pass 2^31).
+inline void flush(const __m256i (&acc)[3][2], __m256 (&total)[2][2]) {
+#pragma GCC unroll 2
+  for (int side = 0; side < 2; ++side) {
+    const __m256i e = _mm256_add_epi32(
+        even16(acc[0][side]),
+        _mm256_add_epi32(_mm256_slli_epi32(even16(acc[1][side]), 8), _mm256_slli_epi32(even16(acc[2][side]), 16)));
+    const __m256i o = _mm256_add_epi32(
+        odd16(acc[0][side]),
+        _mm256_add_epi32(_mm256_slli_epi32(odd16(acc[1][side]), 8), _mm256_slli_epi32(odd16(acc[2][side]), 16)));
+    total[side][0] = _mm256_add_ps(total[side][0], _mm256_cvtepi32_ps(e));
+    total[side][1] = _mm256_add_ps(total[side][1], _mm256_cvtepi32_ps(o));
+  }
+}
+
 using GemmTile = void (*)(const float*, int64_t, const float*, int64_t, float*, bool);
 constexpr GemmTile kGemmTiles[kGemmRows + 1] = {nullptr, gemm_tile<1>, gemm_tile<2>, gemm_tile<3>,
                                                 gemm_tile<4>, gemm_tile<5>, gemm_tile<6>};
@@ -192,6 +224,62 @@ void gemv_int8_avx2(const float* x, int64_t ldx, int64_t rows, const Panel& pane
   for (int64_t r = 0; r < rows; r += kGemvTileRows) {
     if (rows - r == 1) gemv_int8_tile<1>(x + r * ldx, ldx, panel, c + r * kPanel);
     else gemv_int8_tile<2>(x + r * ldx, ldx, panel, c + r * kPanel);
+  }
+}
+
+// no-tree-pre: as for gemv_int4_vnni_avx512, GCC 12's partial redundancy elimination
+// otherwise carries the six accumulators across the loop's back edge through register copies.
+__attribute__((optimize("no-tree-pre"))) void gemv_int4_int_avx2(const int8_t* digits, int64_t kpad,
+                                                                 const FixedChunk* chunks, const Panel& panel,
+                                                                 float* c) {
+  const int64_t groups = panel.k / panel.group_size, pairs = panel.group_size / 2;
+  constexpr int64_t kFlushPairs = 8;  // 8 * 3840 < 32767: int16 sums cannot overflow
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* s = panel.scales(g);
+    const uint8_t* z = panel.zeros(g);
+    const FixedChunk& chunk = chunks[g];
+    const __m256 xsum = _mm256_set1_ps(chunk.digit_sum[0] + 256.0f * chunk.digit_sum[1] +
+                                       65536.0f * chunk.digit_sum[2]);  // sum_k X
+    const __m256 unit = _mm256_set1_ps(chunk.unit[0]);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      __m256 total[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()}, {_mm256_setzero_ps(), _mm256_setzero_ps()}};
+      for (int64_t i0 = g * pairs; i0 < (g + 1) * pairs; i0 += kFlushPairs) {
+        __m256i acc[3][2];
+#pragma GCC unroll 3
+        for (int p = 0; p < 3; ++p) acc[p][0] = acc[p][1] = _mm256_setzero_si256();
+        const int64_t i1 = std::min(i0 + kFlushPairs, (g + 1) * pairs);
+        for (int64_t i = i0; i < i1; ++i) {
+          const uint8_t* b = panel.w + i * kPanel + kHalf * h;
+          _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes), _MM_HINT_T0);
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+          const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+#pragma GCC unroll 3
+          for (int p = 0; p < 3; ++p) {
+            int16_t word;
+            std::memcpy(&word, digits + p * kpad + 2 * i, 2);  // d[2i] in the low byte: the even k
+            const __m256i d = _mm256_set1_epi16(word);
+            acc[p][0] = _mm256_add_epi16(acc[p][0], _mm256_maddubs_epi16(lo, d));
+            acc[p][1] = _mm256_add_epi16(acc[p][1], _mm256_maddubs_epi16(hi, d));
+          }
+        }
+        flush(acc, total);
+      }
+#pragma GCC unroll 2
+      for (int side = 0; side < 2; ++side) {  // columns 32h + 16 side .. + 15
+        __m256 sums[2];
+        interleave(total[side][0], total[side][1], sums[0], sums[1]);
+#pragma GCC unroll 2
+        for (int u = 0; u < 2; ++u) {
+          const int64_t col = kHalf * h + 16 * side + 8 * u;
+          float* t = c + col;
+          const __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(s + col), unit),
+                                         _mm256_fnmadd_ps(zeros8(z + col), xsum, sums[u]));
+          _mm256_storeu_ps(t, g == 0 ? y : _mm256_add_ps(_mm256_loadu_ps(t), y));
+        }
+      }
+    }
   }
 }
 
