@@ -168,7 +168,7 @@ void run_gemm(Isa isa_wanted, const int8_t* a, int64_t m, int64_t kp, const at::
       switch (isa) {
         case Isa::kAmx: int8::gemm_amx(a, kp, b, m0, m1, p, p + 1, ep, stream); break;
         case Isa::kAvx512Vnni: int8::gemm_avx512_vnni(a, kp, b, m0, m1, p, p + 1, ep, stream); break;
-        case Isa::kAvx2: int8::gemm_avx2(a, kp, b, m0, m1, p, p + 1, ep); break;
+        case Isa::kAvx2: int8::gemm_avx2(a, kp, b, m0, m1, p, p + 1, ep, stream); break;
         case Isa::kScalar: int8::gemm_scalar(a, kp, b, m0, m1, p, p + 1, ep); break;
       }
     }

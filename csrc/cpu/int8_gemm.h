@@ -56,10 +56,10 @@ struct Epilogue {
 void gemm_avx512_vnni(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0,
                       int64_t p1, const Epilogue& ep, bool stream);
 void gemm_avx2(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0,
-               int64_t p1, const Epilogue& ep);
+               int64_t p1, const Epilogue& ep, bool stream);
 void gemm_scalar(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0,
                  int64_t p1, const Epilogue& ep);
-// stream (VNNI, AMX): the call is decode-sized (at most kAlignM rows), its weights come
+// stream (VNNI, AMX, AVX2): the call is decode-sized (at most kAlignM rows), its weights come
 // from DRAM once, so the first row tile prefetches them as streams (prefetch.h).
 void gemm_amx(const int8_t* a, int64_t kp, const uint8_t* packed, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
               const Epilogue& ep, bool stream);

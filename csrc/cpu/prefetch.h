@@ -25,8 +25,9 @@ constexpr int kStreams = 4;
 constexpr std::uintptr_t kStreamBytes = 16384;
 
 // Call once per 64 * kStreams bytes consumed, with a pointer into them: each stream then
-// moves on one cache line per call.
-inline void prefetch_streams(const void* at) {
+// moves on one cache line per call. Static: kernel files of different ISA flags include it,
+// and each must keep its own copy (one shared inline copy could carry another's ISA).
+static inline void prefetch_streams(const void* at) {
   constexpr std::uintptr_t window = kStreams * kStreamBytes;
   const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(at);
   // Addresses as integers: the window may lie past the end of the weights (prefetching

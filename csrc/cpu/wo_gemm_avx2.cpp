@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu/prefetch.h"
 #include "cpu/wo_gemm.h"
 #include "cpu/wo_int4_codes.h"
 
@@ -252,7 +253,9 @@ __attribute__((optimize("no-tree-pre"))) void gemv_int4_int_avx2(const int8_t* d
         const int64_t i1 = std::min(i0 + kFlushPairs, (g + 1) * pairs);
         for (int64_t i = i0; i < i1; ++i) {
           const uint8_t* b = panel.w + i * kPanel + kHalf * h;
-          _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchBytes), _MM_HINT_T0);
+          // Decode reads the weights once, from DRAM: the first half's pass moves the four
+          // DRAM streams on a line per 256 bytes (prefetch.h); the second reads from L1 / L2.
+          if (h == 0 && i % 4 == 0) prefetch_streams(b);
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
           const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
 #pragma GCC unroll 3
