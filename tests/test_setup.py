@@ -1,14 +1,19 @@
-"""The checkout as a user meets it: nothing in it shadows an installed package, and the
-submodules the README uses are attributes of ``lowbit``."""
+"""The checkout and the build as a user meets them: nothing in the checkout shadows an
+installed package, the submodules the README uses are attributes of ``lowbit``, and an
+extension built against another torch is refused by name."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import lowbit
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,3 +65,70 @@ def test_readme_submodules_are_attributes():
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     for name in ("lora", "qat", "bench", "interop", "plan", "calibrate"):
         assert name in lowbit.__all__ and getattr(lowbit, name).__name__ == f"lowbit.{name}"
+
+
+def test_the_extension_records_the_torch_it_was_built_against():
+    from lowbit import _extension
+
+    info = _extension._build_info(os.environ.get(_extension.DIR_ENV))
+    assert info is not None, "the build wrote no lowbit/_build_info.py"
+    assert info.TORCH_VERSION == torch.__version__
+    _extension.check_build(info)  # this torch: no complaint
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("TORCH_VERSION", "2.11.0+cu128", "built against torch 2.11.0+cu128, and this environment has torch"),
+    ("CXX11_ABI", 2, "C++11 ABI flag 2"),
+    ("CUDA", "99.1", "CUDA 99.1"),
+])
+def test_another_torch_is_refused_by_name_before_loading(field, value, says):
+    # A build recorded as made against another torch (a forged record): one ImportError
+    # naming both and the rebuild command, not an undefined symbol from the loader.
+    from lowbit import _extension
+
+    real = _extension._build_info(os.environ.get(_extension.DIR_ENV))
+    forged = types.SimpleNamespace(TORCH_VERSION=real.TORCH_VERSION, CXX11_ABI=real.CXX11_ABI, CUDA=real.CUDA)
+    setattr(forged, field, value)
+    with pytest.raises(ImportError, match="rebuild it against this torch") as caught:
+        _extension.check_build(forged)
+    assert says in str(caught.value) and "--no-build-isolation" in str(caught.value)
+
+
+def test_loading_checks_the_record_first(tmp_path, monkeypatch):
+    # An extension directory whose record names another torch is refused before its .so
+    # is opened (the .so here is not even a library).
+    from lowbit import _extension
+
+    (tmp_path / "_build_info.py").write_text('TORCH_VERSION = "2.0.0"\nCXX11_ABI = 1\nCUDA = ""\n')
+    (tmp_path / "_probe.cpython-311-x86_64-linux-gnu.so").write_text("not a library")
+    monkeypatch.setenv(_extension.DIR_ENV, str(tmp_path))
+    with pytest.raises(ImportError, match="built against torch 2.0.0"):
+        _extension.load("_probe")
+
+
+def _names(path: Path) -> dict[str, str]:
+    """{normalized distribution name: the line} of a requirements file."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name = line.replace(">", "=").replace("<", "=").replace("~", "=").replace("!", "=").split("=")[0]
+            out[name.strip().lower().replace("_", "-").replace(".", "-")] = line
+    return out
+
+
+def test_the_locks_cover_what_the_makefile_installs():
+    # Every distribution requirements/*.in asks for is pinned in its lock (a new one without
+    # `make lock` would be resolved afresh on each machine), at the version the .in names
+    # when it names one; the lock's torch is the Makefile's.
+    req = ROOT / "requirements"
+    torch_version = next(line.split("?=")[1].strip() for line in (ROOT / "Makefile").read_text().splitlines()
+                         if line.startswith("TORCH_VERSION ?="))
+    lock = _names(req / f"torch-{torch_version}.txt")
+    assert lock["torch"] == f"torch=={torch_version}"
+    for name, line in _names(req / "dev.in").items():
+        assert name in lock and lock[name].startswith(f"{lock[name].split('==')[0]}=="), name
+        if "==" in line:
+            assert lock[name].split("==")[1] == line.split("==")[1], line
+    gptq = _names(req / f"gptqmodel-torch-{torch_version}.txt")
+    assert all(name in gptq or name in lock for name in _names(req / "gptqmodel.in"))
