@@ -246,12 +246,18 @@ def spread_bf16(shape, spread, seed, nc):
     return torch.stack((x, torch.zeros_like(x)), dim=-1)[..., 0] if nc else x
 
 
-@needs_avx512
+INTEGER_GEMVS = [pytest.param("gemv_vnni", marks=needs_avx512),
+                 pytest.param("gemv_int_avx2", marks=pytest.mark.skipif(
+                     "gemv_int_avx2" not in plan.runnable_paths("weight_only"), reason="needs AVX2"))]
+
+
+@pytest.mark.parametrize("path", INTEGER_GEMVS)
 @given(lead=st.sampled_from([(1,), (2,), (3,), (7,), (2, 3), (1, 1, 5)]), n=cols, groups=st.sampled_from([1, 2, 5]),
        g=st.sampled_from([32, 64, 128, None]), sym=st.booleans(), spread=st.sampled_from([0.0, 4.0]),
        with_bias=st.booleans(), nc=st.booleans(), seed=seeds)
-def test_w4a16_gemv_vnni_path(lead, n, groups, g, sym, spread, with_bias, nc, seed):
-    # Forced at every M. K = G x groups; G = K covers K = 2 mod 4 (a lone last k pair).
+def test_w4a16_integer_gemv_paths(path, lead, n, groups, g, sym, spread, with_bias, nc, seed):
+    # The integer GEMVs (AVX-512 vpdpbusd, AVX2 vpmaddubsw) forced at every M: the same
+    # digits and error bound. K = G x groups; G = K covers K = 2 mod 4 (a lone last k pair).
     k = groups * (g or 2 * (seed % 150 + 1))
     gs = g or k
     x = spread_bf16((*lead, k), spread, seed, nc)
@@ -260,7 +266,7 @@ def test_w4a16_gemv_vnni_path(lead, n, groups, g, sym, spread, with_bias, nc, se
     expected = reference.w4a16_linear(x, packed, scales, zeros, gs, bias)
     w_full = reference.dequantize_int4(packed, scales, zeros, gs, torch.float32)
     w, params = ops.w4a16_prepack(packed, scales, zeros, gs)
-    out = ops.w4a16_linear_prepacked(x, w, params, gs, n, bias, GEMV_VNNI)
+    out = ops.w4a16_linear_prepacked(x, w, params, gs, n, bias, plan.path_id("weight_only", path))
     assert_linear_close(out, expected, x, w_full, bias, extra=block_fixed_error(x, w_full, min(gs, 4096)))
 
 
@@ -448,25 +454,6 @@ def test_avx2_weight_only_paths_at_any_rows(path, m, n, groups, g, sym, dtype, w
     assert_linear_close(ops.w8a16_linear_prepacked(x, ops.w8a16_prepack(w8), s8, bias, path_id),
                         reference.w8a16_linear(x, w8, s8, bias), x, reference.dequantize_int8(w8, s8, torch.float32),
                         bias)
-
-
-@pytest.mark.skipif("gemv_int_avx2" not in plan.runnable_paths("weight_only"), reason="needs AVX2")
-@given(lead=st.sampled_from([(1,), (2,), (1, 3)]), n=cols, groups=st.sampled_from([1, 2, 5]),
-       g=st.sampled_from([32, 64, 128, None]), sym=st.booleans(), spread=st.sampled_from([0.0, 4.0]),
-       with_bias=st.booleans(), nc=st.booleans(), seed=seeds)
-def test_w4a16_gemv_int_avx2_path(lead, n, groups, g, sym, spread, with_bias, nc, seed):
-    # AVX2's integer GEMV forced at a few rows (it runs one row at a time); the same digits
-    # and error bound as the AVX-512 integer GEMV. K = G x groups, G = K up to 1500.
-    k = groups * (g or 2 * (seed % 150 + 1))
-    gs = g or k
-    x = spread_bf16((*lead, k), spread, seed, nc)
-    packed, scales, zeros = int4_weight(n, k, g, sym, seed)
-    bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
-    expected = reference.w4a16_linear(x, packed, scales, zeros, gs, bias)
-    w_full = reference.dequantize_int4(packed, scales, zeros, gs, torch.float32)
-    w, params = ops.w4a16_prepack(packed, scales, zeros, gs)
-    out = ops.w4a16_linear_prepacked(x, w, params, gs, n, bias, plan.path_id("weight_only", "gemv_int_avx2"))
-    assert_linear_close(out, expected, x, w_full, bias, extra=block_fixed_error(x, w_full, gs))
 
 
 @pytest.mark.skipif("gemv_int_avx2" not in plan.runnable_paths("weight_only"), reason="needs AVX2")
