@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from lowbit import formats, plan, reference
 from lowbit.backends import choose_backend
-from lowbit.backends.cpu import CpuPacked, best_cpu_isa
+from lowbit.backends.cpu import CpuPacked, best_cpu_isa, cpu_isa
 from lowbit.bench.timing import Ceilings, interleaved_seconds, llc_bytes
 from lowbit.formats import Scheme
 
@@ -354,7 +354,7 @@ def run(
                                              for name, (fns, dtype) in timing.items()}, rounds=rounds)
                 rows.extend(Row(str(scheme), k, n, m, name, s, weight_bytes, ceiling) for name, s in timed.items())
     meta = {"lowbit": lowbit.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": plan.machine_id()["cpu"] or platform.machine(), "isa": best_cpu_isa(), "lowbit_isa": lowbit.cpu_isa(),
+            "cpu": plan.machine_id()["cpu"] or platform.machine(), "isa": best_cpu_isa(), "lowbit_isa": cpu_isa(),
             "torch_isa": torch.backends.cpu.get_cpu_capability(), "rotate": rotate,
             "plan": str(plan.default_path()) if active else None}
     return BenchResult(rows, ceilings, meta)

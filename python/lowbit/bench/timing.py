@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from lowbit.backends.cpu import cpu_isa
 from lowbit.plan import cache_dir, machine_id
 
 
@@ -95,7 +96,7 @@ class Ceilings:
     def cached(cls, remeasure: bool = False) -> Ceilings:
         """Measured once per machine (CPU, threads, torch) and CPU path, and kept in the cache
         directory."""
-        ident = {**machine_id(), "isa": sys.modules["lowbit._C"].cpu_isa()[0]}
+        ident = {**machine_id(), "isa": cpu_isa()}
         key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
         path = cache_dir() / f"ceilings-{key}.json"
         if path.exists() and not remeasure:
