@@ -29,7 +29,7 @@ export HF_HUB_OFFLINE := 1
 # Rebuild the extension when any of these change.
 BUILD_INPUTS := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: test demo build sanitize clean vllm-check lock lock-vllm test-latest test-avx2
+.PHONY: test demo build sanitize clean vllm-check lock lock-vllm test-latest test-avx2 wheel test-wheel test-oldest
 
 # pip first, at the lock's version, then the lock's whole set.
 $(VENV)/.deps: Makefile requirements/dev.in $(LOCK)
@@ -87,6 +87,31 @@ test: build $(GPTQ_VENV)/.deps
 
 demo: build
 	$(VENV)/bin/lowbit demo
+
+# A wheel for the torch of $(VENV) in dist/: built without isolation in build/wheel,
+# its torch requirement pinned to that torch, repaired by auditwheel with torch's own
+# libraries left out (cmake/make_wheel.py says why each step).
+wheel: $(VENV)/.deps
+	$(PY) cmake/make_wheel.py --out dist --build-dir build/wheel
+
+# The wheel installed into a fresh venv holding only it, the torch it pins and its
+# dependencies (at the lock's versions), then a smoke test run from outside the checkout:
+# every scheme quantized and compared with the reference (tests/wheel_smoke.py). Not part
+# of `make test`: the fresh venv installs torch again (about 2 minutes).
+WHEEL_VENV := build/wheel/venv
+test-wheel: wheel
+	rm -rf $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install --quiet "$$(grep '^pip==' $(LOCK))"
+	$(WHEEL_VENV)/bin/python -m pip install --quiet -c $(LOCK) dist/lowbit-*.whl
+	cd $(WHEEL_VENV) && bin/python $(abspath tests/wheel_smoke.py) --pinned
+
+# The oldest torch the README claims, from its own lock: the whole suite in a venv and
+# build tree of their own (not part of `make test`).
+OLDEST_TORCH := 2.13.0
+test-oldest:
+	$(MAKE) --no-print-directory test TORCH_VERSION=$(OLDEST_TORCH) VENV=.venv-torch-$(OLDEST_TORCH) \
+	  BUILD_DIR=build/torch-$(OLDEST_TORCH)
 
 # The tests whose behaviour depends on the CPU class, on an emulated AVX2-only CPU
 # (qemu-user's Haswell: AVX2, FMA, F16C; no AVX-512, no VNNI), where lowbit, torch and
@@ -151,4 +176,4 @@ lock-vllm:
 	rm -rf $(LOCK_VENV)-vllm
 
 clean:
-	rm -rf build $(VENV) $(VLLM_VENV) $(GPTQ_VENV) .venv-latest .venv-latest-gptqmodel
+	rm -rf build dist $(VENV) .venv-torch-* $(VLLM_VENV) $(GPTQ_VENV) .venv-latest .venv-latest-gptqmodel

@@ -118,17 +118,63 @@ def _names(path: Path) -> dict[str, str]:
 
 
 def test_the_locks_cover_what_the_makefile_installs():
-    # Every distribution requirements/*.in asks for is pinned in its lock (a new one without
-    # `make lock` would be resolved afresh on each machine), at the version the .in names
-    # when it names one; the lock's torch is the Makefile's.
+    # Every distribution requirements/*.in asks for is pinned in each torch's lock (a new
+    # one without `make lock` would be resolved afresh on each machine), at the version the
+    # .in names when it names one; each lock's torch is the one its name says, and the
+    # Makefile's default and oldest torch both have one.
     req = ROOT / "requirements"
-    torch_version = next(line.split("?=")[1].strip() for line in (ROOT / "Makefile").read_text().splitlines()
-                         if line.startswith("TORCH_VERSION ?="))
-    lock = _names(req / f"torch-{torch_version}.txt")
-    assert lock["torch"] == f"torch=={torch_version}"
-    for name, line in _names(req / "dev.in").items():
-        assert name in lock and lock[name].startswith(f"{lock[name].split('==')[0]}=="), name
-        if "==" in line:
-            assert lock[name].split("==")[1] == line.split("==")[1], line
-    gptq = _names(req / f"gptqmodel-torch-{torch_version}.txt")
-    assert all(name in gptq or name in lock for name in _names(req / "gptqmodel.in"))
+    makefile = (ROOT / "Makefile").read_text().splitlines()
+    default, oldest = (next(line.split("=")[-1].strip() for line in makefile if line.startswith(prefix))
+                       for prefix in ("TORCH_VERSION ?=", "OLDEST_TORCH :="))
+    locks = sorted(req.glob("torch-*.txt"))
+    assert {default, oldest} <= {p.stem.removeprefix("torch-") for p in locks}
+    for path in locks:
+        version = path.stem.removeprefix("torch-")
+        lock = _names(path)
+        assert lock["torch"] == f"torch=={version}", path
+        for name, line in _names(req / "dev.in").items():
+            assert name in lock and lock[name].startswith(f"{lock[name].split('==')[0]}=="), (path, name)
+            if "==" in line:
+                assert lock[name].split("==")[1] == line.split("==")[1], (path, line)
+        gptq = _names(req / f"gptqmodel-torch-{version}.txt")
+        assert all(name in gptq or name in lock for name in _names(req / "gptqmodel.in")), path
+
+
+def _readme_install_block() -> list[str]:
+    """The commands of the README's "Installing with pip" shell block, comments dropped."""
+    text = (ROOT / "README.md").read_text().split("## Installing with pip", 1)[1]
+    block = text.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+
+
+def test_the_readmes_pip_install_builds_and_runs(tmp_path):
+    # The README's `pip install --no-build-isolation .`, run as written into a new venv that
+    # sees this environment's packages (torch, the build tools) through a .pth file but not
+    # its editable lowbit, with the README's LOWBIT_CUDA=OFF switch and a build tree of its
+    # own (the README's default tree is the one `make build` keeps). Then the smoke test of
+    # the installed package: every scheme against the reference.
+    commands = _readme_install_block()
+    named = commands[0].split()[2]  # the torch the README installs first: one with a lock
+    assert named.startswith("torch==") and (ROOT / "requirements" / f"torch-{named[7:]}.txt").exists(), commands[0]
+    install = next(c for c in commands if c.endswith(" ."))
+    assert install == "pip install --no-build-isolation .", install
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    import sysconfig
+
+    Path(purelib, "outer-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    args = install.split()[1:] + ["-C", "cmake.define.LOWBIT_CUDA=OFF", "-C",
+                                  f"build-dir={ROOT / 'build' / 'readme-install'}", "--quiet"]
+    built = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=1200)
+    assert built.returncode == 0, built.stderr[-3000:]
+    smoke = subprocess.run([str(python), str(ROOT / "tests" / "wheel_smoke.py")], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert smoke.returncode == 0, smoke.stdout[-2000:] + smoke.stderr[-3000:]
+    assert "smoke test passed" in smoke.stdout
+    cuda = subprocess.run([str(python), "-c", "from lowbit import _build_info; print(repr(_build_info.CUDA))"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert cuda.stdout.strip() == "''", "LOWBIT_CUDA=OFF still built the CUDA kernels"
