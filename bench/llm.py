@@ -4,16 +4,17 @@ Builds (once, under ``--work``) a randomly initialised transformers Llama of 491
 parameters (hidden 2048, intermediate 5632, 8 layers, 16 heads, 4 KV heads, vocabulary
 32000, untied; ``lowbit.bench.generate.LLAMA_491M``) or takes ``--model DIR``, and times
 prefill (32 and 512 tokens) and decode (64 tokens after a 32-token prompt, batch 1 and
-4) for bf16 and lowbit's W8A8, W8A16, W4A16 g128 and g32, eager and compiled (static
-cache + torch.compile), round-robin medians (``lowbit.bench.generate``). Then
+4) for bf16 and lowbit's W8A8, W8A16, W4A16 g128 and g32, eager, compiled (static
+cache + torch.compile) and through lowbit's own decoder (``lowbit.decode.Decoder``: one
+compiled step, decode rows only), round-robin medians (``lowbit.bench.generate``). Then
 ``bench/llamacpp.py`` builds llama.cpp from its published source package, converts the
 same directory with its own converter, quantizes Q8_0 / Q4_0 / Q4_K_M and runs
 llama-bench with the same threads; both tables print side by side. ``--profile SCHEME``
 prints where one decode step's time goes instead, with the projections apart and fused;
 ``--apart`` adds unfused rows to the table, ``--lm-head-float`` rows with lm_head left float.
 
-    python bench/llm.py [--threads 2] [--modes eager,compiled] [--no-llamacpp]
-    python bench/llm.py --profile w4a16-g128 [--modes compiled]
+    python bench/llm.py [--threads 2] [--modes eager,compiled,decoder] [--no-llamacpp]
+    python bench/llm.py --profile w4a16-g128 [--modes decoder]
     python bench/llm.py --split w4a16-g128,w8a8          # the same step, timed without a profiler
     python bench/llm.py --vllm-python .venv-vllm/bin/python   # vLLM's CPU build too (make vllm-check first)
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=llamacpp.default_work().parent / "llm")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--schemes", default=",".join(SCHEMES))
-    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--modes", default=",".join(generate.MODES))
     parser.add_argument("--batches", default="1,4", help="decode batch sizes")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llamacpp-types", default="bf16,q8_0,q4_0,q4_k_m")
@@ -58,7 +59,8 @@ def main() -> None:
                         "sets up .venv-vllm) on the bf16 model and lowbit's W8A8 / W4A16 g128 exports")
     parser.add_argument("--profile", metavar="SCHEME", help="profile one decode step of this scheme ('bf16': float)")
     parser.add_argument("--split", metavar="SCHEMES", help="time a compiled decode step of these schemes ('bfloat16': "
-                        "float) without a profiler: the step, its compiled forward, the guards, the lowbit layers alone")
+                        "float) without a profiler: the step, its compiled forward, the guards, the lowbit layers alone; the "
+                        "decoder's step and the matmuls in it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.isa != "native":
@@ -74,7 +76,7 @@ def main() -> None:
         names = args.split.split(",")  # schemes, or "bfloat16" for the float model
         splits = {name: generate.split_decode(m) for name, m in
                   generate.variants(model, [n for n in names if n != "bfloat16"]).items() if name in names}
-        print("\nms per compiled decode step (tg64 b1, medians; no profiler)\n")
+        print("\nms per compiled decode step (tg64 b1, medians; no profiler but the matmul ops' row)\n")
         print("| part | " + " | ".join(splits) + " |")
         print("|---|" + "---:|" * len(splits))
         for part in next(iter(splits.values())):
@@ -87,7 +89,7 @@ def main() -> None:
             "apart": list(generate.variants(model, [args.profile], fuse=False).values())[-1],
             "fused": list(generate.variants(model, [args.profile]).values())[-1]}
         for mode in modes:
-            splits = {name: generate.profile_decode(m, compiled=mode == "compiled") for name, m in columns.items()}
+            splits = {name: generate.profile_decode(m, mode=mode) for name, m in columns.items()}
             print(f"\n{args.profile}, {mode}: ms per decode step (torch.profiler; its own overhead inflates "
                   f"Python / dispatch)\n")
             print("| part | " + " | ".join(splits) + " |")

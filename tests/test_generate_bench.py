@@ -41,7 +41,7 @@ def test_decode_greedy_is_deterministic(tiny_dir):
     with torch.inference_mode():
         first = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
         model.generation_config.eos_token_id = int(first[0, -1])  # the first token generated ends a sequence
-        out = generate._generate(model, ids, 5, compiled=False)
+        out = generate._generate(model, ids, 5, "eager")
     assert out.shape == (1, generate.PROMPT + 5)
     assert torch.equal(out[:, :first.shape[1]], first)
     assert model.generation_config.eos_token_id == int(first[0, -1])  # the model's config untouched
@@ -68,15 +68,26 @@ def test_split_decode_times_the_compiled_step_and_the_layers(tiny_dir):
     assert split["decode step"] > split["compiled forward"] > 0 and split["lowbit layers alone"] > 0
     assert split["generate's own loop"] == pytest.approx(split["decode step"] - split["compiled forward"])
     assert "get_compiled_call" not in vars(model)  # the timing wrapper is gone again
+    # lowbit's decoder: its step, and the matmuls in it (lowbit's ops: the model is all W8A8).
+    assert split["decoder step"] > split["decoder: matmul ops (profiled)"] > 0
+    assert split["decoder: the rest"] == pytest.approx(split["decoder step"] - split["decoder: matmul ops (profiled)"])
 
 
 def test_cli_generate(tiny_dir, capsys):
     from lowbit import cli
 
     cli.main(["bench", "--generate", "--model", str(tiny_dir), "--schemes", "w8a16", "--prompts", "8",
-              "--decode", "3", "--rounds", "1"])
+              "--decode", "3", "--rounds", "1", "--modes", "eager,decoder"])
     out = capsys.readouterr().out
     assert "| w8a16 | eager |" in out and "| bfloat16 | eager |" in out
+    # The decoder times decode only: its prefill cell is empty.
+    assert "| w8a16 | decoder |  | " in out
+
+
+def test_unknown_mode_is_named(tiny_dir):
+    model = generate.load(tiny_dir)
+    with pytest.raises(ValueError, match="unknown generation mode 'fast'"):
+        generate.decode_seconds(model, torch.zeros(1, 4, dtype=torch.long), 2, "fast")
 
 
 def test_cli_generate_needs_model(capsys):
@@ -102,9 +113,9 @@ def test_compiled_decode_is_one_graph_with_lowbit_ops_inside(tiny_dir):
     ids = torch.randint(256, (1, generate.PROMPT), generator=torch.Generator().manual_seed(0))
     new = 5
     with torch.inference_mode():
-        generate._generate(model, ids, new, compiled=True)  # compiles
+        generate._generate(model, ids, new, "compiled")  # compiles
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            generate._generate(model, ids, new, compiled=True)
+            generate._generate(model, ids, new, "compiled")
 
     def compiled_region(event):
         while event is not None:

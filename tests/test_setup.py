@@ -63,7 +63,7 @@ def test_readme_submodules_are_attributes():
     fresh = subprocess.run([sys.executable, "-c", "import lowbit; print(lowbit.lora.add_lora, lowbit.qat.prepare)"],
                            capture_output=True, text=True, timeout=600)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
-    for name in ("lora", "qat", "bench", "interop", "plan", "calibrate"):
+    for name in ("lora", "qat", "decode", "bench", "interop", "plan", "calibrate"):
         assert name in lowbit.__all__ and getattr(lowbit, name).__name__ == f"lowbit.{name}"
 
 

@@ -6,7 +6,8 @@ subpackages hold the rest: ``lowbit.ops`` (the custom ops), ``lowbit.formats`` (
 and canonical weights), ``lowbit.nn`` (the modules), ``lowbit.backends`` (who runs a
 layer), ``lowbit.calibrate`` (GPTQ, AWQ, SmoothQuant, observers), ``lowbit.plan`` (per-M
 kernel choice), and, imported on first use, ``lowbit.bench``, ``lowbit.tools``, ``lowbit.lora``
-(LoRA adapters over quantized layers) and ``lowbit.qat`` (quantization-aware training).
+(LoRA adapters over quantized layers), ``lowbit.qat`` (quantization-aware training) and
+``lowbit.decode`` (greedy decoding with one compiled step).
 """
 
 import importlib
@@ -40,7 +41,7 @@ from lowbit import calibrate, interop, plan  # noqa: E402
 __version__ = "0.1.0"
 
 # Heavier subpackages, imported when first named (``lowbit.bench.run`` after ``import lowbit``).
-_LAZY = ("bench", "tools", "demo", "cli", "lora", "qat")
+_LAZY = ("bench", "tools", "demo", "cli", "lora", "qat", "decode")
 
 
 def __getattr__(name: str):
@@ -66,6 +67,7 @@ __all__ = [
     "calibrate",
     "choose_backend",
     "cpu_isa",
+    "decode",
     "dequantize",
     "empty_weights",
     "export",

@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", help="with --generate: a transformers causal-LM directory")
     bench.add_argument("--generate", action="store_true",
                        help="time the model's prefill and decode (float and each scheme) instead of kernels")
-    bench.add_argument("--modes", type=_list, default=["eager"], help="with --generate: eager, compiled")
+    bench.add_argument("--modes", type=_list, default=["eager"], help="with --generate: eager, compiled (transformers' static cache + torch.compile), decoder "
+                       "(lowbit.decode.Decoder: lowbit's own loop and compiled step)")
     bench.add_argument("--prompts", type=_ints, default=[32, 512], help="with --generate: prefill lengths")
     bench.add_argument("--batches", type=_ints, default=[1], help="with --generate: decode batch sizes")
     bench.add_argument("--decode", type=int, default=64, help="with --generate: decode steps")

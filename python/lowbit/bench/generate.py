@@ -7,16 +7,19 @@ the last position only (as ``generate`` asks for them); tokens per second = N / 
 Decode: greedy ``model.generate`` of 1 and of 1 + D new tokens after a 32-token prompt
 (no early stop); tokens per second = D / (difference), so prefill and the first token
 cancel out and what is left is D decode steps with everything ``generate`` does around
-them. Compiled: a static cache and ``torch.compile`` of the forward through
-transformers' own ``compile_config`` (inductor with its C++ wrapper, fixed shapes). Every
-variant is timed round-robin, ``rounds`` times, and the median kept.
+them. Modes: "eager" is ``generate`` as it comes; "compiled" adds a static cache and
+``torch.compile`` of the forward through transformers' own ``compile_config`` (inductor
+with its C++ wrapper, fixed shapes); "decoder" is lowbit's own loop over a static cache and
+one compiled step with only its tensor inputs guarded (``lowbit.decode.Decoder``, the same
+greedy tokens; prefill is the model's forward, so it has decode rows only). Every variant
+is timed round-robin, ``rounds`` times, and the median kept.
 
-``profile_decode`` splits one decode step (torch.profiler) into lowbit's ops, float
+``profile_decode`` splits one decode step (torch.profiler) of any mode into lowbit's ops, float
 matmuls, attention, norms, rotary, the rest of torch's ops, what ``generate`` does
 outside the model (sampling, stopping, cache bookkeeping), and the Python / dispatch
 time no op accounts for. ``split_decode`` times a compiled step without a profiler: the
 step, the compiled forward in it, dynamo's guard evaluation in that, and lowbit's layers
-alone.
+alone; and the decoder's step beside the matmuls in it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ LLAMA_491M = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
                   num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
 
 PROMPT = 32
+MODES = ("eager", "compiled", "decoder")
 
 
 def build_llama(out: Path, dims: dict | None = None, seed: int = 0) -> Path:
@@ -76,14 +80,20 @@ def variants(model: nn.Module, schemes: Sequence[str], **quantize_fields) -> dic
     return out
 
 
-def _generate(model: nn.Module, ids: torch.Tensor, new: int, compiled: bool) -> torch.Tensor:
+def _generate(model: nn.Module, ids: torch.Tensor, new: int, mode: str, length: int | None = None) -> torch.Tensor:
+    """``ids`` and ``new`` greedy tokens. ``length``: the decoder's static cache length (the
+    same for calls that are compared; default prompt + new)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown generation mode {mode!r}; expected one of {MODES}")
+    if mode == "decoder":
+        return _decoder(model, ids.shape[0], length or ids.shape[1] + new).generate(ids, new)
     # Exactly ``new`` tokens: with no end-of-sequence token nothing stops generation early.
     # (``min_new_tokens`` would do it through two logits processors that cost about 0.4 ms
     # a step here, more than anything else in generate's loop; llama-bench's decode test
     # samples nothing.) generate fills what its config leaves unset from the model's, so the
     # model's own config goes without one for the call.
     kwargs = dict(max_new_tokens=new, do_sample=False)
-    if compiled:
+    if mode == "compiled":
         from transformers import CompileConfig
 
         # Inductor's C++ wrapper calls the graph's kernels and ops from C++ instead of
@@ -107,12 +117,23 @@ def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def decode_seconds(model: nn.Module, ids: torch.Tensor, steps: int, compiled: bool) -> float:
+def _decoder(model: nn.Module, batch: int, length: int):
+    """The model's Decoder for this batch and cache length, made (and compiled) once."""
+    from lowbit.decode import Decoder
+
+    decoders = model.__dict__.setdefault("_lowbit_decoders", {})
+    if (batch, length) not in decoders:
+        decoders[(batch, length)] = Decoder(model, max_length=length, batch_size=batch)
+    return decoders[(batch, length)]
+
+
+def decode_seconds(model: nn.Module, ids: torch.Tensor, steps: int, mode: str) -> float:
     """Seconds for ``steps`` decode steps: generate(1 + steps) - generate(1)."""
+    length = ids.shape[1] + 1 + steps
     t0 = time.perf_counter()
-    _generate(model, ids, 1, compiled)
+    _generate(model, ids, 1, mode, length)
     t1 = time.perf_counter()
-    _generate(model, ids, 1 + steps, compiled)
+    _generate(model, ids, 1 + steps, mode, length)
     t2 = time.perf_counter()
     return (t2 - t1) - (t1 - t0)
 
@@ -120,7 +141,7 @@ def decode_seconds(model: nn.Module, ids: torch.Tensor, steps: int, compiled: bo
 @dataclasses.dataclass
 class GenerateRow:
     variant: str
-    mode: str  # "eager" or "compiled"
+    mode: str  # one of MODES
     batch: int
     test: str  # "pp32", "pp512", "tg64"
     tokens_per_s: float
@@ -139,7 +160,8 @@ def run(models: dict[str, nn.Module], modes: Sequence[str] = ("eager",), prompts
     tests = [(f"pp{n}", n, 1) for n in prompts] + [(f"tg{decode}", PROMPT, b) for b in batches]
     inputs = {(n, b): torch.randint(vocab, (b, n), generator=gen) for _, n, b in tests}
     times: dict[tuple, list[float]] = {}
-    jobs = [(name, mode, test, n, b) for mode in modes for test, n, b in tests for name in models]
+    jobs = [(name, mode, test, n, b) for mode in modes for test, n, b in tests for name in models
+            if mode != "decoder" or test.startswith("tg")]
     # Every variant, batch and prompt length compiles the same forward code once more:
     # dynamo's default limit of 8 per code object would stop compiling part-way through.
     with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=max(64, 4 * len(jobs))):
@@ -166,7 +188,7 @@ def _time_one(model: nn.Module, mode: str, test: str, ids: torch.Tensor, decode:
             return prefill_seconds(model, ids)
         finally:
             model.forward = forward
-    return decode_seconds(model, ids, decode, mode == "compiled")
+    return decode_seconds(model, ids, decode, mode)
 
 
 def _compiled_forward(model: nn.Module):
@@ -252,10 +274,10 @@ def _op_category(name: str) -> str | None:
     return None
 
 
-def profile_decode(model: nn.Module, steps: int = 16, compiled: bool = False, seed: int = 0) -> dict[str, float]:
+def profile_decode(model: nn.Module, steps: int = 16, mode: str = "eager", seed: int = 0) -> dict[str, float]:
     """Milliseconds per decode step in each of ``CATEGORIES`` (and "total"), from the
     difference of two profiled ``generate`` calls (1 and 1 + steps new tokens)."""
-    one, more = _profile(model, (1, 1 + steps), compiled, seed)
+    one, more = _profile(model, (1, 1 + steps), mode, seed)
     return {k: (more[k] - one[k]) * 1e3 / steps for k in one}
 
 
@@ -264,7 +286,9 @@ def split_decode(model: nn.Module, steps: int = 64, rounds: int = 5, seed: int =
     the step (as ``decode_seconds`` times it), the compiled forward ``generate`` calls in it
     (the rest is ``generate``'s own loop), that forward with dynamo's guards skipped
     (``skip_guard_eval_unsafe``, for the guards' cost only), and the model's lowbit layers
-    alone: each called in order on the input it had in one eager decode step."""
+    alone: each called in order on the input it had in one eager decode step. Then the
+    decoder's step (``lowbit.decode.Decoder``, unprofiled), the matmul ops' time inside it
+    (profiled: lowbit's ops and float matmuls) and the rest of it: the non-GEMV share."""
     from lowbit.nn import QuantLinear
 
     forward: list[float] = []
@@ -282,21 +306,24 @@ def split_decode(model: nn.Module, steps: int = 64, rounds: int = 5, seed: int =
         return call
 
     ids = torch.randint(model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(seed))
-    times: dict[str, list[float]] = {"decode step": [], "compiled forward": [], "forward, guards skipped": []}
+    times: dict[str, list[float]] = {"decode step": [], "compiled forward": [], "forward, guards skipped": [],
+                                     "decoder step": []}
     model.get_compiled_call = timed_call
     try:
         with torch.inference_mode():
-            _generate(model, ids, 1 + steps, True)  # compiles
+            _generate(model, ids, 1 + steps, "compiled")  # compiles
+            _generate(model, ids, 1 + steps, "decoder", PROMPT + 1 + steps)
             for _ in range(rounds):
                 for skip in (False, True):
                     forward.clear()
                     stance = (torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip
                               else contextlib.nullcontext())
                     with stance:
-                        step = decode_seconds(model, ids, steps, True) / steps
+                        step = decode_seconds(model, ids, steps, "compiled") / steps
                     times["forward, guards skipped" if skip else "compiled forward"].append(statistics.median(forward))
                     if not skip:
                         times["decode step"].append(step)
+                times["decoder step"].append(decode_seconds(model, ids, steps, "decoder") / steps)
     finally:
         del model.get_compiled_call
     calls = []
@@ -319,17 +346,22 @@ def split_decode(model: nn.Module, steps: int = 64, rounds: int = 5, seed: int =
     out["generate's own loop"] = out["decode step"] - out["compiled forward"]
     out["guard evaluation"] = out["compiled forward"] - out["forward, guards skipped"]
     out["lowbit layers alone"] = statistics.median(layers[rounds:]) * 1e3
+    # The matmuls' own time inside the decoder's step, from the profiler's op events (the
+    # profiler's per-op cost lands in the rest, never in these).
+    profiled = profile_decode(model, steps, "decoder", seed)
+    out["decoder: matmul ops (profiled)"] = (profiled["lowbit ops"] + profiled["float matmuls"])
+    out["decoder: the rest"] = out["decoder step"] - out["decoder: matmul ops (profiled)"]
     return out
 
 
-def profile_generate(model: nn.Module, new: int, compiled: bool = False, seed: int = 0) -> dict[str, float]:
+def profile_generate(model: nn.Module, new: int, mode: str = "eager", seed: int = 0) -> dict[str, float]:
     """Seconds in each of ``CATEGORIES`` (and "total") of one whole ``generate`` call of
     ``new`` tokens after the prompt (prefill included; no difference taken, so every
     category that ran is there, however short)."""
-    return _profile(model, (new,), compiled, seed)[0]
+    return _profile(model, (new,), mode, seed)[0]
 
 
-def _profile(model: nn.Module, lengths: Sequence[int], compiled: bool, seed: int) -> list[dict[str, float]]:
+def _profile(model: nn.Module, lengths: Sequence[int], mode: str, seed: int) -> list[dict[str, float]]:
     from torch.profiler import ProfilerActivity, profile
 
     vocab = model.config.vocab_size
@@ -337,12 +369,13 @@ def _profile(model: nn.Module, lengths: Sequence[int], compiled: bool, seed: int
     result = []
     # Compiled code cannot hold the labels' hooks (record_function breaks the graph); there
     # the compiled region stands for the model.
-    with torch.inference_mode(), contextlib.nullcontext() if compiled else _labels(model):
-        _generate(model, ids, max(lengths), compiled)  # warm-up (compiles)
+    length = PROMPT + max(lengths)
+    with torch.inference_mode(), _labels(model) if mode == "eager" else contextlib.nullcontext():
+        _generate(model, ids, max(lengths), mode, length)  # warm-up (compiles)
         for new in lengths:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 t0 = time.perf_counter()
-                _generate(model, ids, new, compiled)
+                _generate(model, ids, new, mode, length)
                 wall = time.perf_counter() - t0
             result.append(_split(prof.events(), wall))
     return result

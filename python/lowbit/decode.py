@@ -1,0 +1,91 @@
+"""Greedy decoding of a transformers causal LM with as little as possible around the matmuls.
+
+``transformers``' ``generate`` spends, per decode step of a 491.8M Llama on 2 cores, 1-3
+ms outside the model (its loop, logits processors, stopping criteria, cache bookkeeping)
+and, compiled, 0.3-3.2 ms in dynamo's guards, which check every parameter and buffer of
+the model on every call (bench/RESULTS.md). At 10-20 ms a token that is 10-30% of it.
+
+``Decoder`` keeps a static KV cache and compiles one step, ``token -> next token``:
+the forward at one position and the argmax, fixed shapes. The step is compiled with
+guards on its tensor inputs only (``torch.compiler.keep_tensor_guards_unsafe``: shapes,
+dtypes, devices of the token, the position and the cache's tensors; not the parameters):
+a Decoder is bound to one model, whose weights it never swaps, so the guards that would
+only notice a changed module have nothing to protect. The loop around it is a Python
+``for`` that appends a token and bumps the position in place.
+
+The tokens are ``generate``'s greedy tokens for the same model: prefill is the model's own
+forward over the prompt into the cache (eager: it runs once per call), each step the
+model's forward at the next position (``tests/test_decode.py`` compares the two).
+
+    decoder = lowbit.decode.Decoder(model, max_length=512)
+    out = decoder.generate(ids, max_new_tokens=64)      # [B, prompt + 64] token ids
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import torch
+from torch import nn
+
+
+class Decoder:
+    """Greedy decoding of ``model`` (a transformers causal LM) for batches of ``batch_size``
+    sequences of at most ``max_length`` tokens, prompt included; ``compile=False`` runs the
+    same step eagerly. The compiled step is made on the first call and reused."""
+
+    def __init__(self, model: nn.Module, max_length: int, batch_size: int = 1, compile: bool = True):
+        from transformers import StaticCache
+
+        if not hasattr(model, "config") or not callable(getattr(model, "forward", None)):
+            raise TypeError(f"Decoder needs a transformers causal LM, got {type(model).__name__}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (one prompt token, one new), got {max_length}")
+        self.model = model
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+        # transformers 5 renames the forward's past_key_values to cache.
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.step = self._step
+        if compile:
+            # Dynamo keeps compiled graphs per code object, and with the module guards
+            # filtered out a graph compiled for another Decoder's model would pass for this
+            # one's: the step gets a code object of its own.
+            own = types.FunctionType(Decoder._step.__code__.replace(), globals(), "_step")
+            # Inductor's C++ wrapper calls the graph's kernels and lowbit's ops from C++, not
+            # from generated Python (0.4-0.5 ms less a step on 2 cores, bench/RESULTS.md).
+            self.step = torch.compile(types.MethodType(own, self), fullgraph=True, dynamic=False,
+                                      options={"cpp_wrapper": True,
+                                               "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
+
+    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=token, cache_position=position, position_ids=position.expand(token.shape[0], 1),
+                            use_cache=True, **{self._cache_kw: self.cache}).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    @torch.inference_mode()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """The prompt ``ids`` ([batch_size, n] token ids, no padding) followed by
+        ``max_new_tokens`` greedy tokens (no end-of-sequence stop)."""
+        if ids.dim() != 2 or ids.shape[0] != self.batch_size or ids.dtype != torch.long:
+            raise ValueError(f"ids must be int64 [{self.batch_size}, n] token ids, got {ids.dtype} {list(ids.shape)}")
+        n = ids.shape[1]
+        if n < 1 or max_new_tokens < 1 or n + max_new_tokens > self.max_length:
+            raise ValueError(f"a prompt of {n} tokens and {max_new_tokens} new ones do not fit max_length "
+                             f"{self.max_length} (each at least 1)")
+        device = ids.device
+        self.cache.reset()
+        logits = self.model(input_ids=ids, cache_position=torch.arange(n, device=device), use_cache=True,
+                            logits_to_keep=1, **{self._cache_kw: self.cache}).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        out = torch.empty(ids.shape[0], n + max_new_tokens, dtype=ids.dtype, device=device)
+        out[:, :n] = ids
+        out[:, n:n + 1] = token
+        position = torch.tensor([n], device=device)
+        for i in range(n + 1, n + max_new_tokens):
+            token = self.step(token, position)
+            out[:, i:i + 1] = token
+            position += 1
+        return out

@@ -1,0 +1,63 @@
+"""lowbit.decode.Decoder: the same greedy tokens as transformers' generate, eager and
+compiled, float and quantized, on a tiny random Llama (fp32, so that one rounding more or
+less inside a compiled graph cannot flip an argmax); bad arguments named."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import lowbit  # noqa: E402
+from lowbit.bench import generate  # noqa: E402
+from lowbit.decode import Decoder  # noqa: E402
+
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return generate.build_llama(tmp_path_factory.mktemp("llama") / "tiny", TINY)
+
+
+def _hf_greedy(model, ids, new):
+    with torch.inference_mode():
+        return generate._generate(model, ids, new, compiled=False)
+
+
+@pytest.mark.parametrize("scheme", [None, "w8a8", "w4a16-g32"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_tokens_are_generates(tiny_dir, scheme, compiled):
+    model = generate.load(tiny_dir, dtype=torch.float32)
+    if scheme:
+        lowbit.quantize(model, scheme, progress=False)
+    ids = torch.randint(256, (2, 9), generator=torch.Generator().manual_seed(1))
+    want = _hf_greedy(model, ids, 12)
+    decoder = Decoder(model, max_length=32, batch_size=2, compile=compiled)
+    assert torch.equal(decoder.generate(ids, 12), want)
+    # A second call starts from an empty cache: another prompt, its own tokens.
+    other = torch.randint(256, (2, 5), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(decoder.generate(other, 7), _hf_greedy(model, other, 7))
+
+
+def test_the_compiled_step_compiles_once(tiny_dir):
+    model = generate.load(tiny_dir, dtype=torch.float32)
+    decoder = Decoder(model, max_length=24)
+    ids = torch.randint(256, (1, 4), generator=torch.Generator().manual_seed(3))
+    torch._dynamo.utils.counters.clear()
+    decoder.generate(ids, 10)
+    decoder.generate(ids[:, :3], 12)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_bad_arguments_are_named(tiny_dir):
+    model = generate.load(tiny_dir, dtype=torch.float32)
+    decoder = Decoder(model, max_length=16, compile=False)
+    with pytest.raises(ValueError, match="do not fit max_length 16"):
+        decoder.generate(torch.zeros(1, 10, dtype=torch.long), 7)
+    with pytest.raises(ValueError, match=r"int64 \[1, n\]"):
+        decoder.generate(torch.zeros(2, 4, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match=r"int64 \[1, n\]"):
+        decoder.generate(torch.zeros(1, 4, dtype=torch.int32), 3)
+    with pytest.raises(TypeError, match="transformers causal LM"):
+        Decoder(torch.nn.Linear(4, 4), max_length=8)
