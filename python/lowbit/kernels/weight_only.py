@@ -192,10 +192,13 @@ def wo_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, acc_ptr, M, N,
         q = _codes_minus_zero(w_ptr, z_ptr, k0, g, n_cols, N, BITS, HAS_ZEROS, BLOCK_K, BLOCK_N).to(tl.float32)
         s = tl.load(s_ptr + g * N + n_cols)
         for r in tl.static_range(ROWS):
+            # A tensor mask, never a scalar comparison joined to one: the interpreter of
+            # Triton 3.9 refuses a mask that is not boolean, and `tensor & (r < M)` is not.
+            live = tl.full((BLOCK_K,), r, tl.int32) < M
             if EVEN_K:
-                xr = tl.load(x_ptr + r * stride_xm + k0 + rk, mask=(rk >= 0) & (r < M), other=0.0)
+                xr = tl.load(x_ptr + r * stride_xm + k0 + rk, mask=live, other=0.0)
             else:
-                xr = tl.load(x_ptr + r * stride_xm + k0 + rk, mask=(k0 + rk < K) & (r < M), other=0.0)
+                xr = tl.load(x_ptr + r * stride_xm + k0 + rk, mask=(k0 + rk < K) & live, other=0.0)
             xr = xr.to(tl.float32)
             part = tl.sum(xr[:, None] * q, axis=0) * s
             acc = tl.where(rows[:, None] == r, acc + part[None, :], acc)
