@@ -22,7 +22,7 @@ def tiny_dir(tmp_path_factory):
 
 def _hf_greedy(model, ids, new):
     with torch.inference_mode():
-        return generate._generate(model, ids, new, compiled=False)
+        return generate._generate(model, ids, new, "eager")
 
 
 @pytest.mark.parametrize("scheme", [None, "w8a8", "w4a16-g32"])
