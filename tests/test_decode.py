@@ -59,5 +59,7 @@ def test_bad_arguments_are_named(tiny_dir):
         decoder.generate(torch.zeros(2, 4, dtype=torch.long), 3)
     with pytest.raises(ValueError, match=r"int64 \[1, n\]"):
         decoder.generate(torch.zeros(1, 4, dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match="ids are on meta, the model on cpu"):
+        decoder.generate(torch.zeros(1, 4, dtype=torch.long, device="meta"), 3)
     with pytest.raises(TypeError, match="transformers causal LM"):
         Decoder(torch.nn.Linear(4, 4), max_length=8)

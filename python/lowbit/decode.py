@@ -6,12 +6,15 @@ and, compiled, 0.3-3.2 ms in dynamo's guards, which check every parameter and bu
 the model on every call (bench/RESULTS.md). At 10-20 ms a token that is 10-30% of it.
 
 ``Decoder`` keeps a static KV cache and compiles one step, ``token -> next token``:
-the forward at one position and the argmax, fixed shapes. The step is compiled with
-guards on its tensor inputs only (``torch.compiler.keep_tensor_guards_unsafe``: shapes,
-dtypes, devices of the token, the position and the cache's tensors; not the parameters):
-a Decoder is bound to one model, whose weights it never swaps, so the guards that would
-only notice a changed module have nothing to protect. The loop around it is a Python
-``for`` that appends a token and bumps the position in place.
+the forward at one position and the argmax, fixed shapes. The step is compiled without
+guards (``torch.compiler.skip_all_guards_unsafe``; keeping only the tensor guards still
+cost 1.3 ms a step of the 491.8M Llama, bench/RESULTS.md): what guards would check, the
+Decoder fixes itself. It is bound to one model and one cache, the step has a code object
+of its own (dynamo keys compiled code by code object), and its only caller, ``generate``,
+passes a [batch_size, 1] int64 token and a [1] int64 position on the model's device after
+checking the prompt. The loop around it is a Python ``for`` that stores a token and bumps
+the position in place. The cache's layers count their own writes (transformers' static
+layers), so steps run in order from ``generate``'s reset, never at chosen positions.
 
 The tokens are ``generate``'s greedy tokens for the same model: prefill is the model's own
 forward over the prompt into the cache (eager: it runs once per call), each step the
@@ -50,15 +53,15 @@ class Decoder:
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.step = self._step
         if compile:
-            # Dynamo keeps compiled graphs per code object, and with the module guards
-            # filtered out a graph compiled for another Decoder's model would pass for this
-            # one's: the step gets a code object of its own.
+            # Dynamo keeps compiled graphs per code object, and without guards a graph
+            # compiled for another Decoder's model would run for this one's: the step gets a
+            # code object of its own.
             own = types.FunctionType(Decoder._step.__code__.replace(), globals(), "_step")
             # Inductor's C++ wrapper calls the graph's kernels and lowbit's ops from C++, not
-            # from generated Python (0.4-0.5 ms less a step on 2 cores, bench/RESULTS.md).
+            # from generated Python (0.4-2 ms less a step on 2 cores, bench/RESULTS.md).
             self.step = torch.compile(types.MethodType(own, self), fullgraph=True, dynamic=False,
                                       options={"cpp_wrapper": True,
-                                               "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
+                                               "guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
 
     def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         logits = self.model(input_ids=token, cache_position=position, position_ids=position.expand(token.shape[0], 1),
@@ -71,11 +74,13 @@ class Decoder:
         ``max_new_tokens`` greedy tokens (no end-of-sequence stop)."""
         if ids.dim() != 2 or ids.shape[0] != self.batch_size or ids.dtype != torch.long:
             raise ValueError(f"ids must be int64 [{self.batch_size}, n] token ids, got {ids.dtype} {list(ids.shape)}")
+        device = next(self.model.parameters(), next(self.model.buffers(), ids)).device
+        if ids.device != device:
+            raise ValueError(f"ids are on {ids.device}, the model on {device}")
         n = ids.shape[1]
         if n < 1 or max_new_tokens < 1 or n + max_new_tokens > self.max_length:
             raise ValueError(f"a prompt of {n} tokens and {max_new_tokens} new ones do not fit max_length "
                              f"{self.max_length} (each at least 1)")
-        device = ids.device
         self.cache.reset()
         logits = self.model(input_ids=ids, cache_position=torch.arange(n, device=device), use_cache=True,
                             logits_to_keep=1, **{self._cache_kw: self.cache}).logits
