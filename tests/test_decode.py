@@ -40,6 +40,26 @@ def test_tokens_are_generates(tiny_dir, scheme, compiled):
     assert torch.equal(decoder.generate(other, 7), _hf_greedy(model, other, 7))
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_tokens_across_attention_windows(tiny_dir, monkeypatch, compiled):
+    # Windows of 4, 8, 16 and 20 positions: prefill in one, decode through the rest; each
+    # compiled window is a graph of its own, and the tokens stay generate's.
+    from lowbit import decode
+
+    monkeypatch.setattr(decode, "MIN_WINDOW", 4)
+    monkeypatch.setattr(decode, "WINDOW_GROWTH", 2)
+    model = generate.load(tiny_dir, dtype=torch.float32)
+    lowbit.quantize(model, "w4a16-g32", progress=False)
+    decoder = Decoder(model, max_length=20, compile=compiled)
+    assert decoder.windows() == [4, 8, 16, 20]
+    ids = torch.randint(256, (1, 6), generator=torch.Generator().manual_seed(4))
+    torch._dynamo.utils.counters.clear()
+    assert torch.equal(decoder.generate(ids, 14), _hf_greedy(model, ids, 14))
+    if compiled:
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # windows 8, 16 and 20
+    assert torch.equal(decoder.generate(ids[:, :2], 9), _hf_greedy(model, ids[:, :2], 9))
+
+
 def test_the_compiled_step_compiles_once(tiny_dir):
     model = generate.load(tiny_dir, dtype=torch.float32)
     decoder = Decoder(model, max_length=24)
