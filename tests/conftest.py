@@ -201,3 +201,18 @@ def init_rank(rank: int, world: int, init_file: str) -> None:
 
     torch.set_num_threads(1)  # the same summation blocking as the single-process reference
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+
+# --- a tiny random Llama for the generation tests (test_decode, test_generate_bench) ---------
+
+# Every Linear layer above quantize's min_numel, so the quantized copies hold no float matmul.
+TINY_LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A transformers Llama directory of TINY_LLAMA's dimensions (bf16, random weights)."""
+    from lowbit.bench import generate
+
+    return generate.build_llama(tmp_path_factory.mktemp("llama") / "tiny", TINY_LLAMA)

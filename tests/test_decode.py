@@ -11,14 +11,6 @@ import lowbit  # noqa: E402
 from lowbit.bench import generate  # noqa: E402
 from lowbit.decode import Decoder  # noqa: E402
 
-TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return generate.build_llama(tmp_path_factory.mktemp("llama") / "tiny", TINY)
-
 
 def _hf_greedy(model, ids, new):
     with torch.inference_mode():
@@ -27,8 +19,8 @@ def _hf_greedy(model, ids, new):
 
 @pytest.mark.parametrize("scheme", [None, "w8a8", "w4a16-g32"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_tokens_are_generates(tiny_dir, scheme, compiled):
-    model = generate.load(tiny_dir, dtype=torch.float32)
+def test_tokens_are_generates(tiny_llama_dir, scheme, compiled):
+    model = generate.load(tiny_llama_dir, dtype=torch.float32)
     if scheme:
         lowbit.quantize(model, scheme, progress=False)
     ids = torch.randint(256, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -41,14 +33,14 @@ def test_tokens_are_generates(tiny_dir, scheme, compiled):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_tokens_across_attention_windows(tiny_dir, monkeypatch, compiled):
+def test_tokens_across_attention_windows(tiny_llama_dir, monkeypatch, compiled):
     # Windows of 4, 8, 16 and 20 positions: prefill in one, decode through the rest; each
     # compiled window is a graph of its own, and the tokens stay generate's.
     from lowbit import decode
 
     monkeypatch.setattr(decode, "MIN_WINDOW", 4)
     monkeypatch.setattr(decode, "WINDOW_GROWTH", 2)
-    model = generate.load(tiny_dir, dtype=torch.float32)
+    model = generate.load(tiny_llama_dir, dtype=torch.float32)
     lowbit.quantize(model, "w4a16-g32", progress=False)
     decoder = Decoder(model, max_length=20, compile=compiled)
     assert decoder.windows() == [4, 8, 16, 20]
@@ -60,8 +52,8 @@ def test_tokens_across_attention_windows(tiny_dir, monkeypatch, compiled):
     assert torch.equal(decoder.generate(ids[:, :2], 9), _hf_greedy(model, ids[:, :2], 9))
 
 
-def test_the_compiled_step_compiles_once(tiny_dir):
-    model = generate.load(tiny_dir, dtype=torch.float32)
+def test_the_compiled_step_compiles_once(tiny_llama_dir):
+    model = generate.load(tiny_llama_dir, dtype=torch.float32)
     decoder = Decoder(model, max_length=24)
     ids = torch.randint(256, (1, 4), generator=torch.Generator().manual_seed(3))
     torch._dynamo.utils.counters.clear()
@@ -70,8 +62,8 @@ def test_the_compiled_step_compiles_once(tiny_dir):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-def test_bad_arguments_are_named(tiny_dir):
-    model = generate.load(tiny_dir, dtype=torch.float32)
+def test_bad_arguments_are_named(tiny_llama_dir):
+    model = generate.load(tiny_llama_dir, dtype=torch.float32)
     decoder = Decoder(model, max_length=16, compile=False)
     with pytest.raises(ValueError, match="do not fit max_length 16"):
         decoder.generate(torch.zeros(1, 10, dtype=torch.long), 7)
