@@ -205,13 +205,16 @@ constexpr int64_t kAmxMinRowsInt4 = 3;
 constexpr int64_t kAmxMinRowsInt8 = 6;
 
 // The FMA kernels above for AVX2 + FMA CPUs (wo_gemm_avx2.cpp): 8-float vectors, the same
-// layouts and results. The GEMVs take up to kMaxGemvRowsAvx2 rows in the automatic choice.
+// layouts and results. The GEMVs take up to kMaxGemvRowsAvx2 rows in the automatic choice:
+// at 8 rows of 4096 x 4096 and 4096 x 14336 (bf16, AVX2, 2 threads) the FMA GEMV took
+// 0.55-0.60x the GEMM's time for W4A16 g128 and W8A16; at 12 rows the two are even for W4A16
+// (bench/RESULTS.md).
 void dequantize_block_avx2(const Panel& panel, int64_t k0, int64_t k1, float* out);
 void block_gemm_avx2(const float* x, int64_t ldx, int64_t rows, const float* block, int64_t kb, float* c,
                      bool zero_init);
 void gemv_int8_avx2(const float* x, int64_t ldx, int64_t rows, const Panel& panel, float* c);
 void gemv_int4_avx2(const float* x, int64_t ldx, int64_t rows, const float* xsum, const Panel& panel, float* c);
-constexpr int64_t kMaxGemvRowsAvx2 = 4;
+constexpr int64_t kMaxGemvRowsAvx2 = 8;
 // The integer GEMV of AVX2 CPUs: bf16 rows in block floating point (digits and chunks as
 // for gemv_int4_vnni_avx512 above, one chunk per group: group_size at most kVnniChunkK),
 // one row at a time against an int4 panel, codes times digits with vpmaddubsw. The
