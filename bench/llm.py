@@ -16,6 +16,7 @@ prints where one decode step's time goes instead, with the projections apart and
     python bench/llm.py [--threads 2] [--modes eager,compiled,decoder] [--no-llamacpp]
     python bench/llm.py --profile w4a16-g128 [--modes decoder]
     python bench/llm.py --split w4a16-g128,w8a8          # the same step, timed without a profiler
+    python bench/llm.py --schemes w4a16-g128 --cache-lengths 97,512,2048   # the decoder's step by cache size
     python bench/llm.py --vllm-python .venv-vllm/bin/python   # vLLM's CPU build too (make vllm-check first)
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
         python bench/llm.py --isa avx2      # the AVX2 class on a newer CPU: lowbit, torch and llama.cpp
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--split", metavar="SCHEMES", help="time a compiled decode step of these schemes ('bfloat16': "
                         "float) without a profiler: the step, its compiled forward, the guards, the lowbit layers alone; the "
                         "decoder's step and the matmuls in it")
+    parser.add_argument("--cache-lengths", metavar="L,L", help="time the decoder's step of each of --schemes with a "
+                        "static cache of each of these lengths (64 steps after a 32-token prompt)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.isa != "native":
@@ -81,6 +84,18 @@ def main() -> None:
         print("|---|" + "---:|" * len(splits))
         for part in next(iter(splits.values())):
             print(f"| {part} | " + " | ".join(f"{s[part]:.2f}" for s in splits.values()) + " |")
+        return
+
+    if args.cache_lengths:
+        lengths = [int(n) for n in args.cache_lengths.split(",")]
+        schemes = [s for s in args.schemes.split(",") if s]
+        print("\nms per decoder step by static cache length (tg64 b1, medians)\n")
+        print("| scheme | " + " | ".join(str(n) for n in lengths) + " |")
+        print("|---|" + "---:|" * len(lengths))
+        for name, m in generate.variants(model, schemes).items():
+            if name in schemes:
+                ms = generate.decoder_step_ms(m, lengths)
+                print(f"| {name} | " + " | ".join(f"{ms[n]:.2f}" for n in lengths) + " |")
         return
 
     if args.profile:

@@ -439,7 +439,7 @@ AVX2_WEIGHT_ONLY = [pytest.param(name, marks=pytest.mark.skipif(name not in plan
        dtype=st.sampled_from(FLOAT_DTYPES), with_bias=st.booleans(), seed=seeds)
 def test_avx2_weight_only_paths_at_any_rows(path, m, n, groups, g, sym, dtype, with_bias, seed):
     # Either AVX2 kernel forced at every row count (the automatic choice takes the GEMV up to
-    # 4 rows only): int4 and int8 panels, tails of the 64-column panel and of the 2-row tiles.
+    # 8 rows only): int4 and int8 panels, tails of the 64-column panel and of the 2-row tiles.
     k = groups * (g or 2 * (seed % 150 + 1))
     gs = g or k
     x = activation((m, k), dtype, seed=seed, noncontiguous=True)

@@ -124,3 +124,11 @@ def test_compiled_decode_is_one_graph_with_lowbit_ops_inside(tiny_llama_dir):
     assert len(inside) == (new - 1) * len(groups)
     assert len(outer) - len(inside) == len(groups)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+
+
+def test_decoder_step_by_cache_length(tiny_llama_dir):
+    model = generate.variants(generate.load(tiny_llama_dir), ["w4a16-g32"])["w4a16-g32"]
+    ms = generate.decoder_step_ms(model, [40, 200], steps=4, rounds=1)
+    assert list(ms) == [40, 200] and all(v == v for v in ms.values())  # a number for each length
+    # One decoder per cache length, each with the cache it was asked for.
+    assert {k: d.max_length for k, d in model._lowbit_decoders.items()} == {(1, 40): 40, (1, 200): 200}

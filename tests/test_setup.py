@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import types
 from pathlib import Path
 
@@ -163,8 +164,6 @@ def test_the_readmes_pip_install_builds_and_runs(tmp_path):
     python = venv / "bin" / "python"
     purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
-    import sysconfig
-
     Path(purelib, "outer-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     args = install.split()[1:] + ["-C", "cmake.define.LOWBIT_CUDA=OFF", "-C",
                                   f"build-dir={ROOT / 'build' / 'readme-install'}", "--quiet"]

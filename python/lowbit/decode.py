@@ -9,10 +9,10 @@ the model on every call (bench/RESULTS.md). At 10-20 ms a token that is 10-30% o
 the forward at one position and the argmax, fixed shapes. The step attends over a window
 of the cache that grows with the sequence (128 positions, then doubling up to
 ``max_length``; one compiled graph per window), not over all of it: a static cache is
-otherwise read, and copied by transformers' ``repeat_kv``, whole at every step. The step is compiled without
-guards (``torch.compiler.skip_all_guards_unsafe``; keeping only the tensor guards still
-cost 1.3 ms a step of the 491.8M Llama, bench/RESULTS.md): what guards would check, the
-Decoder fixes itself. It is bound to one model and one cache, the step has a code object
+otherwise read, and copied by transformers' ``repeat_kv``, whole at every step. The step
+is compiled without guards (``torch.compiler.skip_all_guards_unsafe``; keeping only the
+tensor guards still cost 1.3 ms a step of the 491.8M Llama, bench/RESULTS.md): what guards
+would check, the Decoder fixes itself. It is bound to one model and one cache, the step has a code object
 of its own (dynamo keys compiled code by code object), and its only caller, ``generate``,
 passes a [batch_size, 1] int64 token and a [1] int64 position on the model's device after
 checking the prompt. The loop around it is a Python ``for`` that stores a token and bumps
@@ -30,8 +30,8 @@ model's forward at the next position (``tests/test_decode.py`` compares the two)
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 import types
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -77,7 +77,7 @@ class Decoder:
             layer.window = window
         self.window = window
 
-    def step(self, token: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
+    def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """The compiled step of the current window (``_set_window``), made on first use."""
         if self.window not in self._steps:
             self._steps[self.window] = self._compiled_step() if self.compile else self._step
@@ -134,7 +134,7 @@ class Decoder:
 # Attention windows: the first MIN_WINDOW positions, then WINDOW_GROWTH times more each time
 # the sequence outgrows one, up to max_length. A static cache's attention otherwise reads
 # (and transformers' repeat_kv copies, head group by head group) the whole cache every
-# step: 10.5 ms a W4A16 step of the 491.8M Llama at max_length 97, 18.4 at 512, 49.0 at 2048;
+# step: 12.1 ms a W4A16 step of the 491.8M Llama at max_length 97, 20.1 at 512, 50.9 at 2048;
 # windowed, 2048 runs as 97 does (bench/RESULTS.md). Each window is one compiled graph, so
 # doubling bounds the attention read to twice what a position needs with log2 graphs.
 MIN_WINDOW = 128

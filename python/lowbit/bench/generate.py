@@ -10,7 +10,7 @@ cancel out and what is left is D decode steps with everything ``generate`` does 
 them. Modes: "eager" is ``generate`` as it comes; "compiled" adds a static cache and
 ``torch.compile`` of the forward through transformers' own ``compile_config`` (inductor
 with its C++ wrapper, fixed shapes); "decoder" is lowbit's own loop over a static cache and
-one compiled step with only its tensor inputs guarded (``lowbit.decode.Decoder``, the same
+one compiled step per attention window, without guards (``lowbit.decode.Decoder``, the same
 greedy tokens; prefill is the model's forward, so it has decode rows only). Every variant
 is timed round-robin, ``rounds`` times, and the median kept.
 
@@ -349,9 +349,33 @@ def split_decode(model: nn.Module, steps: int = 64, rounds: int = 5, seed: int =
     # The matmuls' own time inside the decoder's step, from the profiler's op events (the
     # profiler's per-op cost lands in the rest, never in these).
     profiled = profile_decode(model, steps, "decoder", seed)
-    out["decoder: matmul ops (profiled)"] = (profiled["lowbit ops"] + profiled["float matmuls"])
+    out["decoder: matmul ops (profiled)"] = profiled["lowbit ops"] + profiled["float matmuls"]
     out["decoder: the rest"] = out["decoder step"] - out["decoder: matmul ops (profiled)"]
     return out
+
+
+def decoder_step_ms(model: nn.Module, lengths: Sequence[int], steps: int = 64, rounds: int = 5,
+                    seed: int = 0) -> dict[int, float]:
+    """Milliseconds of one decoder step (``steps`` after a PROMPT-token prompt, as
+    ``decode_seconds`` times them) with a static cache of each of ``lengths`` positions,
+    round-robin, medians of ``rounds``: what the cache's size costs a step."""
+    ids = torch.randint(model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(seed))
+    times: dict[int, list[float]] = {n: [] for n in lengths}
+
+    def one(n: int) -> float:
+        t0 = time.perf_counter()
+        _generate(model, ids, 1, "decoder", n)
+        t1 = time.perf_counter()
+        _generate(model, ids, 1 + steps, "decoder", n)
+        return (time.perf_counter() - t1) - (t1 - t0)
+
+    with torch.inference_mode():
+        for n in lengths:
+            one(n)  # compiles
+        for _ in range(rounds):
+            for n in lengths:
+                times[n].append(one(n) / steps)
+    return {n: statistics.median(v) * 1e3 for n, v in times.items()}
 
 
 def profile_generate(model: nn.Module, new: int, mode: str = "eager", seed: int = 0) -> dict[str, float]:
